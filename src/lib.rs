@@ -1,0 +1,2 @@
+//! ID-mapped mounts for Linux.
+#![deny(missing_docs)]
