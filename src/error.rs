@@ -1,0 +1,319 @@
+//! One error type for the whole crate: what failed (the system call and its
+//! arguments), on which path, with which errno, and *why* in words.
+//!
+//! The kernel answers most idmap refusals with a bare `EINVAL` or `EPERM`;
+//! [`ErrorKind`] is our diagnosis of which rule of the kernel was hit, so a
+//! runtime can react (fall back to chown, report a misconfiguration) without
+//! parsing strings.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use rustix::io::Errno;
+
+use crate::map::MapError;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an operation failed, in terms of the kernel's rules.
+///
+/// `#[non_exhaustive]`: new kernels bring new reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The filesystem cannot be idmapped (it lacks `FS_ALLOW_IDMAP` on this
+    /// kernel). With a recursive clone, `path` names the submount that blocked it.
+    NotSupported {
+        /// Filesystem type, as in `/proc/self/mountinfo` (e.g. `tmpfs`, `nfs4`).
+        fs: String,
+    },
+    /// The mount was attached to the filesystem tree at some point; only a
+    /// never-attached detached mount (from `open_tree(OPEN_TREE_CLONE)`) can be idmapped.
+    NotDetached,
+    /// The mount is idmapped already; `mount_setattr` cannot change an idmap
+    /// (`open_tree_attr` on Linux >= 6.15 can replace or clear it).
+    AlreadyIdmapped,
+    /// The user namespace given is the initial one: an identity mapping is not an idmap.
+    InitialUserns,
+    /// The file descriptor is not a user namespace.
+    NotUserns,
+    /// The user namespace has no uid map or no gid map written (Linux >= 6.9 needs both).
+    UsernsMissingMap,
+    /// The user namespace is the one that owns the filesystem itself.
+    UsernsOwnsFilesystem,
+    /// A file is open for writing on the mount.
+    Busy,
+    /// The caller lacks a capability (usually `CAP_SYS_ADMIN`), or a security
+    /// policy such as seccomp refused the call.
+    PermissionDenied,
+    /// The kernel lacks a system call or feature.
+    KernelTooOld {
+        /// The missing feature, e.g. `mount_setattr`.
+        feature: &'static str,
+        /// The first Linux release that has it.
+        since: &'static str,
+    },
+    /// A mapping was rejected before any system call was made.
+    InvalidMap(MapError),
+    /// An argument was rejected before any system call was made.
+    InvalidInput(String),
+    /// The filesystem tree changed under a walk in a way that would have made
+    /// it unsafe to go on (a directory became a symlink, a mount appeared).
+    TreeChanged(String),
+    /// An id on disk lies outside the mapping and the caller asked to fail.
+    IdOutOfRange {
+        /// `"uid"` or `"gid"`.
+        kind: &'static str,
+        /// The on-disk id.
+        id: u32,
+    },
+    /// A child process or namespace helper failed.
+    Process(String),
+    /// Any other failure of a system call; see [`Error::errno`].
+    Os,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::NotSupported { fs } => {
+                write!(f, "filesystem type {fs} does not support idmapped mounts on this kernel")
+            }
+            ErrorKind::NotDetached => f.write_str(
+                "the mount is attached (or was attached); only a detached clone can be idmapped",
+            ),
+            ErrorKind::AlreadyIdmapped => f.write_str(
+                "the mount is already idmapped (replacing an idmap needs open_tree_attr, Linux 6.15)",
+            ),
+            ErrorKind::InitialUserns => {
+                f.write_str("the initial user namespace cannot be used to idmap a mount")
+            }
+            ErrorKind::NotUserns => f.write_str("the file descriptor is not a user namespace"),
+            ErrorKind::UsernsMissingMap => {
+                f.write_str("the user namespace lacks a uid map or a gid map")
+            }
+            ErrorKind::UsernsOwnsFilesystem => {
+                f.write_str("the user namespace is the one that owns the filesystem")
+            }
+            ErrorKind::Busy => f.write_str("a file is open for writing on the mount"),
+            ErrorKind::PermissionDenied => f.write_str(
+                "permission denied (CAP_SYS_ADMIN needed, or a security policy refused the call)",
+            ),
+            ErrorKind::KernelTooOld { feature, since } => {
+                write!(f, "the kernel lacks {feature} (needs Linux {since} or later)")
+            }
+            ErrorKind::InvalidMap(e) => write!(f, "invalid mapping: {e}"),
+            ErrorKind::InvalidInput(s) => write!(f, "invalid input: {s}"),
+            ErrorKind::TreeChanged(s) => write!(f, "the tree changed during the walk: {s}"),
+            ErrorKind::IdOutOfRange { kind, id } => {
+                write!(f, "{kind} {id} on disk is outside the mapping")
+            }
+            ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
+            ErrorKind::Os => f.write_str("system call failed"),
+        }
+    }
+}
+
+/// The system call that failed, with its arguments rendered for a human.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Syscall {
+    /// The call's name, e.g. `mount_setattr`.
+    pub name: &'static str,
+    /// Its arguments as text, e.g. `fd 5, "", AT_EMPTY_PATH|AT_RECURSIVE, {attr_set: IDMAP, userns_fd: 6}`.
+    pub args: String,
+}
+
+impl fmt::Display for Syscall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name, self.args)
+    }
+}
+
+/// The crate's error: the diagnosis ([`ErrorKind`]), the failing system call,
+/// the path it concerned and the errno.
+///
+/// Displayed on one line, e.g.
+/// `/srv/vol: filesystem type tmpfs does not support idmapped mounts on this kernel [mount_setattr(fd 5, "", AT_EMPTY_PATH, {attr_set: IDMAP, userns_fd: 6}) = EINVAL]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    kind: ErrorKind,
+    syscall: Option<Syscall>,
+    path: Option<PathBuf>,
+    errno: Option<Errno>,
+}
+
+impl Error {
+    /// An error of `kind` with no system call attached.
+    pub fn new(kind: ErrorKind) -> Error {
+        Error {
+            kind,
+            syscall: None,
+            path: None,
+            errno: None,
+        }
+    }
+
+    /// A system call failed with `errno`; the kind is [`ErrorKind::Os`] until a
+    /// caller that knows the context diagnoses it ([`Error::with_kind`]).
+    pub(crate) fn sys(name: &'static str, args: impl Into<String>, errno: Errno) -> Error {
+        Error {
+            kind: generic_kind(errno),
+            syscall: Some(Syscall {
+                name,
+                args: args.into(),
+            }),
+            path: None,
+            errno: Some(errno),
+        }
+    }
+
+    /// Attach the path the failing operation concerned.
+    pub(crate) fn with_path(mut self, path: impl AsRef<Path>) -> Error {
+        self.path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Replace the diagnosis.
+    pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Error {
+        self.kind = kind;
+        self
+    }
+
+    /// The diagnosis.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// The system call that failed, if one did.
+    pub fn syscall(&self) -> Option<&Syscall> {
+        self.syscall.as_ref()
+    }
+
+    /// The path the failure concerns (with a recursive idmap, the submount that blocked it).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The errno the kernel returned, if any.
+    pub fn errno(&self) -> Option<Errno> {
+        self.errno
+    }
+
+    /// True when the cause is the kernel or the filesystem lacking support
+    /// (as opposed to a bad argument or missing privilege): the cases where a
+    /// caller may reasonably fall back to shifting ownership on disk.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::NotSupported { .. } | ErrorKind::KernelTooOld { .. }
+        )
+    }
+}
+
+/// The kind an errno means when nothing more specific is known.
+fn generic_kind(errno: Errno) -> ErrorKind {
+    match errno {
+        Errno::PERM | Errno::ACCESS => ErrorKind::PermissionDenied,
+        Errno::BUSY => ErrorKind::Busy,
+        _ => ErrorKind::Os,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(path) = &self.path {
+            write!(f, "{}: ", path.display())?;
+        }
+        write!(f, "{}", self.kind)?;
+        match (&self.syscall, self.errno) {
+            (Some(call), Some(errno)) => write!(f, " [{call} = {}]", errno_name(errno)),
+            (Some(call), None) => write!(f, " [{call}]"),
+            (None, Some(errno)) => write!(f, " [{}]", errno_name(errno)),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::InvalidMap(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<MapError> for Error {
+    fn from(e: MapError) -> Error {
+        Error::new(ErrorKind::InvalidMap(e))
+    }
+}
+
+/// `EINVAL (Invalid argument)`: the symbolic name a reader greps for, then the text.
+pub(crate) fn errno_name(errno: Errno) -> String {
+    let name = match errno {
+        Errno::PERM => "EPERM",
+        Errno::NOENT => "ENOENT",
+        Errno::INTR => "EINTR",
+        Errno::IO => "EIO",
+        Errno::BADF => "EBADF",
+        Errno::CHILD => "ECHILD",
+        Errno::AGAIN => "EAGAIN",
+        Errno::NOMEM => "ENOMEM",
+        Errno::ACCESS => "EACCES",
+        Errno::FAULT => "EFAULT",
+        Errno::BUSY => "EBUSY",
+        Errno::EXIST => "EEXIST",
+        Errno::XDEV => "EXDEV",
+        Errno::NOTDIR => "ENOTDIR",
+        Errno::ISDIR => "EISDIR",
+        Errno::INVAL => "EINVAL",
+        Errno::MFILE => "EMFILE",
+        Errno::NOSPC => "ENOSPC",
+        Errno::ROFS => "EROFS",
+        Errno::MLINK => "EMLINK",
+        Errno::RANGE => "ERANGE",
+        Errno::NAMETOOLONG => "ENAMETOOLONG",
+        Errno::NOSYS => "ENOSYS",
+        Errno::LOOP => "ELOOP",
+        Errno::NODATA => "ENODATA",
+        Errno::OVERFLOW => "EOVERFLOW",
+        Errno::OPNOTSUPP => "EOPNOTSUPP",
+        Errno::SRCH => "ESRCH",
+        Errno::NOTSUP => "ENOTSUP",
+        _ => return format!("errno {}", errno.raw_os_error()),
+    };
+    format!("{name} ({})", std::io::Error::from(errno))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_path_kind_call_and_errno() {
+        let e = Error::sys("mount_setattr", "fd 5, \"\", AT_EMPTY_PATH", Errno::INVAL)
+            .with_path("/srv/vol")
+            .with_kind(ErrorKind::NotSupported { fs: "tmpfs".into() });
+        let s = e.to_string();
+        assert!(s.starts_with("/srv/vol: filesystem type tmpfs"), "{s}");
+        assert!(
+            s.contains("[mount_setattr(fd 5, \"\", AT_EMPTY_PATH) = EINVAL (Invalid argument"),
+            "{s}"
+        );
+        assert!(e.is_unsupported());
+    }
+
+    #[test]
+    fn generic_kinds() {
+        assert_eq!(
+            Error::sys("x", "", Errno::PERM).kind(),
+            &ErrorKind::PermissionDenied
+        );
+        assert_eq!(Error::sys("x", "", Errno::BUSY).kind(), &ErrorKind::Busy);
+        assert_eq!(Error::sys("x", "", Errno::IO).kind(), &ErrorKind::Os);
+        assert!(!Error::sys("x", "", Errno::IO).is_unsupported());
+    }
+}
