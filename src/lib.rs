@@ -1,2 +1,4 @@
 //! ID-mapped mounts for Linux.
 #![deny(missing_docs)]
+
+pub mod map;
