@@ -283,7 +283,10 @@ struct At {
 /// Why a mapping was rejected, and which entry caused it.
 ///
 /// Its `Display` is one line naming the offending entry and the cause, e.g.
-/// ``uid extent 2 (`100 0 10`): overlaps extent 1 (`0 0 200`) on the on-disk side``.
+/// ``extent 2 (`100 0 10`): overlaps extent 1 (`0 0 200`) on the on-disk side``
+/// or ``--map-mount value 3 `b:0:10000`: expected KIND:FROM:TO:RANGE``.
+/// [`IdMap::parse_proc`] does not know which file its text came from, so
+/// its errors say ``line 4 `1 2`: …``; callers add the path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct MapError {
     reason: MapErrorReason,
@@ -422,11 +425,7 @@ impl Extent {
     /// `u32::MAX`.
     pub fn new(on_disk: u32, seen: u32, count: u32) -> Result<Extent, MapError> {
         Extent::check(on_disk, seen, count).map_err(|reason| {
-            MapError::new(reason).at(
-                Origin::Extent,
-                None,
-                format!("{on_disk} {seen} {count}"),
-            )
+            MapError::new(reason).at(Origin::Extent, None, format!("{on_disk} {seen} {count}"))
         })
     }
 
@@ -520,12 +519,15 @@ impl fmt::Display for Extent {
     }
 }
 
+/// Picks one column of an extent as a half-open range `start..end`.
+type ColumnRange = fn(&Extent) -> (u64, u64);
+
 /// Finds two extents whose ranges (as given by `range`) share an id,
 /// returning `(later, earlier)` in the caller's order.
 ///
 /// Sorting by start means that if any two ranges overlap, some range starts
 /// before the furthest end seen so far, so one sweep finds a pair.
-fn find_overlap(extents: &[Extent], range: fn(&Extent) -> (u64, u64)) -> Option<(usize, usize)> {
+fn find_overlap(extents: &[Extent], range: ColumnRange) -> Option<(usize, usize)> {
     let mut sorted: Vec<(u64, u64, usize)> = extents
         .iter()
         .enumerate()
@@ -571,7 +573,7 @@ fn validate(
     if len > MAX_PROC_LEN {
         return Err(MapError::new(MapErrorReason::TooLong { len }).of_kind(kind));
     }
-    let sides: [(Side, fn(&Extent) -> (u64, u64)); 2] = [
+    let sides: [(Side, ColumnRange); 2] = [
         (Side::OnDisk, Extent::on_disk_range),
         (Side::Seen, Extent::seen_range),
     ];
@@ -1028,5 +1030,588 @@ fn parse_x_mount_entry(entry: &str) -> Result<(IdKind, Extent), MapErrorReason> 
         _ => Err(MapErrorReason::Syntax {
             expected: "[u:|g:|b:]A:B:N",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::hash_map::DefaultHasher;
+    use std::collections::HashSet;
+
+    fn ext(on_disk: u32, seen: u32, count: u32) -> Extent {
+        Extent::new(on_disk, seen, count).expect("valid extent in test")
+    }
+
+    fn map(extents: &[(u32, u32, u32)]) -> IdMap {
+        IdMap::new(extents.iter().map(|&(a, b, n)| ext(a, b, n)).collect())
+            .expect("valid map in test")
+    }
+
+    fn hash_of<T: Hash>(value: &T) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        value.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn reason<T: fmt::Debug>(result: Result<T, MapError>) -> MapErrorReason {
+        result.expect_err("should be rejected").reason().clone()
+    }
+
+    #[test]
+    fn design_example() {
+        let m = map(&[(0, 10000, 10000)]);
+        assert_eq!(m.seen(1000), Some(11000));
+        assert_eq!(m.seen(15000), None);
+        assert_eq!(m.on_disk(12000), Some(2000));
+        assert_eq!(m.on_disk(9999), None);
+        assert_eq!(m.seen(9999), Some(19999));
+        assert_eq!(m.seen(10000), None);
+        assert_eq!(m.on_disk(19999), Some(9999));
+        assert_eq!(m.on_disk(20000), None);
+    }
+
+    #[test]
+    fn extent_lookup_edges() {
+        let e = ext(100, 5000, 10);
+        assert_eq!(e.seen_of(99), None);
+        assert_eq!(e.seen_of(100), Some(5000));
+        assert_eq!(e.seen_of(109), Some(5009));
+        assert_eq!(e.seen_of(110), None);
+        assert_eq!(e.on_disk_of(5009), Some(109));
+        assert_eq!(e.on_disk_of(5010), None);
+        assert_eq!(e.seen_of(u32::MAX), None);
+        assert_eq!((e.on_disk(), e.seen(), e.count()), (100, 5000, 10));
+        assert_eq!(e.to_string(), "100 5000 10");
+    }
+
+    #[test]
+    fn extent_zero_count() {
+        let err = Extent::new(0, 0, 0).unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::ZeroCount);
+        assert_eq!(err.to_string(), "extent `0 0 0`: the count is zero");
+    }
+
+    #[test]
+    fn extent_overflow_limits() {
+        let max = u32::MAX;
+        // Exactly reaching (uid_t)-1 exclusively is fine; it is never mapped.
+        assert!(Extent::new(0, 0, max).is_ok());
+        assert!(Extent::new(max - 1, 0, 1).is_ok());
+        assert!(Extent::new(0, max - 1, 1).is_ok());
+        let e = ext(max - 1, max - 1, 1);
+        assert_eq!(e.seen_of(max - 1), Some(max - 1));
+        assert_eq!(e.seen_of(max), None);
+        assert_eq!(
+            reason(Extent::new(max, 0, 1)),
+            MapErrorReason::Overflow { side: Side::OnDisk }
+        );
+        assert_eq!(
+            reason(Extent::new(0, max, 1)),
+            MapErrorReason::Overflow { side: Side::Seen }
+        );
+        assert_eq!(
+            reason(Extent::new(1, 0, max)),
+            MapErrorReason::Overflow { side: Side::OnDisk }
+        );
+        assert_eq!(
+            reason(Extent::new(0, 1, max)),
+            MapErrorReason::Overflow { side: Side::Seen }
+        );
+        assert_eq!(
+            reason(Extent::new(max, max, max)),
+            MapErrorReason::Overflow { side: Side::OnDisk }
+        );
+    }
+
+    #[test]
+    fn overlap_on_disk_side() {
+        let err = IdMap::new(vec![ext(0, 0, 200), ext(100, 1000, 10)]).unwrap_err();
+        assert_eq!(
+            err.reason(),
+            &MapErrorReason::Overlap {
+                side: Side::OnDisk,
+                other: 1,
+                other_text: "0 0 200".into(),
+            }
+        );
+        assert_eq!(err.position(), Some(2));
+        assert_eq!(err.text(), Some("100 1000 10"));
+        assert_eq!(
+            err.to_string(),
+            "extent 2 (`100 1000 10`): overlaps extent 1 (`0 0 200`) on the on-disk side"
+        );
+    }
+
+    #[test]
+    fn overlap_seen_side() {
+        let err = IdMap::new(vec![ext(0, 0, 200), ext(500, 199, 10)]).unwrap_err();
+        assert_eq!(
+            err.reason(),
+            &MapErrorReason::Overlap {
+                side: Side::Seen,
+                other: 1,
+                other_text: "0 0 200".into(),
+            }
+        );
+        assert_eq!(err.position(), Some(2));
+    }
+
+    #[test]
+    fn overlap_found_regardless_of_order_and_distance() {
+        // The overlapping pair is not adjacent after sorting by start.
+        let err = IdMap::new(vec![
+            ext(50, 5000, 5),
+            ext(0, 0, 100),
+            ext(20, 1000, 5),
+            ext(300, 300, 1),
+        ])
+        .unwrap_err();
+        assert!(matches!(
+            err.reason(),
+            MapErrorReason::Overlap {
+                side: Side::OnDisk,
+                ..
+            }
+        ));
+        // Adjacent but not overlapping is fine on both sides.
+        assert!(IdMap::new(vec![ext(10, 10, 10), ext(0, 0, 10), ext(20, 20, 1)]).is_ok());
+        // Identical extents overlap.
+        assert!(IdMap::new(vec![ext(7, 7, 1), ext(7, 7, 1)]).is_err());
+    }
+
+    #[test]
+    fn too_many_and_empty() {
+        let extents = |n: u32| (0..n).map(|i| ext(i * 2, i * 2, 1)).collect::<Vec<_>>();
+        let max = u32::try_from(MAX_EXTENTS).unwrap();
+        assert_eq!(IdMap::new(extents(max)).unwrap().extents().len(), 340);
+        assert_eq!(
+            reason(IdMap::new(extents(max + 1))),
+            MapErrorReason::TooMany { count: 341 }
+        );
+        assert_eq!(reason(IdMap::new(Vec::new())), MapErrorReason::Empty);
+        assert_eq!(reason(IdMap::parse_proc("")), MapErrorReason::Empty);
+        assert_eq!(reason(IdMap::parse_proc("\n  \n")), MapErrorReason::Empty);
+    }
+
+    #[test]
+    fn too_long_for_one_write() {
+        // 200 lines of 32 bytes: fewer than 340 extents, but over 4 KiB.
+        let extents: Vec<Extent> = (0..200)
+            .map(|i| ext(4_000_000_000 + i * 10, 4_100_000_000 + i * 10, 1))
+            .collect();
+        let len = extents.iter().map(|e| e.to_string().len() + 1).sum();
+        assert!(len > MAX_PROC_LEN);
+        assert_eq!(reason(IdMap::new(extents)), MapErrorReason::TooLong { len });
+    }
+
+    #[test]
+    fn identity() {
+        let m = IdMap::identity(1000, 10).unwrap();
+        assert_eq!(m.seen(1005), Some(1005));
+        assert_eq!(m.seen(1010), None);
+        assert_eq!(reason(IdMap::identity(0, 0)), MapErrorReason::ZeroCount);
+        assert!(IdMap::identity(0, u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn inverse_round_trip() {
+        let m = map(&[(0, 10000, 10000), (20000, 5, 3)]);
+        let inv = m.inverse();
+        assert_eq!(inv.extents(), &[ext(10000, 0, 10000), ext(5, 20000, 3)]);
+        assert_eq!(inv.seen(11000), Some(1000));
+        assert_eq!(inv.on_disk(1000), Some(11000));
+        assert_eq!(inv.inverse().extents(), m.extents());
+    }
+
+    #[test]
+    fn canonical_merges_contiguous_only() {
+        let m = map(&[(10, 1010, 5), (0, 1000, 10)]);
+        assert_eq!(m.canonical().extents(), &[ext(0, 1000, 15)]);
+        // Contiguous on disk only, or on the seen side only: kept apart.
+        let m = map(&[(0, 1000, 10), (10, 2000, 5), (100, 1015, 5)]);
+        assert_eq!(
+            m.canonical().extents(),
+            &[ext(0, 1000, 10), ext(10, 2000, 5), ext(100, 1015, 5)]
+        );
+        // A chain of three merges into one, and a merge up to the limit works.
+        let m = map(&[(5, 5, 5), (0, 0, 5), (10, 10, u32::MAX - 10)]);
+        assert_eq!(m.canonical().extents(), &[ext(0, 0, u32::MAX)]);
+    }
+
+    #[test]
+    fn equality_ignores_order_and_splitting() {
+        let a = map(&[(0, 1000, 15), (100, 0, 1)]);
+        let b = map(&[(100, 0, 1), (10, 1010, 5), (0, 1000, 10)]);
+        let c = map(&[(0, 1000, 15), (100, 1, 1)]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(hash_of(&a), hash_of(&b));
+        // Order is still kept for writing.
+        assert_eq!(b.extents().first(), Some(&ext(100, 0, 1)));
+
+        let mut set = HashSet::new();
+        set.insert(Mapping::new(a.clone(), a.clone()));
+        assert!(set.contains(&Mapping::new(b.clone(), b.clone())));
+        assert!(!set.contains(&Mapping::new(b.clone(), c.clone())));
+    }
+
+    #[test]
+    fn parse_proc_kernel_format() {
+        let m = IdMap::parse_proc("         0          0 4294967295\n").unwrap();
+        assert_eq!(m.extents(), &[ext(0, 0, u32::MAX)]);
+        let text = "         0     100000      65536\n     65536          0          1\n";
+        let m = IdMap::parse_proc(text).unwrap();
+        assert_eq!(m.extents(), &[ext(0, 100000, 65536), ext(65536, 0, 1)]);
+        // Tabs, blank lines, CRLF, no final newline.
+        let m = IdMap::parse_proc("\n\t1 2 3\r\n\n4\t5  6").unwrap();
+        assert_eq!(m.extents(), &[ext(1, 2, 3), ext(4, 5, 6)]);
+    }
+
+    #[test]
+    fn parse_proc_errors_name_the_line() {
+        let err = IdMap::parse_proc("0 0 1\n\n5 5 1\n  1 2  \n").unwrap_err();
+        assert_eq!(
+            err.reason(),
+            &MapErrorReason::Syntax {
+                expected: "3 numbers"
+            }
+        );
+        assert_eq!(err.position(), Some(4));
+        assert_eq!(err.to_string(), "line 4 `1 2`: expected 3 numbers");
+        assert_eq!(
+            reason(IdMap::parse_proc("1 2 3 4")),
+            MapErrorReason::Syntax {
+                expected: "3 numbers"
+            }
+        );
+        assert_eq!(
+            reason(IdMap::parse_proc("1 -2 3")),
+            MapErrorReason::BadNumber {
+                field: Field::Seen,
+                text: "-2".into()
+            }
+        );
+        assert_eq!(
+            reason(IdMap::parse_proc("1 2 0")),
+            MapErrorReason::ZeroCount
+        );
+        let err = IdMap::parse_proc("0 0 200\n# c\n").unwrap_err();
+        assert_eq!(err.position(), Some(2));
+        // Overlaps are reported with line numbers, blank lines counted.
+        let err = IdMap::parse_proc("0 0 200\n\n100 1000 10\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 3 `100 1000 10`: overlaps line 1 (`0 0 200`) on the on-disk side"
+        );
+    }
+
+    #[test]
+    fn bad_numbers() {
+        for text in [
+            "",
+            "+1",
+            "-1",
+            "0x10",
+            "1e3",
+            "4294967296",
+            "99999999999",
+            "١",
+        ] {
+            assert_eq!(
+                parse_number(text, Field::Count),
+                Err(MapErrorReason::BadNumber {
+                    field: Field::Count,
+                    text: text.into()
+                }),
+                "{text:?}"
+            );
+        }
+        assert_eq!(parse_number("4294967295", Field::Count), Ok(u32::MAX));
+        assert_eq!(parse_number("007", Field::Count), Ok(7));
+    }
+
+    #[test]
+    fn proc_string_round_trip() {
+        let m = map(&[(0, 10000, 10000), (20000, 5, 3)]);
+        let text = m.to_proc_string();
+        assert_eq!(text, "0 10000 10000\n20000 5 3\n");
+        assert_eq!(m.to_string(), text);
+        let back = IdMap::parse_proc(&text).unwrap();
+        assert_eq!(back.extents(), m.extents());
+    }
+
+    #[test]
+    fn disjoint_on_disk_and_seen() {
+        assert!(map(&[(0, 100000, 65536)]).on_disk_ranges_disjoint_from_seen());
+        assert!(!map(&[(0, 0, 1)]).on_disk_ranges_disjoint_from_seen());
+        // Touching is not overlapping.
+        assert!(map(&[(0, 10, 10)]).on_disk_ranges_disjoint_from_seen());
+        assert!(!map(&[(0, 9, 10)]).on_disk_ranges_disjoint_from_seen());
+        // Across extents: on-disk 500 of the second is seen-side of the first.
+        assert!(!map(&[(0, 500, 1), (500, 9000, 1)]).on_disk_ranges_disjoint_from_seen());
+        // A swap is not disjoint; a rotation into fresh ids is.
+        assert!(!map(&[(0, 1, 1), (1, 0, 1)]).on_disk_ranges_disjoint_from_seen());
+        assert!(map(&[(0, 1000, 10), (10, 2000, 10), (3000, 20, 5)])
+            .on_disk_ranges_disjoint_from_seen());
+    }
+
+    #[test]
+    fn from_entries() {
+        let m = Mapping::from_entries([
+            (IdKind::Both, ext(0, 10000, 1000)),
+            (IdKind::Uid, ext(1000, 5, 1)),
+            (IdKind::Gid, ext(1000, 6, 1)),
+        ])
+        .unwrap();
+        assert_eq!(m.uids(), &map(&[(0, 10000, 1000), (1000, 5, 1)]));
+        assert_eq!(m.gids(), &map(&[(0, 10000, 1000), (1000, 6, 1)]));
+        assert_eq!(m.inverse().uids().seen(5), Some(1000));
+        assert_eq!(m.inverse().inverse(), m);
+        assert_eq!(m.canonical(), m);
+
+        let err = Mapping::from_entries([(IdKind::Uid, ext(0, 0, 1))]).unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::MissingGid);
+        assert!(err.to_string().starts_with("no gid extent:"), "{err}");
+        let err = Mapping::from_entries([(IdKind::Gid, ext(0, 0, 1))]).unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::MissingUid);
+        assert_eq!(reason(Mapping::from_entries([])), MapErrorReason::Empty);
+
+        let err = Mapping::from_entries([
+            (IdKind::Uid, ext(0, 0, 10)),
+            (IdKind::Gid, ext(0, 0, 10)),
+            (IdKind::Both, ext(100, 5, 1)),
+        ])
+        .unwrap_err();
+        assert_eq!(err.id_kind(), Some(IdKind::Uid));
+        assert_eq!(err.position(), Some(3));
+        assert_eq!(
+            err.to_string(),
+            "uid entry 3 (`b:100:5:1`): overlaps entry 1 (`u:0:0:10`) on the seen side"
+        );
+    }
+
+    #[test]
+    fn map_mount() {
+        let m = Mapping::parse_map_mount(["b:0:10000:10000", " u:20000:5:1 "]).unwrap();
+        assert_eq!(m.uids(), &map(&[(0, 10000, 10000), (20000, 5, 1)]));
+        assert_eq!(m.gids(), &map(&[(0, 10000, 10000)]));
+        assert_eq!(m.uids().seen(1000), Some(11000));
+
+        let err = Mapping::parse_map_mount(["b:0:0:1", "u:1:1:1", "b:0:10000"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--map-mount value 3 `b:0:10000`: expected KIND:FROM:TO:RANGE"
+        );
+        assert_eq!(err.position(), Some(3));
+        assert_eq!(err.text(), Some("b:0:10000"));
+        let syntax = |value: &str| reason(Mapping::parse_map_mount([value]));
+        for value in ["", "b", "0:0:1", "b:0:0:1:2", "b:0:0:1:"] {
+            assert_eq!(
+                syntax(value),
+                MapErrorReason::Syntax {
+                    expected: "KIND:FROM:TO:RANGE"
+                },
+                "{value:?}"
+            );
+        }
+        for value in ["x:0:0:1", "B:0:0:1", ":0:0:1"] {
+            assert_eq!(
+                syntax(value),
+                MapErrorReason::Syntax {
+                    expected: "KIND to be u, g or b"
+                }
+            );
+        }
+        assert!(matches!(
+            syntax("/proc/1/ns/user"),
+            MapErrorReason::Syntax { .. }
+        ));
+        let err = Mapping::parse_map_mount(["b:0:x:1"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--map-mount value 1 `b:0:x:1`: TO `x` is not a decimal number from 0 to 4294967295"
+        );
+        for (value, field) in [
+            ("b::0:1", Field::OnDisk),
+            ("b:0:+1:1", Field::Seen),
+            ("b:0:0:4294967296", Field::Count),
+        ] {
+            assert!(matches!(
+                syntax(value),
+                MapErrorReason::BadNumber { field: f, .. } if f == field
+            ));
+        }
+        assert_eq!(syntax("b:0:0:0"), MapErrorReason::ZeroCount);
+        assert_eq!(
+            syntax("b:4294967295:0:1"),
+            MapErrorReason::Overflow { side: Side::OnDisk }
+        );
+        let err = Mapping::parse_map_mount(["u:0:0:1"]).unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::MissingGid);
+        assert_eq!(
+            err.to_string(),
+            "no gid extent: every entry is for uids only; use b: or add g:"
+        );
+        assert_eq!(
+            reason(Mapping::parse_map_mount(["g:0:0:1"])),
+            MapErrorReason::MissingUid
+        );
+        assert_eq!(
+            reason(Mapping::parse_map_mount(std::iter::empty())),
+            MapErrorReason::Empty
+        );
+        let err = Mapping::parse_map_mount(["u:0:0:10", "g:0:0:10", "b:5:100:1"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--map-mount value 3 `b:5:100:1` (uid map): overlaps value 1 (`u:0:0:10`) on the on-disk side"
+        );
+    }
+
+    #[test]
+    fn x_mount_idmap() {
+        let parsed = XMountIdmap::parse(" u:0:100000:65536 g:0:200000:65536\t70000:0:1 ").unwrap();
+        let XMountIdmap::Mapping(m) = parsed else {
+            panic!("expected a mapping: {parsed:?}");
+        };
+        assert_eq!(m.uids(), &map(&[(0, 100000, 65536), (70000, 0, 1)]));
+        assert_eq!(m.gids(), &map(&[(0, 200000, 65536), (70000, 0, 1)]));
+        assert_eq!(
+            XMountIdmap::parse("0:10000:10000").unwrap(),
+            XMountIdmap::Mapping(Mapping::new(
+                map(&[(0, 10000, 10000)]),
+                map(&[(0, 10000, 10000)])
+            ))
+        );
+        assert_eq!(
+            XMountIdmap::parse(" /proc/1234/ns/user ").unwrap(),
+            XMountIdmap::UsernsPath(PathBuf::from("/proc/1234/ns/user"))
+        );
+
+        let err = XMountIdmap::parse("proc/1234/ns/user").unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::NotAbsolute);
+        let err = XMountIdmap::parse("b:0:0:1 ./ns").unwrap_err();
+        assert_eq!(err.reason(), &MapErrorReason::NotAbsolute);
+        assert_eq!(err.position(), Some(2));
+
+        let syntax = MapErrorReason::Syntax {
+            expected: "[u:|g:|b:]A:B:N",
+        };
+        for value in ["0:0", "x:0:0:1", "u:0:0", "0:0:1:2", "u:"] {
+            assert_eq!(reason(XMountIdmap::parse(value)), syntax, "{value:?}");
+        }
+        let err = XMountIdmap::parse("b:0:0:1 g:1:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "X-mount.idmap entry 2 `g:1:1`: expected [u:|g:|b:]A:B:N"
+        );
+        let err = XMountIdmap::parse("u:0:0:1 g:0:z:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "X-mount.idmap entry 2 `g:0:z:1`: B `z` is not a decimal number from 0 to 4294967295"
+        );
+        assert_eq!(
+            reason(XMountIdmap::parse("u:0:0:1")),
+            MapErrorReason::MissingGid
+        );
+        assert_eq!(
+            reason(XMountIdmap::parse("g:0:0:1")),
+            MapErrorReason::MissingUid
+        );
+        assert_eq!(reason(XMountIdmap::parse("   ")), MapErrorReason::Empty);
+        assert_eq!(
+            reason(XMountIdmap::parse("0:4294967295:1")),
+            MapErrorReason::Overflow { side: Side::Seen }
+        );
+    }
+
+    /// A small deterministic generator (splitmix64), so the property test
+    /// needs no extra crate and every failure reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// A number in `0..bound` (`bound` > 0).
+        fn below(&mut self, bound: u32) -> u32 {
+            u32::try_from(self.next() % u64::from(bound)).unwrap()
+        }
+    }
+
+    /// A random valid map over a small id space, so that neighbours, merges
+    /// and gaps all occur.
+    fn random_map(rng: &mut Rng) -> IdMap {
+        let target = 1 + rng.below(12);
+        let mut extents: Vec<Extent> = Vec::new();
+        for _ in 0..target * 4 {
+            if extents.len() >= target as usize {
+                break;
+            }
+            let candidate = match extents.last() {
+                // Often continue the previous extent in both columns, so
+                // canonical() has something to merge.
+                Some(last) if rng.below(3) == 0 => Extent::new(
+                    last.on_disk() + last.count(),
+                    last.seen() + last.count(),
+                    1 + rng.below(8),
+                ),
+                _ => Extent::new(rng.below(500), rng.below(500), 1 + rng.below(40)),
+            };
+            let Ok(candidate) = candidate else { continue };
+            let mut with = extents.clone();
+            with.push(candidate);
+            if IdMap::new(with.clone()).is_ok() {
+                extents = with;
+            }
+        }
+        if extents.is_empty() {
+            extents.push(ext(rng.below(500), rng.below(500), 1));
+        }
+        // Shuffle so the caller's order is arbitrary.
+        for i in (1..extents.len()).rev() {
+            let j = rng.below(u32::try_from(i).unwrap() + 1) as usize;
+            extents.swap(i, j);
+        }
+        IdMap::new(extents).unwrap()
+    }
+
+    #[test]
+    fn random_maps_round_trip() {
+        let mut rng = Rng(0x1d_4a9e_d000);
+        for _ in 0..300 {
+            let m = random_map(&mut rng);
+            let back = IdMap::parse_proc(&m.to_proc_string()).unwrap();
+            assert_eq!(back.extents(), m.extents());
+
+            let canonical = m.canonical();
+            assert!(canonical.extents().len() <= m.extents().len());
+            assert!(IdMap::new(canonical.extents().to_vec()).is_ok());
+            assert!(canonical.extents().windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(canonical, m);
+            assert_eq!(hash_of(&canonical), hash_of(&m));
+            assert_eq!(canonical.canonical().extents(), canonical.extents());
+            assert_eq!(m.inverse().inverse().extents(), m.extents());
+
+            // Every extent boundary plus random ids.
+            let edges = m.extents().iter().flat_map(|e| {
+                let (a, n) = (e.on_disk(), e.count());
+                [a.saturating_sub(1), a, a + n - 1, a + n]
+            });
+            let ids: Vec<u32> = edges.chain((0..20).map(|_| rng.below(600))).collect();
+            for id in ids {
+                assert_eq!(canonical.seen(id), m.seen(id), "on-disk {id} in\n{m}");
+                assert_eq!(canonical.on_disk(id), m.on_disk(id), "seen {id} in\n{m}");
+                if let Some(seen) = m.seen(id) {
+                    assert_eq!(m.on_disk(seen), Some(id));
+                    assert_eq!(m.inverse().seen(seen), Some(id));
+                }
+            }
+        }
     }
 }
