@@ -19,10 +19,10 @@ use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::Mapping;
+use crate::mountinfo;
 use crate::probe::{self, Availability};
 use crate::sys::{self, RawMountAttr};
 use crate::userns::UserNamespace;
-use crate::mountinfo;
 
 bitflags! {
     /// Mount attributes (`MOUNT_ATTR_*`), 64 bits wide like `struct mount_attr`.
@@ -358,7 +358,7 @@ impl DetachedMount {
         let raw = attr.to_raw()?;
         if probe::features().open_tree_attr == Availability::Available {
             let cp = cpath(path)?;
-            let flags = libc::OPEN_TREE_CLONE as u32 | libc::OPEN_TREE_CLOEXEC as u32 | at_flags(recursive);
+            let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | at_flags(recursive);
             return match sys::open_tree_attr(CWD, &cp, flags, Some(&raw)) {
                 Ok(fd) => Ok(DetachedMount {
                     fd,
@@ -530,7 +530,9 @@ pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
             rustix::fs::AtFlags::empty(),
             rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE),
         )
-        .map_err(|e| Error::sys("statx", format!("{path:?}, STATX_MNT_ID_UNIQUE"), e).with_path(path))?;
+        .map_err(|e| {
+            Error::sys("statx", format!("{path:?}, STATX_MNT_ID_UNIQUE"), e).with_path(path)
+        })?;
         let sm = sys::statmount(
             st.stx_mnt_id,
             sys::STATMOUNT_MNT_BASIC | sys::STATMOUNT_MNT_UIDMAP | sys::STATMOUNT_MNT_GIDMAP,
@@ -538,7 +540,10 @@ pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
         .map_err(|e| {
             Error::sys(
                 "statmount",
-                format!("mnt_id {}, STATMOUNT_MNT_UIDMAP|STATMOUNT_MNT_GIDMAP", st.stx_mnt_id),
+                format!(
+                    "mnt_id {}, STATMOUNT_MNT_UIDMAP|STATMOUNT_MNT_GIDMAP",
+                    st.stx_mnt_id
+                ),
                 e,
             )
             .with_path(path)
@@ -613,20 +618,20 @@ fn diagnose(
                 mountinfo::entry_of(source).into_iter().collect()
             };
             for m in &candidates {
-                if let Ok(probe::Support::Unsupported(reason)) =
+                if let Ok(probe::Support::Unsupported(probe::Reason::Filesystem { fs })) =
                     probe::idmap_support(&m.mount_point)
                 {
-                    if let probe::Reason::Filesystem { fs } = reason {
-                        return err
-                            .with_path(&m.mount_point)
-                            .with_kind(ErrorKind::NotSupported { fs });
-                    }
+                    return err
+                        .with_path(&m.mount_point)
+                        .with_kind(ErrorKind::NotSupported { fs });
                 }
             }
             match userns {
                 // Every mount can be idmapped with our namespace, so the
                 // caller's namespace is the problem.
-                Some(ns) if ns.mapping().is_some() => err.with_kind(ErrorKind::UsernsOwnsFilesystem),
+                Some(ns) if ns.mapping().is_some() => {
+                    err.with_kind(ErrorKind::UsernsOwnsFilesystem)
+                }
                 Some(_) => err.with_kind(ErrorKind::UsernsMissingMap),
                 None => err,
             }

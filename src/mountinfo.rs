@@ -31,7 +31,7 @@ impl MountEntry {
 
 /// Parse the whole table; malformed lines are skipped (the kernel writes it).
 pub(crate) fn read() -> std::io::Result<Vec<MountEntry>> {
-    let text = std::fs::read("/proc/self/mountinfo")?;
+    let text = std::fs::read("/proc/thread-self/mountinfo")?;
     Ok(parse(&text))
 }
 
@@ -60,7 +60,9 @@ fn unescape(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        let oct = s.get(i + 1..i + 4).filter(|d| s[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = s
+            .get(i + 1..i + 4)
+            .filter(|d| s[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match oct {
             Some(d) => {
                 let v = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
@@ -99,7 +101,11 @@ pub(crate) fn tree_of(path: &Path) -> Vec<MountEntry> {
         return Vec::new();
     };
     let top = mount_id_of(&canonical).ok();
-    let mut out: Vec<MountEntry> = table.iter().filter(|e| Some(e.id) == top).cloned().collect();
+    let mut out: Vec<MountEntry> = table
+        .iter()
+        .filter(|e| Some(e.id) == top)
+        .cloned()
+        .collect();
     out.extend(
         table
             .into_iter()

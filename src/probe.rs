@@ -96,8 +96,7 @@ fn availability(r: std::result::Result<(), Errno>) -> Availability {
     }
 }
 
-/// statmount exists (6.8) and knows `STATMOUNT_MNT_UIDMAP` (6.15): ask for the
-/// root mount's idmap and see whether the kernel reports the field as filled.
+/// statmount exists (6.8) and knows `STATMOUNT_MNT_UIDMAP` (6.15).
 fn probe_statmount_idmap() -> Availability {
     let Ok(st) = rustix::fs::statx(
         CWD,
@@ -110,8 +109,14 @@ fn probe_statmount_idmap() -> Availability {
     if st.stx_mask & 0x4000 == 0 {
         return Availability::Missing;
     }
-    match sys::statmount(st.stx_mnt_id, sys::STATMOUNT_MNT_BASIC | sys::STATMOUNT_MNT_UIDMAP) {
-        Ok(sm) if sm.mask & sys::STATMOUNT_MNT_UIDMAP != 0 => Availability::Available,
+    // A kernel that knows STATMOUNT_SUPPORTED_MASK says which fields it can fill.
+    match sys::statmount(st.stx_mnt_id, sys::STATMOUNT_SUPPORTED_MASK) {
+        Ok(sm)
+            if sm.mask & sys::STATMOUNT_SUPPORTED_MASK != 0
+                && sm.supported_mask & sys::STATMOUNT_MNT_UIDMAP != 0 =>
+        {
+            Availability::Available
+        }
         Ok(_) => Availability::Missing,
         Err(e) => availability(Err(e)).max_missing(),
     }
@@ -188,8 +193,12 @@ impl From<Reason> for ErrorKind {
     }
 }
 
-/// Filesystem instance key: the superblock's device number.
-type SuperblockKey = (u32, u32);
+/// Filesystem instance key: the superblock's device number and its type.
+/// Anonymous device numbers (tmpfs, proc, ...) are recycled after an
+/// unmount; with the type in the key a recycled number can only meet a
+/// filesystem of the same type, whose verdict is the same (`FS_ALLOW_IDMAP`
+/// is a property of the type; FUSE types carry the daemon's name).
+type SuperblockKey = (u32, u32, String);
 
 fn cache() -> &'static Mutex<HashMap<SuperblockKey, Support>> {
     static CACHE: OnceLock<Mutex<HashMap<SuperblockKey, Support>>> = OnceLock::new();
@@ -204,7 +213,10 @@ fn probe_userns() -> Result<Arc<UserNamespace>> {
         return Ok(Arc::clone(ns));
     }
     let map = IdMap::identity(0, 65536)?;
-    let ns = Arc::new(UserNamespace::from_mapping(&Mapping::new(map.clone(), map))?);
+    let ns = Arc::new(UserNamespace::from_mapping(&Mapping::new(
+        map.clone(),
+        map,
+    ))?);
     *slot = Some(Arc::clone(&ns));
     Ok(ns)
 }
@@ -219,7 +231,7 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     let path = path.as_ref();
     let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
         .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
-    let key = (st.stx_dev_major, st.stx_dev_minor);
+    let key = (st.stx_dev_major, st.stx_dev_minor, fs_type_of(path));
     if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
     }
@@ -247,7 +259,7 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
         attr_set: libc::MOUNT_ATTR_IDMAP,
         attr_clr: 0,
         propagation: 0,
-        userns_fd: rustix::fd::AsRawFd::as_raw_fd(&*ns) as u64,
+        userns_fd: rustix::fd::AsRawFd::as_raw_fd(&rustix::fd::AsFd::as_fd(&*ns)) as u64,
     };
     let verdict = match sys::mount_setattr(
         rustix::fd::AsFd::as_fd(&clone),
@@ -260,9 +272,7 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
             feature: "mount_setattr",
             since: "5.12",
         }),
-        Err(Errno::INVAL) => Support::Unsupported(Reason::Filesystem {
-            fs: fs_type_of(path),
-        }),
+        Err(Errno::INVAL) => Support::Unsupported(Reason::Filesystem { fs: key.2.clone() }),
         Err(Errno::PERM) => {
             if crate::mount::read_idmap(path)
                 .map(|r| r.is_idmapped())

@@ -131,9 +131,8 @@ struct MntIdReq {
 mod statmount_off {
     pub const SIZE: usize = 0;
     pub const MASK: usize = 8;
-    pub const SB_MAGIC: usize = 24;
-    pub const FS_TYPE: usize = 36;
     pub const MNT_ATTR: usize = 64;
+    pub const SUPPORTED_MASK: usize = 144;
     pub const UIDMAP_NUM: usize = 152;
     pub const UIDMAP: usize = 156;
     pub const GIDMAP_NUM: usize = 160;
@@ -142,9 +141,8 @@ mod statmount_off {
     pub const STR: usize = 512;
 }
 
-pub(crate) const STATMOUNT_SB_BASIC: u64 = 0x1;
 pub(crate) const STATMOUNT_MNT_BASIC: u64 = 0x2;
-pub(crate) const STATMOUNT_FS_TYPE: u64 = 0x20;
+pub(crate) const STATMOUNT_SUPPORTED_MASK: u64 = 0x1000;
 pub(crate) const STATMOUNT_MNT_UIDMAP: u64 = 0x2000;
 pub(crate) const STATMOUNT_MNT_GIDMAP: u64 = 0x4000;
 
@@ -153,9 +151,9 @@ pub(crate) const STATMOUNT_MNT_GIDMAP: u64 = 0x4000;
 pub(crate) struct Statmount {
     /// The `mask` of fields the kernel filled in.
     pub mask: u64,
-    pub sb_magic: u64,
     pub mnt_attr: u64,
-    pub fs_type: Option<String>,
+    /// The fields this kernel knows (`STATMOUNT_SUPPORTED_MASK`, Linux 6.15).
+    pub supported_mask: u64,
     /// Each extent as "inside outside count", as seen from the caller's namespace.
     pub uidmap: Vec<String>,
     pub gidmap: Vec<String>,
@@ -223,11 +221,6 @@ fn parse_statmount(b: &[u8]) -> Statmount {
     let size = (read_u32(b, o::SIZE) as usize).min(b.len());
     let b = &b[..size];
     let strings = b.get(o::STR..).unwrap_or(&[]);
-    let cstr_at = |off: u32| -> String {
-        let s = strings.get(off as usize..).unwrap_or(&[]);
-        let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
-        String::from_utf8_lossy(&s[..end]).into_owned()
-    };
     let array_at = |off: u32, n: u32| -> Vec<String> {
         let mut out = Vec::new();
         let mut s = strings.get(off as usize..).unwrap_or(&[]);
@@ -241,9 +234,8 @@ fn parse_statmount(b: &[u8]) -> Statmount {
     let mask = read_u64(b, o::MASK);
     Statmount {
         mask,
-        sb_magic: read_u64(b, o::SB_MAGIC),
         mnt_attr: read_u64(b, o::MNT_ATTR),
-        fs_type: (mask & STATMOUNT_FS_TYPE != 0).then(|| cstr_at(read_u32(b, o::FS_TYPE))),
+        supported_mask: read_u64(b, o::SUPPORTED_MASK),
         uidmap: if mask & STATMOUNT_MNT_UIDMAP != 0 {
             array_at(read_u32(b, o::UIDMAP), read_u32(b, o::UIDMAP_NUM))
         } else {

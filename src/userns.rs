@@ -154,8 +154,10 @@ fn check_is_userns(fd: BorrowedFd<'_>) -> Result<()> {
     match sys::ns_get_nstype(fd) {
         Ok(t) if t == libc::CLONE_NEWUSER => Ok(()),
         // Another namespace type: report which, for the confused caller.
-        Ok(t) => Err(Error::sys("ioctl", format!("NS_GET_NSTYPE = {t:#x}"), Errno::INVAL)
-            .with_kind(ErrorKind::NotUserns)),
+        Ok(t) => Err(
+            Error::sys("ioctl", format!("NS_GET_NSTYPE = {t:#x}"), Errno::INVAL)
+                .with_kind(ErrorKind::NotUserns),
+        ),
         // ENOTTY: not a namespace file at all.
         Err(e) => Err(Error::sys("ioctl", "NS_GET_NSTYPE", e).with_kind(ErrorKind::NotUserns)),
     }
@@ -169,8 +171,12 @@ fn write_map(path: &Path, map: &IdMap) -> Result<()> {
 fn write_once(path: &Path, data: &[u8]) -> Result<()> {
     let fail = |e: std::io::Error| {
         let errno = Errno::from_io_error(&e).unwrap_or(Errno::IO);
-        Error::sys("write", format!("{:?}, {:?}", path, String::from_utf8_lossy(data)), errno)
-            .with_path(path)
+        Error::sys(
+            "write",
+            format!("{:?}, {:?}", path, String::from_utf8_lossy(data)),
+            errno,
+        )
+        .with_path(path)
     };
     let mut f = File::options().write(true).open(path).map_err(fail)?;
     let n = f.write(data).map_err(fail)?;
@@ -200,7 +206,10 @@ fn proc_pid_dir(path: &Path) -> Option<PathBuf> {
 fn read_maps(dir: &Path, opened: BorrowedFd<'_>) -> Maps {
     let read = |name: &str| -> Option<String> {
         let mut s = String::new();
-        File::open(dir.join(name)).ok()?.read_to_string(&mut s).ok()?;
+        File::open(dir.join(name))
+            .ok()?
+            .read_to_string(&mut s)
+            .ok()?;
         Some(s)
     };
     let (Some(u), Some(g)) = (read("uid_map"), read("gid_map")) else {
