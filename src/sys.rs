@@ -224,7 +224,11 @@ fn parse_statmount(b: &[u8]) -> Statmount {
     let array_at = |off: u32, n: u32| -> Vec<String> {
         let mut out = Vec::new();
         let mut s = strings.get(off as usize..).unwrap_or(&[]);
+        // `n` comes from the kernel but is bounded by the bytes present.
         for _ in 0..n {
+            if s.is_empty() {
+                break;
+            }
             let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
             out.push(String::from_utf8_lossy(&s[..end]).into_owned());
             s = s.get(end + 1..).unwrap_or(&[]);
