@@ -65,3 +65,8 @@ pub use mount::{
     Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
+
+// The README's examples are compiled as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
