@@ -67,10 +67,21 @@ fn main() -> ExitCode {
     match run(std::env::args_os().skip(1).collect()) {
         Ok(code) => code,
         Err(failure) => {
-            eprintln!("mount-idmapped: {failure}");
+            eprintln!("mount-idmapped: {}", one_line(&failure.to_string()));
             failure.exit_code()
         }
     }
+}
+
+/// `text` with control characters escaped, so that a message quoting a
+/// value or path holding a newline still takes exactly one line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 fn run(args: Vec<OsString>) -> Result<ExitCode, Failure> {

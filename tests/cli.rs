@@ -30,13 +30,32 @@ fn binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
     let bin = profile_dir.join("examples").join("mount-idmapped");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified());
+    let stale = match built {
+        Ok(built) => newest_source().is_some_and(|source| source > built),
+        Err(_) => true,
+    };
     assert!(
-        bin.is_file(),
-        "{} is missing: `cargo test` builds the examples, but `cargo test --test cli` \
-         alone does not; run `cargo build --example mount-idmapped` first",
+        !stale,
+        "{} is missing or older than its sources: `cargo test` builds the examples, \
+         but `cargo test --test cli` alone does not; run `cargo build --example \
+         mount-idmapped` first",
         bin.display()
     );
     bin
+}
+
+/// When the example or the library was last changed.
+fn newest_source() -> Option<std::time::SystemTime> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_dir(root.join("src"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path());
+    std::iter::once(root.join("examples/mount-idmapped.rs"))
+        .chain(lib)
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
 }
 
 /// How a run of the program ended.
@@ -316,6 +335,10 @@ const USAGE_ERRORS: &[(&[&str], &[&str])] = &[
         &["value 2", "`q:0:1:1`"],
     ),
     (&["--map-mount=b:0:1", "a", "b"], &["`b:0:1`"]),
+    (
+        &["--map-mount=b:0:1:1\nb:2:3:4", "a", "b"],
+        &["`b:0:1:1\\nb:2:3:4`"],
+    ),
     (&[EXAMPLE, "a"], &["missing TARGET"]),
     (&[EXAMPLE], &["missing SOURCE and TARGET"]),
     (&[EXAMPLE, "a", "b", "c"], &["unexpected operand `c`"]),
