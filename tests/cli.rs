@@ -45,13 +45,14 @@ fn binary() -> PathBuf {
     bin
 }
 
-/// When the example or the library was last changed.
+/// When the example or a top-level library file was last changed.
 fn newest_source() -> Option<std::time::SystemTime> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = std::fs::read_dir(root.join("src"))
         .ok()?
         .flatten()
-        .map(|e| e.path());
+        .map(|e| e.path())
+        .filter(|p| p.extension() == Some(OsStr::new("rs")));
     std::iter::once(root.join("examples/mount-idmapped.rs"))
         .chain(lib)
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
