@@ -445,6 +445,17 @@ fn failures_exit_1_and_leave_nothing_mounted() {
     run.stderr_line_names(&["not a user namespace"]);
     assert!(mounts_below(&target).is_empty());
 
+    // The --json report cannot be written (stdout is /dev/full): the mount
+    // made a moment before is taken away again.
+    let out = Command::new(binary())
+        .args(["--json", EXAMPLE, s(&src), s(&target)])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write to stdout"));
+    assert!(mounts_below(&target).is_empty());
+
     // Missing source.
     let run = cli(&[EXAMPLE, s(&fs.path("nonexistent")), s(&target)]).expect(1);
     run.stderr_line_names(&["nonexistent", "ENOENT"]);
