@@ -17,8 +17,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode};
 
-use idmapped::probe::{self, Availability, Support};
-use idmapped::{DetachedMount, IdMap, Mapping, MountAttr, MountFlags, Propagation, UserNamespace};
+use idmapped::probe;
+use idmapped::{
+    CloneMethod, DetachedMount, IdMap, Mapping, MountAttr, MountFlags, Propagation, UserNamespace,
+};
 
 const USAGE: &str = "\
 Usage: mount-idmapped [OPTIONS] SOURCE TARGET
@@ -494,19 +496,10 @@ fn idmap(request: &MountRequest) -> Result<Report, Failure> {
     let report = Report {
         strategy: Strategy::Idmap,
         mapping: ns.mapping().cloned(),
-        kernel_path: Some(kernel_path()),
+        kernel_path: Some(detached.method().syscalls()),
     };
     detached.attach(&request.target)?;
     Ok(report)
-}
-
-/// The kernel interface `DetachedMount::clone_with` uses on this kernel.
-fn kernel_path() -> &'static str {
-    if probe::features().open_tree_attr == Availability::Available {
-        "open_tree_attr"
-    } else {
-        "open_tree+mount_setattr"
-    }
 }
 
 fn mount_json(request: &MountRequest, report: &Report) -> String {
@@ -589,46 +582,27 @@ struct Blocker {
 }
 
 fn check(request: &CheckRequest) -> Result<ExitCode, Failure> {
-    let fs = mountinfo::entry_of(&request.source).map(|m| m.fs);
-    let blocker = find_blocker(&request.source, request.recursive)?;
+    // Look the path up first, so a missing SOURCE is an error, not a verdict.
+    std::fs::symlink_metadata(&request.source)
+        .map_err(Failure::io(format_args!("{}", request.source.display())))?;
+    let fs = probe::fs_type(&request.source);
+    let blocker = probe::first_unsupported(&request.source, request.recursive)?.map(
+        |(mount_point, reason)| Blocker {
+            fs: probe::fs_type(&mount_point),
+            mount_point,
+            reason,
+        },
+    );
     let text = if request.json {
-        check_json(request, fs.as_deref(), blocker.as_ref())
+        check_json(request, Some(&fs), blocker.as_ref())
     } else {
-        check_text(request, fs.as_deref(), blocker.as_ref())
+        check_text(request, Some(&fs), blocker.as_ref())
     };
     emit(&text)?;
     Ok(match blocker {
         None => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(1),
     })
-}
-
-/// The first mount (SOURCE's own, then with `recursive` each one below it)
-/// that cannot be idmapped.
-fn find_blocker(source: &Path, recursive: bool) -> Result<Option<Blocker>, Failure> {
-    let mut mounts = vec![(source.to_path_buf(), None)];
-    if recursive {
-        let top = std::fs::canonicalize(source)
-            .map_err(Failure::io(format_args!("{}", source.display())))?;
-        mounts.extend(
-            mountinfo::below(&top)
-                .into_iter()
-                .map(|m| (m.mount_point, Some(m.fs))),
-        );
-    }
-    for (path, fs) in mounts {
-        if let Support::Unsupported(reason) = probe::idmap_support(&path)? {
-            let fs = fs
-                .or_else(|| mountinfo::entry_of(&path).map(|m| m.fs))
-                .unwrap_or_else(|| "unknown".to_owned());
-            return Ok(Some(Blocker {
-                mount_point: path,
-                fs,
-                reason,
-            }));
-        }
-    }
-    Ok(None)
 }
 
 fn check_text(request: &CheckRequest, fs: Option<&str>, blocker: Option<&Blocker>) -> String {
@@ -669,80 +643,6 @@ fn check_json(request: &CheckRequest, fs: Option<&str>, blocker: Option<&Blocker
         .raw("recursive", request.recursive.to_string())
         .raw("blocked_by", blocked_by)
         .finish()
-}
-
-// ---------------------------------------------------------------------------
-// /proc/self/mountinfo, for filesystem types
-
-mod mountinfo {
-    use std::ffi::OsString;
-    use std::os::unix::ffi::OsStringExt;
-    use std::path::{Path, PathBuf};
-
-    use rustix::fs::{AtFlags, StatxFlags, CWD};
-
-    /// One mount: where it is attached and its filesystem type.
-    pub struct Mount {
-        id: u64,
-        pub mount_point: PathBuf,
-        pub fs: String,
-    }
-
-    fn table() -> Vec<Mount> {
-        let text = std::fs::read("/proc/thread-self/mountinfo").unwrap_or_default();
-        text.split(|&b| b == b'\n').filter_map(parse_line).collect()
-    }
-
-    /// `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE ...`
-    fn parse_line(line: &[u8]) -> Option<Mount> {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let id = std::str::from_utf8(fields.first()?).ok()?.parse().ok()?;
-        let mount_point = PathBuf::from(OsString::from_vec(unescape(fields.get(4)?)));
-        let dash = fields.iter().skip(6).position(|f| *f == b"-")? + 6;
-        let fs = String::from_utf8_lossy(&unescape(fields.get(dash + 1)?)).into_owned();
-        Some(Mount {
-            id,
-            mount_point,
-            fs,
-        })
-    }
-
-    /// Undo the kernel's `\ooo` octal escapes.
-    fn unescape(s: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(s.len());
-        let mut rest = s;
-        while let Some((&first, tail)) = rest.split_first() {
-            let octal = tail
-                .get(..3)
-                .filter(|d| first == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-            match octal {
-                Some(d) => {
-                    let value = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-                    out.push(u8::try_from(value).unwrap_or(b'?'));
-                    rest = tail.get(3..).unwrap_or_default();
-                }
-                None => {
-                    out.push(first);
-                    rest = tail;
-                }
-            }
-        }
-        out
-    }
-
-    /// The mount `path` is on.
-    pub fn entry_of(path: &Path) -> Option<Mount> {
-        let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::MNT_ID).ok()?;
-        table().into_iter().find(|m| m.id == st.stx_mnt_id)
-    }
-
-    /// Every mount strictly below the absolute, canonical `dir`.
-    pub fn below(dir: &Path) -> Vec<Mount> {
-        table()
-            .into_iter()
-            .filter(|m| m.mount_point != dir && m.mount_point.starts_with(dir))
-            .collect()
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -846,10 +746,11 @@ mod demo {
         let mapping =
             Mapping::parse_map_mount([MAP]).map_err(|e| Failure::Failed(e.to_string()))?;
         let ns = UserNamespace::from_mapping(&mapping)?;
-        DetachedMount::clone_with(&scratch.root, false, &MountAttr::new().idmap(&ns))?
-            .attach(&target)?;
+        let clone = DetachedMount::clone_with(&scratch.root, false, &MountAttr::new().idmap(&ns))?;
+        let method = clone.method();
+        clone.attach(&target)?;
         let idmapped = Mounted::new(target);
-        let table = table(&scratch, &idmapped.path)?;
+        let table = table(&scratch, &idmapped.path, method)?;
         idmapped.unmount()?;
         scratch.unmount()?;
         dir.close()
@@ -997,7 +898,7 @@ mod demo {
         Ok(())
     }
 
-    fn table(scratch: &Scratch, idmapped: &Path) -> Result<String, Failure> {
+    fn table(scratch: &Scratch, idmapped: &Path, method: CloneMethod) -> Result<String, Failure> {
         let owner = |p: &Path| {
             std::fs::symlink_metadata(p)
                 .map(|m| format!("{}:{}", m.uid(), m.gid()))
@@ -1007,7 +908,7 @@ mod demo {
             "Scratch filesystem: {}; idmapped with --map-mount={MAP} via {}\n\
              (on-disk 0..9999 are seen as 10000..19999, every other id as 65534)\n\n",
             scratch.kind,
-            kernel_path()
+            method.syscalls()
         );
         out.push_str(&row("PATH", "ON DISK (uid:gid)", "SEEN (uid:gid)"));
         let names = std::iter::once(".").chain(TREE.iter().map(|&(name, _, _)| name));

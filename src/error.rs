@@ -69,6 +69,8 @@ pub enum ErrorKind {
         /// The on-disk id.
         id: u32,
     },
+    /// A path does not exist (ENOENT).
+    NotFound,
     /// A child process or namespace helper failed.
     Process(String),
     /// Any other failure of a system call; see [`Error::errno`].
@@ -110,6 +112,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::IdOutOfRange { kind, id } => {
                 write!(f, "{kind} {id} on disk is outside the mapping")
             }
+            ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
             ErrorKind::Os => f.write_str("system call failed"),
         }
@@ -221,6 +224,7 @@ fn generic_kind(errno: Errno) -> ErrorKind {
     match errno {
         Errno::PERM | Errno::ACCESS => ErrorKind::PermissionDenied,
         Errno::BUSY => ErrorKind::Busy,
+        Errno::NOENT => ErrorKind::NotFound,
         _ => ErrorKind::Os,
     }
 }

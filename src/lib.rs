@@ -61,8 +61,8 @@ pub mod userns;
 pub use error::{Errno, Error, ErrorKind, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, DetachedMount, IdmapReadback, MountAttr, MountFlags,
-    Propagation,
+    read_idmap, set_attr_at_path, Atime, CloneMethod, DetachedMount, IdmapReadback, MountAttr,
+    MountFlags, Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 

@@ -277,11 +277,31 @@ fn flag_names(recursive: bool, base: &str) -> String {
     }
 }
 
+/// Which system calls made a [`DetachedMount`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloneMethod {
+    /// `open_tree(OPEN_TREE_CLONE)`, attributes (if any) by `mount_setattr`.
+    OpenTree,
+    /// `open_tree_attr(OPEN_TREE_CLONE)`: cloned with its attributes in one call (Linux 6.15).
+    OpenTreeAttr,
+}
+
+impl CloneMethod {
+    /// The calls, as a runtime would log them: `open_tree_attr` or `open_tree+mount_setattr`.
+    pub fn syscalls(self) -> &'static str {
+        match self {
+            CloneMethod::OpenTree => "open_tree+mount_setattr",
+            CloneMethod::OpenTreeAttr => "open_tree_attr",
+        }
+    }
+}
+
 /// A detached mount tree, owned: nothing in any namespace can see it until
 /// [`attach`](Self::attach). Dropping it unmounts the tree.
 #[derive(Debug)]
 pub struct DetachedMount {
     fd: OwnedFd,
+    method: CloneMethod,
     recursive: bool,
     /// The path it was cloned from, for diagnosing refusals.
     source: PathBuf,
@@ -336,6 +356,7 @@ impl DetachedMount {
         })?;
         Ok(DetachedMount {
             fd,
+            method: CloneMethod::OpenTree,
             recursive,
             source: path.to_path_buf(),
         })
@@ -362,6 +383,7 @@ impl DetachedMount {
             return match sys::open_tree_attr(CWD, &cp, flags, Some(&raw)) {
                 Ok(fd) => Ok(DetachedMount {
                     fd,
+                    method: CloneMethod::OpenTreeAttr,
                     recursive,
                     source: path.to_path_buf(),
                 }),
@@ -451,6 +473,11 @@ impl DetachedMount {
             )
             .with_path(target)
         })
+    }
+
+    /// Which system calls made this clone.
+    pub fn method(&self) -> CloneMethod {
+        self.method
     }
 
     /// Whether submounts were cloned (and attribute changes are recursive).
@@ -612,19 +639,12 @@ fn diagnose(
             }
             // Which mount of the tree cannot be idmapped? Probe each one on
             // its own with a namespace known to be good.
-            let candidates = if recursive {
-                mountinfo::tree_of(source)
-            } else {
-                mountinfo::entry_of(source).into_iter().collect()
-            };
-            for m in &candidates {
-                if let Ok(probe::Support::Unsupported(probe::Reason::Filesystem { fs })) =
-                    probe::idmap_support(&m.mount_point)
-                {
-                    return err
-                        .with_path(&m.mount_point)
-                        .with_kind(ErrorKind::NotSupported { fs });
-                }
+            if let Ok(Some((mount, probe::Reason::Filesystem { fs }))) =
+                probe::first_unsupported(source, recursive)
+            {
+                return err
+                    .with_path(mount)
+                    .with_kind(ErrorKind::NotSupported { fs });
             }
             match userns {
                 // Every mount can be idmapped with our namespace, so the

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rustix::fs::{AtFlags, StatxFlags, CWD};
@@ -231,7 +231,7 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     let path = path.as_ref();
     let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
         .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
-    let key = (st.stx_dev_major, st.stx_dev_minor, fs_type_of(path));
+    let key = (st.stx_dev_major, st.stx_dev_minor, fs_type(path));
     if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
     }
@@ -299,11 +299,34 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     Ok(verdict)
 }
 
-/// The filesystem type of the mount `path` is on, as mountinfo names it.
-pub(crate) fn fs_type_of(path: &Path) -> String {
-    crate::mountinfo::entry_of(path)
+/// The filesystem type of the mount `path` is on, as mountinfo names it
+/// (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be found.
+pub fn fs_type(path: impl AsRef<Path>) -> String {
+    crate::mountinfo::entry_of(path.as_ref())
         .map(|e| e.fs_type)
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The first mount of the tree at `path` that cannot be idmapped, with the
+/// reason: `path`'s own mount, then (with `recursive`) every submount below
+/// `path`, parents first — what a recursive idmap would trip over, since the
+/// kernel idmaps a tree all or nothing. `None` when every mount can be.
+pub fn first_unsupported(
+    path: impl AsRef<Path>,
+    recursive: bool,
+) -> Result<Option<(PathBuf, Reason)>> {
+    let path = path.as_ref();
+    if let Support::Unsupported(reason) = idmap_support(path)? {
+        return Ok(Some((path.to_path_buf(), reason)));
+    }
+    if recursive {
+        for m in crate::mountinfo::tree_of(path).into_iter().skip(1) {
+            if let Support::Unsupported(reason) = idmap_support(&m.mount_point)? {
+                return Ok(Some((m.mount_point, reason)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Whether the idmap attribute can be set on `path`'s mount, as an
