@@ -17,9 +17,15 @@
 # modules are cached in target/vm/<kernel>/ (delete it to fetch again);
 # console logs are written to target/vm/<kernel>/console.log.
 #
-# Environment: VM_MEMORY (2G), VM_CPUS (2), VM_APPEND (extra kernel
-# parameters), VM_EXTRA_BINS (more host programs for the guest),
-# DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR.
+# Lines "matrix: <release> <fs> <idmap|chown|unsupported> <pass|fail>" in
+# the guest's output are collected and printed together at the end (libtest
+# captures the output of passing tests: put --nocapture in ARGS).
+# The tests see VM_KERNEL=<KERNEL> in their environment.
+#
+# Environment: VM_JOBS (VMs at once, 1), VM_TIMEOUT (seconds per VM, 600),
+# VM_MEMORY (2G), VM_CPUS (2), VM_APPEND (extra kernel parameters; NAME=value
+# words become environment variables of the tests), VM_EXTRA_BINS (more host
+# programs for the guest), DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -139,8 +145,10 @@ run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
 		-nographic -nodefaults -serial stdio -no-reboot \
 		-pidfile "$work/$k.qemu.pid" \
 		-kernel "$cache/$k/vmlinuz" -initrd "$work/$k.initramfs" \
-		-append "console=ttyS0 panic=-1 loglevel=4 mitigations=off ${VM_APPEND:-}" \
-		</dev/null 2>&1 | tr -d '\r' | sed -u 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' | tee "$log" | sed -u "s/^/[$k] /"
+		-append "console=ttyS0 panic=-1 loglevel=4 edd=off mitigations=off VM_KERNEL=$k ${VM_APPEND:-}" \
+		</dev/null 2>&1 |
+		sed -u 's/\r$//; s/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' |
+		tee "$log" | sed -u "s/^/[$k] /"
 	rc=${PIPESTATUS[0]}
 	set -e
 	marker=$(grep -a -o 'VM-EXIT-STATUS: [0-9]*' "$log" | tail -n 1 || true)
@@ -174,7 +182,10 @@ echo "vm.sh: VMs done ($(elapsed "$t")s)"
 echo
 echo "=== matrix ==="
 for k in "${kernels[@]}"; do
-	grep -a '^matrix: ' "$cache/$k/console.log" || echo "[$k] (no matrix lines)"
+	# Anywhere in a line: libtest prints "test name ... " before a test's
+	# own output, and kernel messages may interleave.
+	grep -a -o -E 'matrix: [^ ]+ [^ ]+ (idmap|chown|unsupported) (pass|fail)' \
+		"$cache/$k/console.log" || echo "[$k] (no matrix lines)"
 done
 echo
 echo "=== results ==="

@@ -67,6 +67,13 @@ for b in "${HOST_BINS[@]}"; do
 	copy_libs "$src"
 done
 if [[ -e /etc/mke2fs.conf ]]; then cp /etc/mke2fs.conf "$stage/etc/"; fi
+# mkfs.vfat converts labels through iconv (codepage 850): give it glibc's
+# converters for that, or it warns on every run.
+gconv=/usr/lib/x86_64-linux-gnu/gconv
+if [[ -d "$gconv" ]]; then
+	mkdir -p "$stage$gconv"
+	cp -a "$gconv"/gconv-modules* "$gconv"/IBM850.so "$gconv"/IBM437.so "$stage$gconv/" 2>/dev/null || true
+fi
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$stage/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$stage/etc/group"
 : >"$stage/etc/fstab"
