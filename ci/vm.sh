@@ -94,6 +94,12 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 t_start=$(now)
 
+if ((!selftest)) && [[ ! -d "$tests" ]]; then
+	echo "vm.sh: no test directory $tests; build the static test binaries first:" >&2
+	echo "  RUSTFLAGS='-C target-feature=+crt-static' cargo test --no-run --target x86_64-unknown-linux-gnu" >&2
+	exit 1
+fi
+
 # --- 1. host packages ----------------------------------------------------
 t=$(now)
 VM_NEED_CC=$selftest "$vmdir/host-deps.sh"
@@ -123,11 +129,6 @@ if ((selftest)); then
 	mkdir -p "$tests"
 	gcc -static -O2 -Wall -o "$tests/nsprivate" "$vmdir/selftest/nsprivate.c"
 	cp "$vmdir/selftest/mounts.sh" "$tests/selftest-mounts"
-fi
-if [[ ! -d "$tests" ]]; then
-	echo "vm.sh: no test directory $tests; build the static test binaries first:" >&2
-	echo "  RUSTFLAGS='-C target-feature=+crt-static' cargo test --no-run --target x86_64-unknown-linux-gnu" >&2
-	exit 1
 fi
 t=$(now)
 for k in "${kernels[@]}"; do
@@ -192,8 +193,9 @@ echo "=== results ==="
 failed=0
 for k in "${kernels[@]}"; do
 	read -r status secs note <"$work/$k.result" || { status=1 secs="?" note="no result"; }
-	printf '%-5s %-28s %6ss  %s\n' "$k" "$(cat "$cache/$k/release")" "$secs" \
-		"$([[ "$status" == 0 ]] && echo PASS || echo "FAIL ($note)")"
+	boot=$(grep -a -o 'init: started at [0-9.]*s' "$cache/$k/console.log" | head -n 1 || true)
+	printf '%-5s %-28s %6ss (kernel boot %6s)  %s\n' "$k" "$(cat "$cache/$k/release")" "$secs" \
+		"${boot#init: started at }" "$([[ "$status" == 0 ]] && echo PASS || echo "FAIL ($note)")"
 	[[ "$status" == 0 ]] || failed=1
 done
 echo "total: $(elapsed "$t_start")s"

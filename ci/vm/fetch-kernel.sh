@@ -202,4 +202,4 @@ done
 touch "$dest/.complete"
 rm -rf "$out"
 mv "$dest" "$out"
-log "done: $release"
+log "done: $release (${SECONDS}s)"
