@@ -129,6 +129,13 @@ if ((selftest)); then
 	mkdir -p "$tests"
 	gcc -static -O2 -Wall -o "$tests/nsprivate" "$vmdir/selftest/nsprivate.c"
 	cp "$vmdir/selftest/mounts.sh" "$tests/selftest-mounts"
+	cp "$vmdir/selftest/tools.sh" "$tests/selftest-tools"
+	# A helper that must not be run as a test (it fails without "ok").
+	mkdir -p "$tests/bin"
+	# shellcheck disable=SC2016 # $1 is the helper's
+	printf '#!/bin/sh\n[ "$1" = ok ] && echo "helper ok"\n' >"$tests/bin/helper"
+	chmod +x "$tests/bin/helper"
+	printf 'SELFTEST_ENV=ok\nSELFTEST_HELPER=/tests/bin/helper\n' >"$tests/ENV"
 fi
 t=$(now)
 for k in "${kernels[@]}"; do

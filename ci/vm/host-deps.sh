@@ -7,7 +7,8 @@ set -euo pipefail
 # Packages from the base suites.
 BASE_PKGS=(
 	busybox-static cpio e2fsprogs xfsprogs btrfs-progs dosfstools util-linux
-	mount zstd xz-utils debian-archive-keyring ca-certificates
+	mount acl attr libcap2-bin coreutils
+	zstd xz-utils debian-archive-keyring ca-certificates
 )
 if [[ "${VM_NEED_CC:-0}" == 1 ]]; then
 	BASE_PKGS+=(gcc libc6-dev)

@@ -6,8 +6,12 @@
 # KERNEL_DIR is what fetch-kernel.sh made. The image holds busybox (static),
 # the guest init (ci/vm/init), the kernel's modules with their load order,
 # util-linux's mount/umount/losetup/unshare/nsenter/findmnt, the mkfs tools
-# of ext4/xfs/btrfs/vfat (with their shared libraries), and every executable
-# file of TESTS_DIR (plus TESTS_DIR/ARGS, the arguments given to each test).
+# of ext4/xfs/btrfs/vfat, the acl, attr and libcap tools, the coreutils
+# programs tests commonly run (all with their shared libraries), and
+# TESTS_DIR as /tests: its top-level executable files are the tests, ARGS
+# holds the arguments given to each, ENV holds NAME=value lines exported to
+# them, and subdirectories (e.g. bin/) are copied as they are, for helper
+# programs the tests run (never run as tests themselves).
 # Extra host programs can be added with VM_EXTRA_BINS="prog1 prog2".
 # OUTPUT is an uncompressed newc cpio archive (nothing to inflate under TCG).
 set -euo pipefail
@@ -20,6 +24,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 HOST_BINS=(
 	mount umount losetup unshare nsenter findmnt blkid
 	mkfs.ext4 mke2fs mkfs.xfs mkfs.btrfs mkfs.vfat mkfs.fat
+	setfacl getfacl setfattr getfattr setcap getcap
+	cat chown chmod chgrp sleep stat id ls touch mkdir rm cp mv ln
+	truncate dd env true false sync
 )
 # Word splitting is wanted: a space separated list of program names.
 # shellcheck disable=SC2206
@@ -55,10 +62,12 @@ copy_libs() { # copy the shared libraries of a dynamic executable
 		fi
 	done
 }
-is_dynamic() { ldd "$1" >/dev/null 2>&1; }
+# ldd also succeeds on static-pie executables ("statically linked"): only
+# resolved libraries ("=>") make a program dynamic.
+is_dynamic() { ldd "$1" 2>/dev/null | grep -q '=>'; }
 
 for b in "${HOST_BINS[@]}"; do
-	src=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v "$b") || {
+	src=$(PATH=/usr/sbin:/usr/bin:/sbin:/bin type -P "$b") || {
 		echo "mkinitramfs: $b not found on the host" >&2
 		exit 1
 	}
@@ -84,24 +93,31 @@ mkdir -p "$stage/lib/modules"
 cp -a "$kdir/lib/modules/$release" "$stage/lib/modules/"
 "$stage/bin/busybox" depmod -b "$stage" "$release" 2>/dev/null || true
 
-# Tests.
+# Tests: the top-level executable files; ARGS and ENV; subdirectories as
+# they are (helper programs, data), not run by the init.
 n=0
 shopt -s nullglob
 for t in "$tests"/*; do
 	if [[ -f "$t" && -x "$t" ]]; then
 		cp -L "$t" "$stage/tests/"
-		if is_dynamic "$t"; then
-			echo "mkinitramfs: note: ${t##*/} is dynamically linked; copying its libraries" >&2
-			copy_libs "$t"
-		fi
 		n=$((n + 1))
+	elif [[ -d "$t" ]]; then
+		cp -rL "$t" "$stage/tests/"
 	fi
 done
-if [[ -f "$tests/ARGS" ]]; then cp "$tests/ARGS" "$stage/tests/ARGS"; fi
+for f in ARGS ENV; do
+	if [[ -f "$tests/$f" ]]; then cp "$tests/$f" "$stage/tests/$f"; fi
+done
 if ((n == 0)); then
 	echo "mkinitramfs: no executable files in $tests" >&2
 	exit 1
 fi
+while IFS= read -r -d '' t; do
+	if is_dynamic "$t"; then
+		echo "mkinitramfs: note: ${t#"$stage"} is dynamically linked; copying its libraries" >&2
+		copy_libs "$t"
+	fi
+done < <(find "$stage/tests" -type f -perm -u+x -print0)
 
 mkdir -p "$(dirname "$output")"
 (cd "$stage" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
