@@ -1,16 +1,29 @@
 #!/bin/bash
 # Run the crate's privileged tests inside VMs on several Debian kernels.
 #
-#   ci/vm.sh [--tests DIR] [--selftest] [--jobs N] [--timeout SECS] [KERNEL...]
+#   ci/vm.sh [--no-build] [--test NAME]... [--tests DIR] [--selftest]
+#            [--jobs N] [--timeout SECS] [KERNEL...]
 #
 # KERNEL: 5.10 (bullseye), 6.1 (bookworm), 6.12 (bookworm-security),
 # 7.3 (trixie-backports); default: all four. Each VM is QEMU with TCG
 # (no KVM needed), booting the Debian cloud kernel with an initramfs that
-# runs every executable file of DIR (default target/vm-tests/, meant to be
-# filled with static test binaries:
-#   RUSTFLAGS='-C target-feature=+crt-static' \
-#     cargo test --no-run --target x86_64-unknown-linux-gnu
-# ) as root, each with the words of DIR/ARGS as arguments.
+# runs every executable file directly in DIR (default target/vm-tests/) as
+# root, each with the words of DIR/ARGS as arguments and the NAME=value
+# lines of DIR/ENV in its environment. Subdirectories of DIR (such as bin/)
+# go into the guest too, for programs the tests run, but are not run.
+#
+# First (unless --no-build, --tests or --selftest) the crate's test
+# binaries are built statically for the guest, in target/vm-build/ (so the
+# normal build cache stays valid):
+#   RUSTFLAGS='-C target-feature=+crt-static' cargo test --release --no-run \
+#     --target x86_64-unknown-linux-gnu --test NAME...
+# and the mount-idmapped example likewise with cargo build --example. They
+# replace the contents of target/vm-tests/: one executable per test target
+# (named after it), bin/mount-idmapped, ARGS "--nocapture --test-threads=1"
+# and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
+# has it). --test NAME (repeatable) picks the test targets; the default is
+# VM_TEST_TARGETS (space separated), or "matrix".
+# --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 #
 # Exits 0 when every test program passed on every kernel. Kernels and
@@ -19,13 +32,14 @@
 #
 # Lines "matrix: <release> <fs> <idmap|chown|unsupported> <pass|fail>" in
 # the guest's output are collected and printed together at the end (libtest
-# captures the output of passing tests: put --nocapture in ARGS).
+# captures the output of passing tests: hence --nocapture in ARGS).
 # The tests see VM_KERNEL=<KERNEL> in their environment.
 #
-# Environment: VM_JOBS (VMs at once, 1), VM_TIMEOUT (seconds per VM, 600),
-# VM_MEMORY (2G), VM_CPUS (2), VM_APPEND (extra kernel parameters; NAME=value
-# words become environment variables of the tests), VM_EXTRA_BINS (more host
-# programs for the guest), DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR.
+# Environment: VM_TEST_TARGETS, VM_JOBS (VMs at once, 1), VM_TIMEOUT
+# (seconds per VM, 600), VM_MEMORY (2G), VM_CPUS (2), VM_APPEND (extra
+# kernel parameters; NAME=value words become environment variables of the
+# tests), VM_EXTRA_BINS (more host programs for the guest), DEBIAN_MIRROR,
+# DEBIAN_SECURITY_MIRROR.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,15 +53,21 @@ usage() {
 }
 
 tests=$root/target/vm-tests
+build=1
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix}"
+cli_test_targets=()
 selftest=0
 jobs=${VM_JOBS:-1}
 timeout=${VM_TIMEOUT:-600}
 kernels=()
 while (($#)); do
 	case "$1" in
-	--tests) tests=${2:?--tests needs a directory}; shift 2 ;;
-	--tests=*) tests=${1#*=}; shift ;;
-	--selftest) selftest=1; shift ;;
+	--tests) tests=${2:?--tests needs a directory} build=0; shift 2 ;;
+	--tests=*) tests=${1#*=} build=0; shift ;;
+	--no-build) build=0; shift ;;
+	--test) cli_test_targets+=("${2:?--test needs a test target name}"); shift 2 ;;
+	--test=*) cli_test_targets+=("${1#*=}"); shift ;;
+	--selftest) selftest=1 build=0; shift ;;
 	--jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
 	--jobs=*) jobs=${1#*=}; shift ;;
 	--timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
@@ -64,6 +84,11 @@ while (($#)); do
 	esac
 done
 ((${#kernels[@]})) || kernels=("${ALL_KERNELS[@]}")
+((${#cli_test_targets[@]})) && test_targets=("${cli_test_targets[@]}")
+if ((build && ${#test_targets[@]} == 0)); then
+	echo "vm.sh: no test targets to build (VM_TEST_TARGETS is empty)" >&2
+	exit 2
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vm-run.XXXXXX")
 # shellcheck disable=SC2317 # called from the EXIT trap
@@ -94,9 +119,9 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 t_start=$(now)
 
-if ((!selftest)) && [[ ! -d "$tests" ]]; then
-	echo "vm.sh: no test directory $tests; build the static test binaries first:" >&2
-	echo "  RUSTFLAGS='-C target-feature=+crt-static' cargo test --no-run --target x86_64-unknown-linux-gnu" >&2
+if ((!selftest && !build)) && [[ ! -d "$tests" ]]; then
+	echo "vm.sh: no test directory $tests; build the static test binaries first" >&2
+	echo "  (ci/vm.sh without --no-build does)" >&2
 	exit 1
 fi
 
@@ -105,13 +130,78 @@ t=$(now)
 VM_NEED_CC=$selftest "$vmdir/host-deps.sh"
 echo "vm.sh: host packages ready ($(elapsed "$t")s)"
 
-# --- 2. kernels, fetched in parallel ---------------------------------------
-t=$(now)
+# --- 2. kernels, fetched in parallel (in the background during 3.) --------
+t_fetch=$(now)
 declare -A fetch_pid=()
 for k in "${kernels[@]}"; do
 	"$vmdir/fetch-kernel.sh" "$k" "$cache/$k" >"$work/$k.fetch.log" 2>&1 &
 	fetch_pid[$k]=$!
 done
+
+# --- 3. static test binaries -------------------------------------------------
+TARGET=x86_64-unknown-linux-gnu
+artifacts() { # JSON messages on stdin; KIND NAME...: "NAME PATH" lines
+	python3 -c '
+import json, sys
+kind, names = sys.argv[1], set(sys.argv[2:])
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target") or {}
+    if (m.get("reason") == "compiler-artifact" and m.get("executable")
+            and kind in t.get("kind", []) and t.get("name") in names):
+        print(t["name"], m["executable"])
+' "$@"
+}
+build_tests() {
+	local bdir=$root/target/vm-build name path args=() missing=()
+	local -A exe=()
+	for name in "${test_targets[@]}"; do args+=(--test "$name"); done
+	# --target keeps RUSTFLAGS away from build scripts and proc macros,
+	# which cannot be static.
+	local cargo=(env -u CARGO_ENCODED_RUSTFLAGS
+		RUSTFLAGS="-C target-feature=+crt-static${RUSTFLAGS:+ $RUSTFLAGS}" cargo)
+	local cargo_opts=(--quiet --release --target "$TARGET" --target-dir "$bdir"
+		--manifest-path "$root/Cargo.toml" --message-format=json-render-diagnostics)
+	"${cargo[@]}" test --no-run "${cargo_opts[@]}" "${args[@]}" >"$work/build-tests.json" || {
+		echo "vm.sh: building the test binaries failed" >&2
+		return 1
+	}
+	"${cargo[@]}" build "${cargo_opts[@]}" --example mount-idmapped >"$work/build-example.json" || {
+		echo "vm.sh: building the mount-idmapped example failed" >&2
+		return 1
+	}
+	while read -r name path; do exe[$name]=$path; done < <(
+		artifacts test "${test_targets[@]}" <"$work/build-tests.json"
+		artifacts example mount-idmapped <"$work/build-example.json" | sed 's/^/example:/'
+	)
+	for name in "${test_targets[@]}" example:mount-idmapped; do
+		[[ -n "${exe[$name]:-}" ]] || missing+=("$name")
+	done
+	if ((${#missing[@]})); then
+		echo "vm.sh: cargo reported no executable for: ${missing[*]}" >&2
+		return 1
+	fi
+	rm -rf "$tests"
+	mkdir -p "$tests/bin"
+	for name in "${test_targets[@]}"; do cp "${exe[$name]}" "$tests/$name"; done
+	cp "${exe[example:mount-idmapped]}" "$tests/bin/mount-idmapped"
+	echo "--nocapture --test-threads=1" >"$tests/ARGS"
+	echo "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" >"$tests/ENV"
+}
+build_failed=0
+if ((build)); then
+	t=$(now)
+	if build_tests; then
+		echo "vm.sh: built ${test_targets[*]} and mount-idmapped into ${tests#"$root"/} ($(elapsed "$t")s)"
+	else
+		build_failed=1 # reported once the fetches are done (not left running)
+	fi
+fi
+
+# --- 4. wait for the kernels -------------------------------------------------
 fetch_failed=0
 for k in "${kernels[@]}"; do
 	if ! wait "${fetch_pid[$k]}"; then fetch_failed=1; fi
@@ -121,17 +211,20 @@ if ((fetch_failed)); then
 	echo "vm.sh: fetching kernels failed" >&2
 	exit 1
 fi
-echo "vm.sh: kernels ready ($(elapsed "$t")s)"
+if ((build_failed)); then
+	echo "vm.sh: building the test binaries failed" >&2
+	exit 1
+fi
+echo "vm.sh: kernels ready ($(elapsed "$t_fetch")s since the fetch started)"
 
-# --- 3. tests and initramfs ------------------------------------------------
+# --- 5. initramfs --------------------------------------------------------------
 if ((selftest)); then
 	tests=$work/selftest
-	mkdir -p "$tests"
+	mkdir -p "$tests/bin"
 	gcc -static -O2 -Wall -o "$tests/nsprivate" "$vmdir/selftest/nsprivate.c"
 	cp "$vmdir/selftest/mounts.sh" "$tests/selftest-mounts"
 	cp "$vmdir/selftest/tools.sh" "$tests/selftest-tools"
 	# A helper that must not be run as a test (it fails without "ok").
-	mkdir -p "$tests/bin"
 	# shellcheck disable=SC2016 # $1 is the helper's
 	printf '#!/bin/sh\n[ "$1" = ok ] && echo "helper ok"\n' >"$tests/bin/helper"
 	chmod +x "$tests/bin/helper"
@@ -143,7 +236,7 @@ for k in "${kernels[@]}"; do
 done
 echo "vm.sh: initramfs images built ($(elapsed "$t")s): $(du -ch "$work"/*.initramfs | tail -1 | cut -f1) in all"
 
-# --- 4. boot ---------------------------------------------------------------
+# --- 6. boot ---------------------------------------------------------------
 run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
 	local k=$1 log=$cache/$1/console.log t rc marker status note
 	t=$(now)
@@ -186,7 +279,7 @@ done
 wait
 echo "vm.sh: VMs done ($(elapsed "$t")s)"
 
-# --- 5. summary ------------------------------------------------------------
+# --- 7. summary ------------------------------------------------------------
 echo
 echo "=== matrix ==="
 for k in "${kernels[@]}"; do

@@ -7,7 +7,7 @@ set -euo pipefail
 # Packages from the base suites.
 BASE_PKGS=(
 	busybox-static cpio e2fsprogs xfsprogs btrfs-progs dosfstools util-linux
-	mount acl attr libcap2-bin coreutils
+	mount acl attr libcap2-bin coreutils python3
 	zstd xz-utils debian-archive-keyring ca-certificates
 )
 if [[ "${VM_NEED_CC:-0}" == 1 ]]; then
