@@ -2,7 +2,7 @@
 # Run the crate's privileged tests inside VMs on several Debian kernels.
 #
 #   ci/vm.sh [--no-build] [--test NAME]... [--tests DIR] [--selftest]
-#            [--jobs N] [--timeout SECS] [KERNEL...]
+#            [--quiet] [--jobs N] [--timeout SECS] [KERNEL...]
 #
 # KERNEL: 5.10 (bullseye), 6.1 (bookworm), 6.12 (bookworm-security),
 # 7.3 (trixie-backports); default: all four. Each VM is QEMU with TCG
@@ -25,6 +25,8 @@
 # VM_TEST_TARGETS (space separated), or "matrix".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
+# --quiet prints only the tests' progress and results while the VMs run,
+# and a failing kernel's whole console afterwards.
 #
 # Exits 0 when every test program passed on every kernel. Kernels and
 # modules are cached in target/vm/<kernel>/ (delete it to fetch again);
@@ -57,6 +59,7 @@ build=1
 read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix}"
 cli_test_targets=()
 selftest=0
+quiet=0
 jobs=${VM_JOBS:-1}
 timeout=${VM_TIMEOUT:-600}
 kernels=()
@@ -68,6 +71,7 @@ while (($#)); do
 	--test) cli_test_targets+=("${2:?--test needs a test target name}"); shift 2 ;;
 	--test=*) cli_test_targets+=("${1#*=}"); shift ;;
 	--selftest) selftest=1 build=0; shift ;;
+	--quiet) quiet=1; shift ;;
 	--jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
 	--jobs=*) jobs=${1#*=}; shift ;;
 	--timeout) timeout=${2:?--timeout needs seconds}; shift 2 ;;
@@ -237,6 +241,13 @@ done
 echo "vm.sh: initramfs images built ($(elapsed "$t")s): $(du -ch "$work"/*.initramfs | tail -1 | cut -f1) in all"
 
 # --- 6. boot ---------------------------------------------------------------
+progress() { # the console lines to show while a VM runs
+	if ((quiet)); then
+		grep -a --line-buffered -E 'VM-TEST-|VM-EXIT-STATUS|^test result:|^failures:|matrix: |Kernel panic|init: (kernel|WARNING|modules that failed)' || true
+	else
+		cat
+	fi
+}
 run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
 	local k=$1 log=$cache/$1/console.log t rc marker status note
 	t=$(now)
@@ -249,7 +260,7 @@ run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
 		-append "console=ttyS0 panic=-1 loglevel=4 edd=off mitigations=off VM_KERNEL=$k ${VM_APPEND:-}" \
 		</dev/null 2>&1 |
 		sed -u 's/\r$//; s/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' |
-		tee "$log" | sed -u "s/^/[$k] /"
+		tee "$log" | progress | sed -u "s/^/[$k] /"
 	rc=${PIPESTATUS[0]}
 	set -e
 	marker=$(grep -a -o 'VM-EXIT-STATUS: [0-9]*' "$log" | tail -n 1 || true)
@@ -298,5 +309,14 @@ for k in "${kernels[@]}"; do
 		"${boot#init: started at }" "$([[ "$status" == 0 ]] && echo PASS || echo "FAIL ($note)")"
 	[[ "$status" == 0 ]] || failed=1
 done
+if ((quiet)); then
+	for k in "${kernels[@]}"; do
+		read -r status _ <"$work/$k.result" 2>/dev/null || status=1
+		[[ "$status" == 0 ]] && continue
+		echo
+		echo "=== console of $k (failed) ==="
+		sed "s/^/[$k] /" "$cache/$k/console.log"
+	done
+fi
 echo "total: $(elapsed "$t_start")s"
 exit "$failed"
