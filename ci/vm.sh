@@ -216,7 +216,7 @@ if ((fetch_failed)); then
 	exit 1
 fi
 if ((build_failed)); then
-	echo "vm.sh: building the test binaries failed" >&2
+	echo "vm.sh: nothing booted: the build failed" >&2
 	exit 1
 fi
 echo "vm.sh: kernels ready ($(elapsed "$t_fetch")s since the fetch started)"
