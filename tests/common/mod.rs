@@ -214,7 +214,7 @@ pub fn cli_binary() -> PathBuf {
     let bin = profile_dir.join("examples").join("mount-idmapped");
     let built = std::fs::metadata(&bin).and_then(|m| m.modified());
     let stale = match built {
-        Ok(built) => newest_source().is_some_and(|source| source > built),
+        Ok(built) => newest_source(profile_dir).is_some_and(|source| source > built),
         Err(_) => true,
     };
     assert!(
@@ -227,16 +227,21 @@ pub fn cli_binary() -> PathBuf {
     bin
 }
 
-/// When the example or a top-level library file was last changed.
-fn newest_source() -> Option<std::time::SystemTime> {
+/// When the example's inputs last changed: its source, or the library it
+/// links (cargo rebuilds `libidmapped-*.rlib` in `deps/` whenever any module
+/// the crate compiles changes).
+fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = std::fs::read_dir(root.join("src"))
+    let rlibs = std::fs::read_dir(profile_dir.join("deps"))
         .ok()?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension() == Some(OsStr::new("rs")));
+        .filter(|p| {
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            name.starts_with("libidmapped-") && name.ends_with(".rlib")
+        });
     std::iter::once(root.join("examples/mount-idmapped.rs"))
-        .chain(lib)
+        .chain(rlibs)
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .max()
 }
