@@ -86,6 +86,16 @@ impl TestFs {
 
     /// A loop image of `fs` made with `mkfs.<fs> <mkfs_args>`.
     pub fn image(fs: &str, mkfs_args: &[&str], size_mib: u64) -> TestFs {
+        Self::image_with_options(fs, mkfs_args, size_mib, "")
+    }
+
+    /// [`image`](Self::image), mounted with extra options (e.g. `uid=1000` for vfat).
+    pub fn image_with_options(
+        fs: &str,
+        mkfs_args: &[&str],
+        size_mib: u64,
+        mount_options: &str,
+    ) -> TestFs {
         let dir = tempfile::Builder::new()
             .prefix("idmapped-test-")
             .tempdir()
@@ -100,9 +110,14 @@ impl TestFs {
         run(&format!("mkfs.{fs}"), &args);
         let root = dir.path().join("mnt");
         std::fs::create_dir(&root).unwrap();
+        let options = if mount_options.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{mount_options}")
+        };
         run(
             "mount",
-            &["-t", fs, "-o", "loop", img_s, root.to_str().unwrap()],
+            &["-t", fs, "-o", &options, img_s, root.to_str().unwrap()],
         );
         TestFs { root, dir }
     }
