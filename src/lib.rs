@@ -1,2 +1,3 @@
 //! ID-mapped mounts for Linux.
 #![deny(missing_docs)]
+pub mod chown;
