@@ -366,8 +366,13 @@ fn grow(buf: &mut Vec<u8>) -> std::result::Result<(), Errno> {
 }
 
 fn fstatx(fd: BorrowedFd<'_>) -> std::result::Result<Meta, Errno> {
-    rfs::statx(fd, c"", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW, STATX_MASK)
-        .map(|st| Meta::new(&st))
+    rfs::statx(
+        fd,
+        c"",
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        STATX_MASK,
+    )
+    .map(|st| Meta::new(&st))
 }
 
 /// Where a mapping sends one id.
@@ -534,7 +539,12 @@ impl<'c, 'a> Worker<'c, 'a> {
                     Ok(e) => e,
                     Err(e) => {
                         self.dirent = dirent;
-                        return Err(sys("getdents64", format!("fd {}", dir.as_raw_fd()), e, path));
+                        return Err(sys(
+                            "getdents64",
+                            format!("fd {}", dir.as_raw_fd()),
+                            e,
+                            path,
+                        ));
                     }
                 };
                 let name = entry.file_name().to_bytes_with_nul();
@@ -613,7 +623,10 @@ impl<'c, 'a> Worker<'c, 'a> {
             }
         }
         let p = dpath.join(OsStr::from_bytes(name.to_bytes()));
-        Err(changed_under_us(&p, "entry kept changing while being shifted"))
+        Err(changed_under_us(
+            &p,
+            "entry kept changing while being shifted",
+        ))
     }
 
     /// Shift a non-directory; false when it turned out to be another inode
@@ -690,7 +703,12 @@ impl<'c, 'a> Worker<'c, 'a> {
             }
         };
         let now = fstatx(fd.as_fd()).map_err(|e| {
-            sys("statx", format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()), e, &path())
+            sys(
+                "statx",
+                format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
+                e,
+                &path(),
+            )
         })?;
         if !now.same_inode(st) {
             if st.nlink > 1 {
@@ -712,7 +730,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         let names = if m.is_symlink() {
             Names::default()
         } else {
-            h.list(&mut self.list).map_err(|e| xerr("listxattr", "", e))?
+            h.list(&mut self.list)
+                .map_err(|e| xerr("listxattr", "", e))?
         };
 
         // A stash left by a run that died mid-entry describes the state
@@ -734,7 +753,9 @@ impl<'c, 'a> Worker<'c, 'a> {
         };
         let base_cap = match &stash {
             Some(s) => s.cap.clone(),
-            None if names.cap => h.get(CAPABILITY).map_err(|e| xerr("getxattr", CAPABILITY, e))?,
+            None if names.cap => h
+                .get(CAPABILITY)
+                .map_err(|e| xerr("getxattr", CAPABILITY, e))?,
             None => None,
         };
 
@@ -772,7 +793,10 @@ impl<'c, 'a> Worker<'c, 'a> {
             }
         };
         let mut acls: Vec<(&'static str, Vec<u8>)> = Vec::new();
-        for (present, xname) in [(names.acl_access, ACL_ACCESS), (names.acl_default, ACL_DEFAULT)] {
+        for (present, xname) in [
+            (names.acl_access, ACL_ACCESS),
+            (names.acl_default, ACL_DEFAULT),
+        ] {
             if !present {
                 continue;
             }
@@ -822,7 +846,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         // ACL values are replaced atomically and chown leaves them alone:
         // they need no stash.
         for (xname, value) in &acls {
-            h.set(xname, value).map_err(|e| xerr("setxattr", xname, e))?;
+            h.set(xname, value)
+                .map_err(|e| xerr("setxattr", xname, e))?;
         }
         let mut stashed = names.stash;
         if kills && stash.is_none() {
@@ -844,20 +869,36 @@ impl<'c, 'a> Worker<'c, 'a> {
         }
         if need_chown {
             h.chown(nu, ng).map_err(|e| {
-                sys("fchownat", format!("{}, \"\", {nu}, {ng}, AT_EMPTY_PATH", h.describe()), e, path)
+                sys(
+                    "fchownat",
+                    format!("{}, \"\", {nu}, {ng}, AT_EMPTY_PATH", h.describe()),
+                    e,
+                    path,
+                )
             })?;
         }
         if restore_mode {
             h.chmod(bmode).map_err(|e| {
-                sys("chmod", format!("{}, {:o}", h.describe(), bmode & PERMS), e, path)
+                sys(
+                    "chmod",
+                    format!("{}, {:o}", h.describe(), bmode & PERMS),
+                    e,
+                    path,
+                )
             })?;
         }
         if base_cap.is_some() || new_cap.is_some() {
-            let current = h.get(CAPABILITY).map_err(|e| xerr("getxattr", CAPABILITY, e))?;
+            let current = h
+                .get(CAPABILITY)
+                .map_err(|e| xerr("getxattr", CAPABILITY, e))?;
             if current != new_cap {
                 match &new_cap {
-                    Some(v) => h.set(CAPABILITY, v).map_err(|e| xerr("setxattr", CAPABILITY, e))?,
-                    None => h.remove(CAPABILITY).map_err(|e| xerr("removexattr", CAPABILITY, e))?,
+                    Some(v) => h
+                        .set(CAPABILITY, v)
+                        .map_err(|e| xerr("setxattr", CAPABILITY, e))?,
+                    None => h
+                        .remove(CAPABILITY)
+                        .map_err(|e| xerr("removexattr", CAPABILITY, e))?,
                 }
             }
         }
@@ -868,12 +909,20 @@ impl<'c, 'a> Worker<'c, 'a> {
     }
 
     /// Open a subdirectory found by a scan and check it is still that one.
-    fn open_child(&mut self, parent: BorrowedFd<'_>, sd: &SubDir, pmeta: &Meta, path: &Path) -> Result<Child> {
+    fn open_child(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        sd: &SubDir,
+        pmeta: &Meta,
+        path: &Path,
+    ) -> Result<Child> {
         let cross = sd.meta.is_mount_below(pmeta);
         let fd = match open_dir(self.ctx, parent, &sd.name, cross) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(Child::Gone),
-            Err(Errno::LOOP | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN) => return Ok(Child::Changed),
+            Err(Errno::LOOP | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN) => {
+                return Ok(Child::Changed)
+            }
             Err(e) => {
                 let p = path.join(OsStr::from_bytes(sd.name.to_bytes()));
                 let a = format!(
@@ -886,7 +935,12 @@ impl<'c, 'a> Worker<'c, 'a> {
             }
         };
         let m = fstatx(fd.as_fd()).map_err(|e| {
-            sys("statx", format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()), e, path)
+            sys(
+                "statx",
+                format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
+                e,
+                path,
+            )
         })?;
         if !m.same_inode(&sd.meta) || !m.is_dir() {
             return Ok(Child::Changed);
@@ -918,7 +972,9 @@ impl<'c, 'a> Worker<'c, 'a> {
                 if done.fd.is_some() {
                     open -= 1;
                 }
-                let Some(parent) = stack.last_mut() else { break };
+                let Some(parent) = stack.last_mut() else {
+                    break;
+                };
                 path.pop();
                 if parent.fd.is_none() {
                     let Some(child_fd) = done.fd else {
@@ -950,7 +1006,10 @@ impl<'c, 'a> Worker<'c, 'a> {
                     tries += 1;
                     if tries > RETRIES {
                         let p = path.join(OsStr::from_bytes(sd.name.to_bytes()));
-                        return Err(changed_under_us(&p, "directory kept changing while being opened"));
+                        return Err(changed_under_us(
+                            &p,
+                            "directory kept changing while being opened",
+                        ));
                     }
                     let name = sd.name.clone();
                     let mut again = Vec::new();
@@ -1017,7 +1076,12 @@ fn lost(path: &Path) -> Error {
 
 /// Open a directory entry as a directory, never through a symlink, never out
 /// of `parent`, and (unless `cross`) never onto another mount.
-fn open_dir(ctx: &Ctx<'_>, parent: BorrowedFd<'_>, name: &CStr, cross: bool) -> std::result::Result<OwnedFd, Errno> {
+fn open_dir(
+    ctx: &Ctx<'_>,
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    cross: bool,
+) -> std::result::Result<OwnedFd, Errno> {
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if ctx.openat2.load(Ordering::Relaxed) != 2 {
         let mut resolve =
@@ -1055,12 +1119,26 @@ fn open_dir(ctx: &Ctx<'_>, parent: BorrowedFd<'_>, name: &CStr, cross: bool) -> 
 fn reopen_parent(child: BorrowedFd<'_>, expect: &Meta, path: &Path) -> Result<OwnedFd> {
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rfs::openat(child, c"..", oflags, Mode::empty()).map_err(|e| {
-        sys("openat", format!("fd {}, \"..\", O_DIRECTORY|O_NOFOLLOW", child.as_raw_fd()), e, path)
+        sys(
+            "openat",
+            format!("fd {}, \"..\", O_DIRECTORY|O_NOFOLLOW", child.as_raw_fd()),
+            e,
+            path,
+        )
     })?;
-    let m = fstatx(fd.as_fd())
-        .map_err(|e| sys("statx", format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()), e, path))?;
+    let m = fstatx(fd.as_fd()).map_err(|e| {
+        sys(
+            "statx",
+            format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
+            e,
+            path,
+        )
+    })?;
     if !m.same_inode(expect) {
-        return Err(changed_under_us(path, "a directory was moved during the walk"));
+        return Err(changed_under_us(
+            path,
+            "a directory was moved during the walk",
+        ));
     }
     Ok(fd)
 }
@@ -1105,7 +1183,9 @@ fn fd_budget() -> u64 {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1 << 20);
-    let in_use = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(64);
+    let in_use = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(64);
     limit.saturating_sub(in_use)
 }
 
@@ -1120,27 +1200,47 @@ fn check_proc(root: BorrowedFd<'_>, meta: &Meta, path: &Path) -> Result<()> {
             "{p:?} does not lead to the tree's root: /proc is not a working procfs"
         )))
         .with_path(path)),
-        Err(e) => Err(sys("statx", format!("{p:?}, 0"), e, path).with_kind(ErrorKind::InvalidInput(
-            "the walker needs procfs mounted on /proc".into(),
-        ))),
+        Err(e) => Err(sys("statx", format!("{p:?}, 0"), e, path).with_kind(
+            ErrorKind::InvalidInput("the walker needs procfs mounted on /proc".into()),
+        )),
     }
 }
 
 pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result<ShiftReport> {
     let start = Instant::now();
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let root_fd = rfs::openat(CWD, root, oflags, Mode::empty())
-        .map_err(|e| sys("openat", format!("AT_FDCWD, {root:?}, O_DIRECTORY|O_NOFOLLOW"), e, root))?;
-    let root_meta = fstatx(root_fd.as_fd())
-        .map_err(|e| sys("statx", format!("fd {}, \"\", AT_EMPTY_PATH", root_fd.as_raw_fd()), e, root))?;
+    let root_fd = rfs::openat(CWD, root, oflags, Mode::empty()).map_err(|e| {
+        sys(
+            "openat",
+            format!("AT_FDCWD, {root:?}, O_DIRECTORY|O_NOFOLLOW"),
+            e,
+            root,
+        )
+    })?;
+    let root_meta = fstatx(root_fd.as_fd()).map_err(|e| {
+        sys(
+            "statx",
+            format!("fd {}, \"\", AT_EMPTY_PATH", root_fd.as_raw_fd()),
+            e,
+            root,
+        )
+    })?;
     check_proc(root_fd.as_fd(), &root_meta, root)?;
     // A second descriptor for the queue; the first stays for the root's own
     // shift, which comes last.
-    let work_fd = rfs::openat(&root_fd, c".", oflags, Mode::empty())
-        .map_err(|e| sys("openat", format!("fd {}, \".\"", root_fd.as_raw_fd()), e, root))?;
+    let work_fd = rfs::openat(&root_fd, c".", oflags, Mode::empty()).map_err(|e| {
+        sys(
+            "openat",
+            format!("fd {}, \".\"", root_fd.as_raw_fd()),
+            e,
+            root,
+        )
+    })?;
 
     let mut threads = match opts.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     // Each worker needs its window of directory descriptors plus a few for
@@ -1148,7 +1248,12 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
     // EMFILE when the limit is low.
     let budget = fd_budget().saturating_sub(8);
     if budget < 6 {
-        return Err(sys("openat", "not enough file descriptors left".into(), Errno::MFILE, root));
+        return Err(sys(
+            "openat",
+            "not enough file descriptors left".into(),
+            Errno::MFILE,
+            root,
+        ));
     }
     threads = threads.clamp(1, (budget / 6) as usize);
     let window = ((budget / threads as u64).saturating_sub(4) as usize).clamp(2, 64);
@@ -1160,7 +1265,9 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         threads,
         window,
         hardlinks: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
-        dirs_seen: opts.cross_mounts.then(|| Mutex::new(HashSet::from([(root_meta.dev, root_meta.ino)]))),
+        dirs_seen: opts
+            .cross_mounts
+            .then(|| Mutex::new(HashSet::from([(root_meta.dev, root_meta.ino)]))),
         queue: Mutex::new(Queue {
             items: vec![Work {
                 fd: work_fd,

@@ -224,7 +224,14 @@ mod tests {
     #[test]
     fn acl_translates_user_and_group_entries_only() {
         let u = u32::MAX;
-        let v = acl(&[(1, 6, u), (2, 4, 1000), (4, 4, u), (8, 5, 2000), (0x10, 7, u), (0x20, 0, u)]);
+        let v = acl(&[
+            (1, 6, u),
+            (2, 4, 1000),
+            (4, 4, u),
+            (8, 5, 2000),
+            (0x10, 7, u),
+            (0x20, 0, u),
+        ]);
         let out = translate_acl::<()>(&v, |k, id| {
             Ok(match k {
                 AclId::User => id + 10,
@@ -236,7 +243,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             out,
-            acl(&[(1, 6, u), (2, 4, 1010), (4, 4, u), (8, 5, 2020), (0x10, 7, u), (0x20, 0, u)])
+            acl(&[
+                (1, 6, u),
+                (2, 4, 1010),
+                (4, 4, u),
+                (8, 5, 2020),
+                (0x10, 7, u),
+                (0x20, 0, u)
+            ])
         );
         // identity: nothing to write
         assert_eq!(translate_acl::<()>(&v, |_, id| Ok(id)), Ok(Ok(None)));
