@@ -280,7 +280,7 @@ impl Handle<'_> {
         loop {
             let n = match *self {
                 Handle::Dir(fd) => rfs::flistxattr(fd, &mut buf[..]),
-                Handle::Path(fd) => rfs::listxattr(&proc_fd_path(fd), &mut buf[..]),
+                Handle::Path(fd) => rfs::listxattr(proc_fd_path(fd), &mut buf[..]),
             };
             match n {
                 Ok(n) => return Ok(Names::parse(&buf[..n])),
@@ -296,7 +296,7 @@ impl Handle<'_> {
         loop {
             let n = match *self {
                 Handle::Dir(fd) => rfs::fgetxattr(fd, name, &mut buf[..]),
-                Handle::Path(fd) => rfs::getxattr(&proc_fd_path(fd), name, &mut buf[..]),
+                Handle::Path(fd) => rfs::getxattr(proc_fd_path(fd), name, &mut buf[..]),
             };
             match n {
                 Ok(n) => {
@@ -314,14 +314,14 @@ impl Handle<'_> {
         let flags = rfs::XattrFlags::empty();
         match *self {
             Handle::Dir(fd) => rfs::fsetxattr(fd, name, value, flags),
-            Handle::Path(fd) => rfs::setxattr(&proc_fd_path(fd), name, value, flags),
+            Handle::Path(fd) => rfs::setxattr(proc_fd_path(fd), name, value, flags),
         }
     }
 
     fn remove(&self, name: &str) -> std::result::Result<(), Errno> {
         let r = match *self {
             Handle::Dir(fd) => rfs::fremovexattr(fd, name),
-            Handle::Path(fd) => rfs::removexattr(&proc_fd_path(fd), name),
+            Handle::Path(fd) => rfs::removexattr(proc_fd_path(fd), name),
         };
         match r {
             Err(Errno::NODATA) => Ok(()),
@@ -343,7 +343,7 @@ impl Handle<'_> {
         let mode = Mode::from_bits_retain(mode & PERMS);
         match *self {
             Handle::Dir(fd) => rfs::fchmod(fd, mode),
-            Handle::Path(fd) => rfs::chmodat(CWD, &proc_fd_path(fd), mode, AtFlags::empty()),
+            Handle::Path(fd) => rfs::chmodat(CWD, proc_fd_path(fd), mode, AtFlags::empty()),
         }
     }
 
