@@ -426,6 +426,10 @@ struct Worker<'c, 'a> {
     starts: Vec<usize>,
     list: Vec<u8>,
     pathbuf: Vec<u8>,
+    /// This thread has its own working directory (`unshare(CLONE_FS)`).
+    own_cwd: bool,
+    /// The directory (dev, ino) that working directory is.
+    cwd: Option<(u64, u64)>,
 }
 
 impl<'c, 'a> Worker<'c, 'a> {
@@ -439,6 +443,8 @@ impl<'c, 'a> Worker<'c, 'a> {
             starts: Vec::new(),
             list: vec![0; 1024],
             pathbuf: Vec::with_capacity(512),
+            own_cwd: false,
+            cwd: None,
         }
     }
 
@@ -502,11 +508,29 @@ impl<'c, 'a> Worker<'c, 'a> {
         CStr::from_bytes_with_nul(&self.pathbuf).unwrap_or(c"")
     }
 
-    /// List an entry's xattr names without opening it.
-    fn list_at(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> std::result::Result<Names, Errno> {
+    /// List an entry's xattr names without opening it: relative to this
+    /// thread's own working directory, moved to `dir`, where the thread has
+    /// one (a single-name lookup, like the `*at` calls); else through
+    /// `/proc/self/fd/<dir>/<name>`, which costs a few /proc lookups more.
+    fn list_at(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        dmeta: &Meta,
+        name: &CStr,
+    ) -> std::result::Result<Names, Errno> {
+        if self.own_cwd && self.cwd != Some((dmeta.dev, dmeta.ino)) {
+            match rustix::process::fchdir(dir) {
+                Ok(()) => self.cwd = Some((dmeta.dev, dmeta.ino)),
+                Err(_) => self.own_cwd = false,
+            }
+        }
         let mut list = std::mem::take(&mut self.list);
         let r = loop {
-            let path = self.proc_entry_path(dir, name);
+            let path = if self.own_cwd {
+                name
+            } else {
+                self.proc_entry_path(dir, name)
+            };
             match rfs::llistxattr(path, &mut list[..]) {
                 Ok(n) => break Ok(Names::parse(&list[..n])),
                 Err(Errno::RANGE) => {
@@ -618,7 +642,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 });
                 return Ok(());
             }
-            if self.shift_nondir(dir, dpath, name, &st)? {
+            if self.shift_nondir(dir, dmeta, dpath, name, &st)? {
                 return Ok(());
             }
         }
@@ -634,6 +658,7 @@ impl<'c, 'a> Worker<'c, 'a> {
     fn shift_nondir(
         &mut self,
         dir: BorrowedFd<'_>,
+        dmeta: &Meta,
         dpath: &Path,
         name: &CStr,
         st: &Meta,
@@ -647,11 +672,11 @@ impl<'c, 'a> Worker<'c, 'a> {
             // Symlinks carry neither ACLs nor capabilities, and are never stashed.
             Names::default()
         } else {
-            match self.list_at(dir, name) {
+            match self.list_at(dir, dmeta, name) {
                 Ok(n) => n,
                 Err(Errno::NOENT) => return Ok(true),
                 Err(e) => {
-                    let a = format!("\"/proc/self/fd/{}/{name:?}\"", dir.as_raw_fd());
+                    let a = format!("{name:?} in the directory of fd {}", dir.as_raw_fd());
                     return Err(sys("llistxattr", a, e, &path()));
                 }
             }
@@ -1143,8 +1168,18 @@ fn reopen_parent(child: BorrowedFd<'_>, expect: &Meta, path: &Path) -> Result<Ow
     Ok(fd)
 }
 
-fn worker(ctx: &Ctx<'_>) -> Counts {
+fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
     let mut w = Worker::new(ctx);
+    // A thread of our own may have a working directory of its own: then the
+    // xattr listing, which has no `*at` form in rustix, can name an entry
+    // relative to the directory being walked instead of through /proc.
+    // Never on the caller's thread, whose working directory is not ours.
+    // CLONE_FS alone has none of the hazards `unshare_unsafe` warns of
+    // (those concern CLONE_FILES).
+    #[allow(deprecated)]
+    if spawned && rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
+        w.own_cwd = true;
+    }
     lock(&ctx.queue).workers += 1;
     loop {
         let item = {
@@ -1290,16 +1325,18 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
     let mut counts = Counts::default();
     std::thread::scope(|s| {
         let mut handles = Vec::new();
-        for i in 1..threads {
+        for i in 0..threads {
             let spawned = std::thread::Builder::new()
                 .name(format!("idmapped-shift-{i}"))
-                .spawn_scoped(s, || worker(&ctx));
+                .spawn_scoped(s, || worker(&ctx, true));
             // Could not start a thread: the others share its work.
             if let Ok(h) = spawned {
                 handles.push(h);
             }
         }
-        counts.add(&worker(&ctx));
+        if handles.is_empty() {
+            counts.add(&worker(&ctx, false));
+        }
         for h in handles {
             match h.join() {
                 Ok(c) => counts.add(&c),
