@@ -235,7 +235,7 @@ pub fn cli_binary() -> PathBuf {
     assert!(
         !stale,
         "{} is missing or older than its sources: `cargo test` builds the examples, \
-         but `cargo test --test cli` alone does not; run `cargo build --example \
+         but `cargo test --test NAME` alone does not; run `cargo build --example \
          mount-idmapped` first",
         bin.display()
     );
