@@ -263,12 +263,8 @@ const USAGE_ERRORS: &[(&[&str], &[&str])] = &[
     (&[EXAMPLE, "--recursive=yes", "a", "b"], &["takes no value"]),
     (&[EXAMPLE, "--strategy=rsync", "a", "b"], &["`rsync`"]),
     (
-        &[EXAMPLE, "--strategy=chown", "a", "b"],
-        &["strategy chown is not available in this build yet"],
-    ),
-    (
-        &[EXAMPLE, "--strategy", "auto", "a", "b"],
-        &["strategy auto is not available in this build yet"],
+        &[EXAMPLE, "--out-of-range=drop", "a", "b"],
+        &["`drop`", "keep, fail or overflow"],
     ),
     (&["--check"], &["missing SOURCE"]),
     (&["--check", "a", "b"], &["unexpected operand `b`"]),
