@@ -69,6 +69,8 @@ pub enum ErrorKind {
         /// The on-disk id.
         id: u32,
     },
+    /// A path does not exist (ENOENT).
+    NotFound,
     /// A child process or namespace helper failed.
     Process(String),
     /// Any other failure of a system call; see [`Error::errno`].
@@ -110,6 +112,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::IdOutOfRange { kind, id } => {
                 write!(f, "{kind} {id} on disk is outside the mapping")
             }
+            ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
             ErrorKind::Os => f.write_str("system call failed"),
         }
@@ -137,7 +140,11 @@ impl fmt::Display for Syscall {
 /// Displayed on one line, e.g.
 /// `/srv/vol: filesystem type tmpfs does not support idmapped mounts on this kernel [mount_setattr(fd 5, "", AT_EMPTY_PATH, {attr_set: IDMAP, userns_fd: 6}) = EINVAL]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error {
+pub struct Error(Box<Inner>);
+
+/// Boxed so that `Result<T, Error>` stays one pointer wide on the happy path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Inner {
     kind: ErrorKind,
     syscall: Option<Syscall>,
     path: Option<PathBuf>,
@@ -147,18 +154,18 @@ pub struct Error {
 impl Error {
     /// An error of `kind` with no system call attached.
     pub fn new(kind: ErrorKind) -> Error {
-        Error {
+        Error(Box::new(Inner {
             kind,
             syscall: None,
             path: None,
             errno: None,
-        }
+        }))
     }
 
     /// A system call failed with `errno`; the kind is [`ErrorKind::Os`] until a
     /// caller that knows the context diagnoses it ([`Error::with_kind`]).
     pub(crate) fn sys(name: &'static str, args: impl Into<String>, errno: Errno) -> Error {
-        Error {
+        Error(Box::new(Inner {
             kind: generic_kind(errno),
             syscall: Some(Syscall {
                 name,
@@ -166,39 +173,39 @@ impl Error {
             }),
             path: None,
             errno: Some(errno),
-        }
+        }))
     }
 
     /// Attach the path the failing operation concerned.
     pub(crate) fn with_path(mut self, path: impl AsRef<Path>) -> Error {
-        self.path = Some(path.as_ref().to_path_buf());
+        self.0.path = Some(path.as_ref().to_path_buf());
         self
     }
 
     /// Replace the diagnosis.
     pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Error {
-        self.kind = kind;
+        self.0.kind = kind;
         self
     }
 
     /// The diagnosis.
     pub fn kind(&self) -> &ErrorKind {
-        &self.kind
+        &self.0.kind
     }
 
     /// The system call that failed, if one did.
     pub fn syscall(&self) -> Option<&Syscall> {
-        self.syscall.as_ref()
+        self.0.syscall.as_ref()
     }
 
     /// The path the failure concerns (with a recursive idmap, the submount that blocked it).
     pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+        self.0.path.as_deref()
     }
 
     /// The errno the kernel returned, if any.
     pub fn errno(&self) -> Option<Errno> {
-        self.errno
+        self.0.errno
     }
 
     /// True when the cause is the kernel or the filesystem lacking support
@@ -206,7 +213,7 @@ impl Error {
     /// caller may reasonably fall back to shifting ownership on disk.
     pub fn is_unsupported(&self) -> bool {
         matches!(
-            self.kind,
+            self.0.kind,
             ErrorKind::NotSupported { .. } | ErrorKind::KernelTooOld { .. }
         )
     }
@@ -217,17 +224,18 @@ fn generic_kind(errno: Errno) -> ErrorKind {
     match errno {
         Errno::PERM | Errno::ACCESS => ErrorKind::PermissionDenied,
         Errno::BUSY => ErrorKind::Busy,
+        Errno::NOENT => ErrorKind::NotFound,
         _ => ErrorKind::Os,
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(path) = &self.path {
+        if let Some(path) = &self.0.path {
             write!(f, "{}: ", path.display())?;
         }
-        write!(f, "{}", self.kind)?;
-        match (&self.syscall, self.errno) {
+        write!(f, "{}", self.0.kind)?;
+        match (&self.0.syscall, self.0.errno) {
             (Some(call), Some(errno)) => write!(f, " [{call} = {}]", errno_name(errno)),
             (Some(call), None) => write!(f, " [{call}]"),
             (None, Some(errno)) => write!(f, " [{}]", errno_name(errno)),
@@ -238,7 +246,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
+        match &self.0.kind {
             ErrorKind::InvalidMap(e) => Some(e),
             _ => None,
         }
@@ -282,7 +290,6 @@ pub(crate) fn errno_name(errno: Errno) -> String {
         Errno::OVERFLOW => "EOVERFLOW",
         Errno::OPNOTSUPP => "EOPNOTSUPP",
         Errno::SRCH => "ESRCH",
-        Errno::NOTSUP => "ENOTSUP",
         _ => return format!("errno {}", errno.raw_os_error()),
     };
     format!("{name} ({})", std::io::Error::from(errno))

@@ -1,0 +1,340 @@
+//! What this kernel can do, and whether a given path can be idmapped — and
+//! if not, why.
+//!
+//! Kernel features are probed once per process by calling each system call
+//! with arguments it must reject, and telling ENOSYS (missing), EPERM
+//! (blocked, e.g. by seccomp) and anything else (present) apart. Per-path
+//! support is probed for real: clone the mount and idmap the never-attached
+//! clone. The verdict of a filesystem instance cannot change, so it is cached
+//! per superblock; a refusal for lack of privilege is never cached.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustix::fs::{AtFlags, StatxFlags, CWD};
+use rustix::io::Errno;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::map::{IdMap, Mapping};
+use crate::mount::DetachedMount;
+use crate::sys;
+use crate::userns::UserNamespace;
+
+/// Whether a kernel feature can be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// The call exists and is allowed.
+    Available,
+    /// The kernel lacks it (ENOSYS), or it was disabled for testing with
+    /// `IDMAPPED_FORCE_FALLBACK`.
+    Missing,
+    /// The call exists but a security policy refused it (EPERM/EACCES from seccomp).
+    Blocked(Errno),
+}
+
+/// Kernel features this crate uses, probed once per process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// `mount_setattr(2)`, Linux 5.12: idmapping at all.
+    pub mount_setattr: Availability,
+    /// `open_tree_attr(2)`, Linux 6.15: clone and idmap in one call; replace or clear an idmap.
+    pub open_tree_attr: Availability,
+    /// `statmount(2)` with `STATMOUNT_MNT_UIDMAP`, Linux 6.15: read a mount's idmap back.
+    pub statmount_idmap: Availability,
+}
+
+/// The features of the running kernel (probed on first use, then cached).
+///
+/// Setting `IDMAPPED_FORCE_FALLBACK` to a comma-separated list of
+/// `open_tree_attr`, `statmount` makes those report [`Availability::Missing`],
+/// so the fallback paths can be tested on a new kernel.
+pub fn features() -> &'static Features {
+    static FEATURES: OnceLock<Features> = OnceLock::new();
+    FEATURES.get_or_init(|| {
+        let forced = std::env::var("IDMAPPED_FORCE_FALLBACK").unwrap_or_default();
+        let forced = |name: &str| forced.split(',').any(|f| f.trim() == name);
+        // rustix's ABS is fd -EBADF: every *at() call rejects it with EBADF
+        // before looking at anything else, so "EBADF" means "the call exists".
+        let bad_fd = || rustix::fs::ABS;
+        let mount_setattr = availability(sys::mount_setattr(
+            bad_fd(),
+            c"",
+            libc::AT_EMPTY_PATH as u32,
+            &sys::RawMountAttr {
+                attr_set: 0,
+                attr_clr: 0,
+                propagation: 0,
+                userns_fd: 0,
+            },
+        ));
+        let open_tree_attr = if forced("open_tree_attr") {
+            Availability::Missing
+        } else {
+            availability(sys::open_tree_attr(bad_fd(), c"x", 0, None).map(drop))
+        };
+        let statmount_idmap = if forced("statmount") {
+            Availability::Missing
+        } else {
+            probe_statmount_idmap()
+        };
+        Features {
+            mount_setattr,
+            open_tree_attr,
+            statmount_idmap,
+        }
+    })
+}
+
+fn availability(r: std::result::Result<(), Errno>) -> Availability {
+    match r {
+        Err(Errno::NOSYS) => Availability::Missing,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        _ => Availability::Available,
+    }
+}
+
+/// statmount exists (6.8) and knows `STATMOUNT_MNT_UIDMAP` (6.15).
+fn probe_statmount_idmap() -> Availability {
+    let Ok(st) = rustix::fs::statx(
+        CWD,
+        "/",
+        AtFlags::empty(),
+        StatxFlags::from_bits_retain(0x4000),
+    ) else {
+        return Availability::Missing;
+    };
+    if st.stx_mask & 0x4000 == 0 {
+        return Availability::Missing;
+    }
+    // A kernel that knows STATMOUNT_SUPPORTED_MASK says which fields it can fill.
+    match sys::statmount(st.stx_mnt_id, sys::STATMOUNT_SUPPORTED_MASK) {
+        Ok(sm)
+            if sm.mask & sys::STATMOUNT_SUPPORTED_MASK != 0
+                && sm.supported_mask & sys::STATMOUNT_MNT_UIDMAP != 0 =>
+        {
+            Availability::Available
+        }
+        Ok(_) => Availability::Missing,
+        Err(e) => availability(Err(e)).max_missing(),
+    }
+}
+
+impl Availability {
+    /// Any error other than a policy refusal means "not usable" here.
+    fn max_missing(self) -> Availability {
+        match self {
+            Availability::Blocked(e) => Availability::Blocked(e),
+            _ => Availability::Missing,
+        }
+    }
+}
+
+/// Whether a path can be idmapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    /// A clone of the mount was idmapped successfully.
+    Supported,
+    /// It cannot be; the reason says why.
+    Unsupported(Reason),
+}
+
+/// Why a path cannot be idmapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// The kernel lacks `mount_setattr` (Linux < 5.12).
+    KernelTooOld {
+        /// The missing system call.
+        feature: &'static str,
+        /// First release that has it.
+        since: &'static str,
+    },
+    /// The filesystem does not allow idmapped mounts on this kernel.
+    Filesystem {
+        /// Its type, e.g. `tmpfs`.
+        fs: String,
+    },
+    /// The caller lacks `CAP_SYS_ADMIN`, or a policy blocks the calls.
+    PermissionDenied,
+    /// The mount is idmapped already (cloning it with a new idmap needs `open_tree_attr`).
+    AlreadyIdmapped,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::KernelTooOld { feature, since } => {
+                write!(f, "the kernel lacks {feature} (Linux {since} or later)")
+            }
+            Reason::Filesystem { fs } => {
+                write!(f, "filesystem type {fs} does not support idmapped mounts on this kernel")
+            }
+            Reason::PermissionDenied => {
+                f.write_str("permission denied (CAP_SYS_ADMIN needed, or blocked by a security policy)")
+            }
+            Reason::AlreadyIdmapped => f.write_str(
+                "the mount is idmapped already and this kernel cannot replace an idmap (Linux 6.15)",
+            ),
+        }
+    }
+}
+
+impl From<Reason> for ErrorKind {
+    fn from(r: Reason) -> ErrorKind {
+        match r {
+            Reason::KernelTooOld { feature, since } => ErrorKind::KernelTooOld { feature, since },
+            Reason::Filesystem { fs } => ErrorKind::NotSupported { fs },
+            Reason::PermissionDenied => ErrorKind::PermissionDenied,
+            Reason::AlreadyIdmapped => ErrorKind::AlreadyIdmapped,
+        }
+    }
+}
+
+/// Filesystem instance key: the superblock's device number and its type.
+/// Anonymous device numbers (tmpfs, proc, ...) are recycled after an
+/// unmount; with the type in the key a recycled number can only meet a
+/// filesystem of the same type, whose verdict is the same (`FS_ALLOW_IDMAP`
+/// is a property of the type; FUSE types carry the daemon's name).
+type SuperblockKey = (u32, u32, String);
+
+fn cache() -> &'static Mutex<HashMap<SuperblockKey, Support>> {
+    static CACHE: OnceLock<Mutex<HashMap<SuperblockKey, Support>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The namespace the probes idmap with: made once, kept for the process.
+fn probe_userns() -> Result<Arc<UserNamespace>> {
+    static NS: Mutex<Option<Arc<UserNamespace>>> = Mutex::new(None);
+    let mut slot = NS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ns) = slot.as_ref() {
+        return Ok(Arc::clone(ns));
+    }
+    let map = IdMap::identity(0, 65536)?;
+    let ns = Arc::new(UserNamespace::from_mapping(&Mapping::new(
+        map.clone(),
+        map,
+    ))?);
+    *slot = Some(Arc::clone(&ns));
+    Ok(ns)
+}
+
+/// Can the mount at `path` be idmapped? A real probe: clone the mount (not
+/// its submounts) and idmap the clone, which is never attached and is
+/// dropped at once. Needs `CAP_SYS_ADMIN`; without it the answer is
+/// `Unsupported(PermissionDenied)`.
+///
+/// Errors only when `path` itself cannot be looked up.
+pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
+    let path = path.as_ref();
+    let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
+        .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
+    let key = (st.stx_dev_major, st.stx_dev_minor, fs_type(path));
+    if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(s.clone());
+    }
+    if features().mount_setattr == Availability::Missing {
+        return Ok(Support::Unsupported(Reason::KernelTooOld {
+            feature: "mount_setattr",
+            since: "5.12",
+        }));
+    }
+    let ns = match probe_userns() {
+        Ok(ns) => ns,
+        Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied) => {
+            return Ok(Support::Unsupported(Reason::PermissionDenied))
+        }
+        Err(e) => return Err(e),
+    };
+    let clone = match DetachedMount::clone_tree(path, false) {
+        Ok(m) => m,
+        Err(e) if e.errno() == Some(Errno::PERM) => {
+            return Ok(Support::Unsupported(Reason::PermissionDenied))
+        }
+        Err(e) => return Err(e),
+    };
+    let raw = sys::RawMountAttr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: rustix::fd::AsRawFd::as_raw_fd(&rustix::fd::AsFd::as_fd(&*ns)) as u64,
+    };
+    let verdict = match sys::mount_setattr(
+        rustix::fd::AsFd::as_fd(&clone),
+        c"",
+        libc::AT_EMPTY_PATH as u32,
+        &raw,
+    ) {
+        Ok(()) => Support::Supported,
+        Err(Errno::NOSYS) => Support::Unsupported(Reason::KernelTooOld {
+            feature: "mount_setattr",
+            since: "5.12",
+        }),
+        Err(Errno::INVAL) => Support::Unsupported(Reason::Filesystem { fs: key.2.clone() }),
+        Err(Errno::PERM) => {
+            if crate::mount::read_idmap(path)
+                .map(|r| r.is_idmapped())
+                .unwrap_or(false)
+            {
+                Support::Unsupported(Reason::AlreadyIdmapped)
+            } else {
+                return Ok(Support::Unsupported(Reason::PermissionDenied));
+            }
+        }
+        Err(e) => {
+            return Err(Error::sys(
+                "mount_setattr",
+                format!("clone of {path:?}, \"\", AT_EMPTY_PATH, {{attr_set: IDMAP}}"),
+                e,
+            )
+            .with_path(path))
+        }
+    };
+    cache()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, verdict.clone());
+    Ok(verdict)
+}
+
+/// The filesystem type of the mount `path` is on, as mountinfo names it
+/// (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be found.
+pub fn fs_type(path: impl AsRef<Path>) -> String {
+    crate::mountinfo::entry_of(path.as_ref())
+        .map(|e| e.fs_type)
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The first mount of the tree at `path` that cannot be idmapped, with the
+/// reason: `path`'s own mount, then (with `recursive`) every submount below
+/// `path`, parents first — what a recursive idmap would trip over, since the
+/// kernel idmaps a tree all or nothing. `None` when every mount can be.
+pub fn first_unsupported(
+    path: impl AsRef<Path>,
+    recursive: bool,
+) -> Result<Option<(PathBuf, Reason)>> {
+    let path = path.as_ref();
+    if let Support::Unsupported(reason) = idmap_support(path)? {
+        return Ok(Some((path.to_path_buf(), reason)));
+    }
+    if recursive {
+        for m in crate::mountinfo::tree_of(path).into_iter().skip(1) {
+            if let Support::Unsupported(reason) = idmap_support(&m.mount_point)? {
+                return Ok(Some((m.mount_point, reason)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the idmap attribute can be set on `path`'s mount, as an
+/// [`Error`] for callers that want `?`: `Ok(())` when supported.
+pub fn require_idmap_support(path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    match idmap_support(path)? {
+        Support::Supported => Ok(()),
+        Support::Unsupported(reason) => Err(Error::new(reason.into()).with_path(path)),
+    }
+}

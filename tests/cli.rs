@@ -1,0 +1,583 @@
+//! The `mount-idmapped` example, run as a program: exit status, messages,
+//! `--json`, and what it mounts (or leaves unmounted).
+//!
+//! The binary is the one cargo builds next to this test:
+//! `target/<profile>/examples/mount-idmapped`. A plain `cargo test` builds
+//! every example; `cargo test --test cli` alone does **not** (and may run a
+//! stale one), so run `cargo build --example mount-idmapped` first then.
+//!
+//! Privileged tests run in their own mount namespace ([`privileged!`]); the
+//! program is spawned from the test's thread and inherits that namespace, so
+//! its mounts are visible here and vanish with the test.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::{as_fsid, cli, cli_in, mounts_below, owner, touch_owned, TestFs};
+use serial_test::serial;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// DESIGN §2's mapping.
+const EXAMPLE: &str = "--map-mount=b:0:10000:10000";
+
+/// `src/` owned by on-disk 1000, with `a` owned by 1000 and `b` by 15000.
+fn example_source(fs: &TestFs) -> PathBuf {
+    let src = fs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    std::os::unix::fs::chown(&src, Some(1000), Some(1000)).unwrap();
+    touch_owned(&src.join("a"), 1000, 1000);
+    touch_owned(&src.join("b"), 15000, 15000);
+    src
+}
+
+/// DESIGN §2's example through the CLI: on-disk 1000 is seen as 11000,
+/// 15000 as 65534, and a write by fsuid 11000 is stored as 1000.
+fn design_example(relative: bool) {
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    if relative {
+        // TestFs keeps its mount point and scratch dirs side by side.
+        let base = fs.root.parent().unwrap();
+        cli_in(Some(base), &[EXAMPLE, "mnt/src", "target"]).expect(0);
+    } else {
+        cli(&[EXAMPLE, s(&src), s(&target)]).expect(0);
+    }
+    assert_eq!(owner(&target.join("a")), (11000, 11000));
+    assert_eq!(owner(&target.join("b")), (65534, 65534));
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    let t = target.clone();
+    as_fsid(11000, 11000, move || {
+        std::fs::write(t.join("new"), b"y").unwrap()
+    });
+    assert_eq!(owner(&src.join("new")), (1000, 1000));
+    assert_eq!(owner(&target.join("new")), (11000, 11000));
+}
+
+#[test]
+fn design_example_with_absolute_paths() {
+    privileged!();
+    design_example(false);
+}
+
+#[test]
+fn design_example_with_relative_paths() {
+    privileged!();
+    design_example(true);
+}
+
+#[test]
+fn map_mount_is_repeatable_in_both_spellings() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = fs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    touch_owned(&src.join("low"), 1000, 1000);
+    touch_owned(&src.join("high"), 6000, 6000);
+    let target = fs.scratch("target");
+    let args = [
+        "--map-mount",
+        "b:0:10000:5000",
+        "--map-mount=b:5000:20000:5000",
+        s(&src),
+        s(&target),
+    ];
+    cli(&args).expect(0);
+    assert_eq!(owner(&target.join("low")), (11000, 11000));
+    assert_eq!(owner(&target.join("high")), (21000, 21000));
+}
+
+#[test]
+fn uid_and_gid_maps_are_separate() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    let args = [
+        "--map-mount=u:0:20000:5000",
+        "--map-mount",
+        "g:0:30000:5000",
+        s(&src),
+        s(&target),
+    ];
+    cli(&args).expect(0);
+    assert_eq!(owner(&target.join("a")), (21000, 31000));
+}
+
+/// A process in a user namespace of its own, killed and reaped on drop.
+struct UsernsHolder(Child);
+
+impl UsernsHolder {
+    /// `unshare --user sleep 30`, with `uid_map`/`gid_map` both set to
+    /// `map` by us. (util-linux 2.38's `--map-users` would need
+    /// newuidmap; writing the maps as root needs nothing.)
+    ///
+    /// A line `A B N` is written from the parent namespace, so `A` is the id
+    /// inside the namespace and `B` the id outside. Idmapping a mount with
+    /// the namespace makes on-disk `A + n` appear as `B + n`: the inside
+    /// column is the on-disk one, as the assertions below show.
+    fn spawn(map: &str) -> UsernsHolder {
+        let child = Command::new("unshare")
+            .args(["--user", "sleep", "30"])
+            .spawn()
+            .expect("spawn unshare --user");
+        let holder = UsernsHolder(child);
+        let ns = holder.ns_path();
+        let mine = std::fs::metadata("/proc/self/ns/user").unwrap().ino();
+        let moved = (0..400).any(|_| {
+            let moved = std::fs::metadata(&ns).is_ok_and(|m| m.ino() != mine);
+            if !moved {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            moved
+        });
+        assert!(moved, "unshare did not enter a new user namespace");
+        let proc_dir = ns.parent().and_then(Path::parent).unwrap().to_path_buf();
+        std::fs::write(proc_dir.join("uid_map"), map).unwrap();
+        std::fs::write(proc_dir.join("gid_map"), map).unwrap();
+        holder
+    }
+
+    fn ns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/user", self.0.id()))
+    }
+}
+
+impl Drop for UsernsHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn map_mount_accepts_a_user_namespace_path() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    let holder = UsernsHolder::spawn("0 50000 2000\n");
+    let ns = holder.ns_path();
+    let run = cli(&[
+        format!("--map-mount={}", s(&ns)).as_str(),
+        "--json",
+        s(&src),
+        s(&target),
+    ])
+    .expect(0);
+    drop(holder);
+    // Inside (first) column = on disk: on-disk 1000 is seen as 51000.
+    assert_eq!(owner(&target.join("a")), (51000, 51000));
+    assert_eq!(owner(&target.join("b")), (65534, 65534));
+    let json = one_json_object(&run.stdout);
+    assert!(
+        json.contains(&format!("\"userns\":\"{}\"", s(&ns))),
+        "{json}"
+    );
+    assert!(
+        json.contains(r#""uid":[{"on_disk":0,"seen":50000,"count":2000}]"#),
+        "{json}"
+    );
+}
+
+#[test]
+fn check_says_whether_and_why() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let run = cli(&["--check", s(&fs.root)]).expect(0);
+    assert!(run.stdout.contains("can be idmapped"), "{run:#?}");
+    let json = one_json_object(&cli(&["--check", "--json", s(&fs.root)]).expect(0).stdout);
+    for key in [r#""supported":true"#, r#""reason":null"#, r#""fs":"ext4""#] {
+        assert!(json.contains(key), "{key} missing: {json}");
+    }
+    for kind in ["proc", "ramfs"] {
+        let vfs = TestFs::virtual_fs(kind);
+        let run = cli(&["--check", s(&vfs.root)]).expect(1);
+        assert!(run.stdout.contains("cannot be idmapped"), "{run:#?}");
+        assert!(
+            run.stdout.contains(&format!("filesystem type {kind}")),
+            "{run:#?}"
+        );
+        let json = one_json_object(&cli(&["--check", "--json", s(&vfs.root)]).expect(1).stdout);
+        let fs_key = format!(r#""fs":"{kind}""#);
+        for key in [r#""supported":false"#, fs_key.as_str()] {
+            assert!(json.contains(key), "{key} missing: {json}");
+        }
+        assert!(
+            mounts_below(&vfs.root).len() == 1,
+            "--check mounted something"
+        );
+    }
+}
+
+#[test]
+fn check_recursive_names_the_blocking_submount() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let blocker = fs.path("proc");
+    std::fs::create_dir(&blocker).unwrap();
+    common::run("mount", &["-t", "proc", "proc", s(&blocker)]);
+    cli(&["--check", s(&fs.root)]).expect(0);
+    let run = cli(&["--check", "--recursive", s(&fs.root)]).expect(1);
+    assert!(run.stdout.contains(s(&blocker)), "{run:#?}");
+    assert!(run.stdout.contains("filesystem type proc"), "{run:#?}");
+}
+
+/// Each case: arguments, and what the one line on stderr must contain.
+const USAGE_ERRORS: &[(&[&str], &[&str])] = &[
+    (&["--bogus", "a", "b"], &["unknown option --bogus"]),
+    (&["-x"], &["unknown option -x"]),
+    (&["--map-mount=b:0:x:1", "a", "b"], &["`b:0:x:1`", "TO `x`"]),
+    (
+        &["--map-mount=b:0:1:1", "--map-mount", "q:0:1:1", "a", "b"],
+        &["value 2", "`q:0:1:1`"],
+    ),
+    (&["--map-mount=b:0:1", "a", "b"], &["`b:0:1`"]),
+    (
+        &["--map-mount=b:0:1:1\nb:2:3:4", "a", "b"],
+        &["`b:0:1:1\\nb:2:3:4`"],
+    ),
+    (&[EXAMPLE, "a"], &["missing TARGET"]),
+    (&[EXAMPLE], &["missing SOURCE and TARGET"]),
+    (&[EXAMPLE, "a", "b", "c"], &["unexpected operand `c`"]),
+    (
+        &["--map-mount=/proc/1/ns/user", EXAMPLE, "a", "b"],
+        &["/proc/1/ns/user", "cannot be mixed"],
+    ),
+    (
+        &[EXAMPLE, "--propagation=sideways", "a", "b"],
+        &["`sideways`", "private, shared, slave or unbindable"],
+    ),
+    (
+        &[EXAMPLE, "--propagation"],
+        &["--propagation needs a value"],
+    ),
+    (&["a", "b"], &["no --map-mount"]),
+    (&[EXAMPLE, "--recursive=yes", "a", "b"], &["takes no value"]),
+    (&[EXAMPLE, "--strategy=rsync", "a", "b"], &["`rsync`"]),
+    (
+        &[EXAMPLE, "--strategy=chown", "a", "b"],
+        &["strategy chown is not available in this build yet"],
+    ),
+    (
+        &[EXAMPLE, "--strategy", "auto", "a", "b"],
+        &["strategy auto is not available in this build yet"],
+    ),
+    (&["--check"], &["missing SOURCE"]),
+    (&["--check", "a", "b"], &["unexpected operand `b`"]),
+    (&["--check", EXAMPLE, "a"], &["--check cannot be combined"]),
+    (&["--demo", "--json"], &["--demo cannot be combined"]),
+];
+
+/// Needs no privilege: every case is refused before any system call.
+#[test]
+fn usage_errors_exit_2_and_name_the_value() {
+    for (args, parts) in USAGE_ERRORS {
+        let run = cli(args).expect(2);
+        run.stderr_line_names(parts);
+        assert!(run.stdout.is_empty(), "{args:?}: {run:#?}");
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let help = cli(&["--help"]).expect(0).stdout;
+    for option in [
+        "--map-mount=<b|u|g>:FROM:TO:RANGE",
+        "--map-mount=PATH",
+        "--recursive",
+        "--read-only",
+        "--nosuid",
+        "--nodev",
+        "--noexec",
+        "--nosymfollow",
+        "--propagation=private|shared|slave|unbindable",
+        "--strategy=idmap|chown|auto",
+        "--check",
+        "--json",
+        "--demo",
+        "-h, --help",
+        "--version",
+    ] {
+        assert!(help.contains(option), "--help lacks {option}:\n{help}");
+    }
+    assert_eq!(cli(&["-h"]).expect(0).stdout, help);
+    let version = cli(&["--version"]).expect(0).stdout;
+    assert_eq!(
+        version,
+        format!("mount-idmapped {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn failures_exit_1_and_leave_nothing_mounted() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let target = fs.scratch("target");
+
+    // A filesystem that cannot be idmapped.
+    let proc_fs = TestFs::virtual_fs("proc");
+    let run = cli(&[EXAMPLE, s(&proc_fs.root), s(&target)]).expect(1);
+    run.stderr_line_names(&["proc", "does not support idmapped mounts"]);
+    assert!(mounts_below(&target).is_empty());
+
+    // Recursive: one proc submount fails the whole tree, and is named.
+    let src = example_source(&fs);
+    let blocker = src.join("proc");
+    std::fs::create_dir(&blocker).unwrap();
+    common::run("mount", &["-t", "proc", "proc", s(&blocker)]);
+    let run = cli(&[EXAMPLE, "--recursive", s(&src), s(&target)]).expect(1);
+    run.stderr_line_names(&[s(&blocker), "filesystem type proc"]);
+    assert!(mounts_below(&target).is_empty());
+
+    // The last step fails: a directory cannot be attached onto a file.
+    let file_target = fs.scratch("t2").join("file");
+    std::fs::write(&file_target, b"").unwrap();
+    let run = cli(&[EXAMPLE, s(&src), s(&file_target)]).expect(1);
+    run.stderr_line_names(&["move_mount"]);
+    assert!(mounts_below(&file_target).is_empty());
+
+    // Not a user namespace.
+    let run = cli(&["--map-mount=/proc/self/ns/mnt", s(&src), s(&target)]).expect(1);
+    run.stderr_line_names(&["not a user namespace"]);
+    assert!(mounts_below(&target).is_empty());
+
+    // The --json report cannot be written (stdout is /dev/full): the mount
+    // made a moment before is taken away again.
+    let out = Command::new(common::cli_binary())
+        .args(["--json", EXAMPLE, s(&src), s(&target)])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write to stdout"));
+    assert!(mounts_below(&target).is_empty());
+
+    // Missing source.
+    let run = cli(&[EXAMPLE, s(&fs.path("nonexistent")), s(&target)]).expect(1);
+    run.stderr_line_names(&["nonexistent", "ENOENT"]);
+    assert!(mounts_below(&target).is_empty());
+}
+
+#[test]
+fn json_says_what_was_done() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    let base = fs.root.parent().unwrap();
+    let run = cli_in(
+        Some(base),
+        &["--json", EXAMPLE, "--nodev", "mnt/src", "target"],
+    )
+    .expect(0);
+    let json = one_json_object(&run.stdout);
+    let kernel_path = match idmapped::probe::features().open_tree_attr {
+        idmapped::probe::Availability::Available => "open_tree_attr",
+        _ => "open_tree+mount_setattr",
+    };
+    let expected = [
+        format!(r#""source":"{}""#, s(&src)),
+        format!(r#""target":"{}""#, s(&target)),
+        r#""strategy":"idmap""#.to_owned(),
+        r#""recursive":false"#.to_owned(),
+        r#""mapping":{"uid":[{"on_disk":0,"seen":10000,"count":10000}],"gid":[{"on_disk":0,"seen":10000,"count":10000}]}"#.to_owned(),
+        r#""userns":null"#.to_owned(),
+        r#""read_only":false"#.to_owned(),
+        r#""nodev":true"#.to_owned(),
+        r#""propagation":null"#.to_owned(),
+        format!(r#""kernel_path":"{kernel_path}""#),
+    ];
+    for key in &expected {
+        assert!(json.contains(key.as_str()), "{key} missing: {json}");
+    }
+}
+
+#[test]
+fn file_onto_file() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("t").join("target");
+    std::fs::write(&target, b"").unwrap();
+    cli(&[EXAMPLE, s(&src.join("a")), s(&target)]).expect(0);
+    assert_eq!(owner(&target), (11000, 11000));
+    assert_eq!(std::fs::read(&target).unwrap(), b"x");
+}
+
+/// The per-mount options and optional fields (`shared:N`, ...) of the mount
+/// at `path`, from mountinfo.
+fn mount_options(path: &Path) -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+    let line = text
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(s(path)))
+        .unwrap_or_else(|| panic!("{} is not a mount point", path.display()));
+    let fields: Vec<&str> = line.split(' ').collect();
+    let options = fields[5].split(',').map(str::to_owned).collect();
+    let optional = fields[6..]
+        .iter()
+        .take_while(|f| **f != "-")
+        .map(|f| f.to_string())
+        .collect();
+    (options, optional)
+}
+
+#[test]
+fn mount_attributes_take_effect() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    std::os::unix::fs::symlink("a", src.join("link")).unwrap();
+    let target = fs.scratch("target");
+    let args = [
+        EXAMPLE,
+        "--read-only",
+        "--nosuid",
+        "--nodev",
+        "--noexec",
+        "--nosymfollow",
+        "--propagation=shared",
+        s(&src),
+        s(&target),
+    ];
+    cli(&args).expect(0);
+    let err = std::fs::write(target.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = std::fs::read(target.join("link")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+    let (options, optional) = mount_options(&target);
+    for option in ["ro", "nosuid", "nodev", "noexec", "nosymfollow", "idmapped"] {
+        assert!(options.iter().any(|o| o == option), "{option}: {options:?}");
+    }
+    assert!(
+        optional.iter().any(|f| f.starts_with("shared:")),
+        "{optional:?}"
+    );
+}
+
+#[test]
+#[serial]
+fn demo_prints_on_disk_and_seen_owners_and_cleans_up() {
+    privileged!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(common::cli_binary())
+        .arg("--demo")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ON DISK"), "{stdout}");
+    assert!(stdout.contains("SEEN"), "{stdout}");
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {stdout}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("user-dir/file"), ["1000:1000", "11000:11000"]);
+    assert_eq!(row("outside-file"), ["15000:15000", "65534:65534"]);
+    assert_eq!(row("root-file"), ["0:0", "10000:10000"]);
+    // Nothing left behind: no temporary directory, no loop device on its image.
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let loops = common::run(
+        "losetup",
+        &["--list", "--noheadings", "--output", "BACK-FILE"],
+    );
+    assert!(
+        !loops.contains(s(tmp.path())),
+        "loop device left behind: {loops}"
+    );
+}
+
+/// Checks that `text` is exactly one JSON object on one line (a small
+/// validating parser: the crate has no JSON dependency) and returns it.
+fn one_json_object(text: &str) -> String {
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    assert!(!line.contains('\n'), "more than one line: {text}");
+    let rest = json::value(line.as_bytes()).unwrap_or_else(|| panic!("not JSON: {text}"));
+    assert!(rest.is_empty(), "trailing text after the object: {text}");
+    assert!(line.starts_with('{'), "not an object: {text}");
+    line.to_owned()
+}
+
+mod json {
+    //! Returns the input left after one JSON value, or `None` if invalid.
+
+    fn ws(s: &[u8]) -> &[u8] {
+        let n = s.iter().take_while(|b| b" \t\r\n".contains(b)).count();
+        &s[n..]
+    }
+
+    pub fn value(s: &[u8]) -> Option<&[u8]> {
+        let s = ws(s);
+        let rest = match s.first()? {
+            b'{' => seq(&s[1..], b'}', |s| {
+                let s = string(ws(s))?;
+                let s = ws(s).strip_prefix(b":")?;
+                value(s)
+            })?,
+            b'[' => seq(&s[1..], b']', value)?,
+            b'"' => string(s)?,
+            b't' => s.strip_prefix(b"true")?,
+            b'f' => s.strip_prefix(b"false")?,
+            b'n' => s.strip_prefix(b"null")?,
+            _ => number(s)?,
+        };
+        Some(ws(rest))
+    }
+
+    /// Comma-separated `item`s up to `close`.
+    fn seq(s: &[u8], close: u8, item: impl Fn(&[u8]) -> Option<&[u8]>) -> Option<&[u8]> {
+        let s = ws(s);
+        if let Some(rest) = s.strip_prefix(&[close]) {
+            return Some(rest);
+        }
+        let mut s = s;
+        loop {
+            s = ws(item(s)?);
+            match s.first()? {
+                b',' => s = &s[1..],
+                c if *c == close => return Some(&s[1..]),
+                _ => return None,
+            }
+        }
+    }
+
+    fn string(s: &[u8]) -> Option<&[u8]> {
+        let mut s = s.strip_prefix(b"\"")?;
+        loop {
+            match s.first()? {
+                b'"' => return Some(&s[1..]),
+                b'\\' => s = s.get(2..)?,
+                c if *c < 0x20 => return None,
+                _ => s = &s[1..],
+            }
+        }
+    }
+
+    fn number(s: &[u8]) -> Option<&[u8]> {
+        let s = s.strip_prefix(b"-").unwrap_or(s);
+        let n = s
+            .iter()
+            .take_while(|b| b.is_ascii_digit() || b".eE+-".contains(b))
+            .count();
+        (n > 0).then(|| &s[n..])
+    }
+}

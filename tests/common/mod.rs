@@ -1,0 +1,319 @@
+//! Shared harness for the privileged tests.
+//!
+//! Every privileged test calls [`privileged!`] first: it skips (printing why)
+//! when not root, and *fails* instead when `CI` is set, so a CI run can never
+//! pass by skipping. It then moves the test's thread into a private mount
+//! namespace (`unshare(CLONE_NEWNS)` + `/` recursively private), so nothing the
+//! test mounts reaches the host, and everything is gone when the thread ends.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rustix::mount::{MountPropagationFlags, UnmountFlags};
+use rustix::thread::UnshareFlags;
+use tempfile::TempDir;
+
+/// Why this process cannot run privileged tests, if it cannot.
+pub fn privilege_problem() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("needs root (CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID)".into());
+    }
+    None
+}
+
+/// Skip the test with a reason, or fail when running on CI.
+#[macro_export]
+macro_rules! privileged {
+    () => {
+        if let Some(why) = $crate::common::privilege_problem() {
+            if std::env::var_os("CI").is_some() {
+                panic!("privileged test cannot run on CI: {why}");
+            }
+            eprintln!("SKIPPED {}: {why}", module_path!());
+            return;
+        }
+        $crate::common::private_mount_namespace();
+    };
+}
+
+/// Give the calling thread its own mount namespace with `/` recursively
+/// private, so mounts made by this test propagate nowhere.
+pub fn private_mount_namespace() {
+    // SAFETY: CLONE_NEWNS only detaches this thread's fs context (cwd, root,
+    // mount namespace) from the other threads; it shares no memory state
+    // that Rust relies on.
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.expect("unshare(CLONE_NEWNS)");
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .expect("make / rprivate");
+}
+
+/// Run a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A filesystem mounted for one test, unmounted (and its loop device
+/// released, for images) on drop.
+pub struct TestFs {
+    /// Where it is mounted.
+    pub root: PathBuf,
+    /// Holds the mount point and the image; removed last.
+    dir: TempDir,
+}
+
+impl TestFs {
+    /// A fresh ext4 loop image (mounted with `-o loop`: util-linux sets
+    /// autoclear, so the loop device goes with the mount).
+    pub fn ext4() -> TestFs {
+        Self::image("ext4", &["-q", "-F"], 64)
+    }
+
+    /// A loop image of `fs` made with `mkfs.<fs> <mkfs_args>`.
+    pub fn image(fs: &str, mkfs_args: &[&str], size_mib: u64) -> TestFs {
+        Self::image_with_options(fs, mkfs_args, size_mib, "")
+    }
+
+    /// [`image`](Self::image), mounted with extra options (e.g. `uid=1000` for vfat).
+    pub fn image_with_options(
+        fs: &str,
+        mkfs_args: &[&str],
+        size_mib: u64,
+        mount_options: &str,
+    ) -> TestFs {
+        let dir = tempfile::Builder::new()
+            .prefix("idmapped-test-")
+            .tempdir()
+            .unwrap();
+        let img = dir.path().join("fs.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        let mut args: Vec<&str> = mkfs_args.to_vec();
+        let img_s = img.to_str().unwrap();
+        args.push(img_s);
+        run(&format!("mkfs.{fs}"), &args);
+        let root = dir.path().join("mnt");
+        std::fs::create_dir(&root).unwrap();
+        let options = if mount_options.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{mount_options}")
+        };
+        run(
+            "mount",
+            &["-t", fs, "-o", &options, img_s, root.to_str().unwrap()],
+        );
+        TestFs { root, dir }
+    }
+
+    /// A fresh tmpfs.
+    pub fn tmpfs() -> TestFs {
+        Self::virtual_fs("tmpfs")
+    }
+
+    /// A fresh mount of a filesystem without a device (`tmpfs`, `ramfs`, `proc`, ...).
+    pub fn virtual_fs(fs: &str) -> TestFs {
+        let dir = tempfile::Builder::new()
+            .prefix("idmapped-test-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().join("mnt");
+        std::fs::create_dir(&root).unwrap();
+        run("mount", &["-t", fs, fs, root.to_str().unwrap()]);
+        TestFs { root, dir }
+    }
+
+    /// A path below the root.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// A scratch directory next to (not on) the filesystem.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for TestFs {
+    fn drop(&mut self) {
+        // Everything mounted below the root first (a test may leave attached
+        // clones there), then the filesystem itself.
+        for m in mounts_below(self.dir.path()).into_iter().rev() {
+            let _ = rustix::mount::unmount(&m, UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// Mount points at or below `dir`, in mountinfo order (parents first).
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Create a file owned by `uid:gid`.
+pub fn touch_owned(path: &Path, uid: u32, gid: u32) {
+    std::fs::write(path, b"x").unwrap();
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+/// `(uid, gid)` of `path`, not following a final symlink.
+pub fn owner(path: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.gid())
+}
+
+/// Number of open fds of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Number of lines in this thread's mountinfo.
+pub fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/thread-self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// Number of children of this process (any state, zombies included).
+pub fn child_count() -> usize {
+    let me = std::process::id().to_string();
+    let mut n = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = task.path().join("children");
+        if let Ok(s) = std::fs::read_to_string(children) {
+            n += s.split_whitespace().count();
+        }
+    }
+    let _ = me;
+    n
+}
+
+// ---------------------------------------------------------------------------
+// The mount-idmapped program
+
+/// The `mount-idmapped` example binary: `$MOUNT_IDMAPPED_BIN` (set in the
+/// test VMs), else the one `cargo test` builds next to this test's directory.
+pub fn cli_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MOUNT_IDMAPPED_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/cli-HASH -> target/<profile>/examples/mount-idmapped
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join("mount-idmapped");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified());
+    let stale = match built {
+        Ok(built) => newest_source(profile_dir).is_some_and(|source| source > built),
+        Err(_) => true,
+    };
+    assert!(
+        !stale,
+        "{} is missing or older than its sources: `cargo test` builds the examples, \
+         but `cargo test --test cli` alone does not; run `cargo build --example \
+         mount-idmapped` first",
+        bin.display()
+    );
+    bin
+}
+
+/// When the example's inputs last changed: its source, or the library it
+/// links (cargo rebuilds `libidmapped-*.rlib` in `deps/` whenever any module
+/// the crate compiles changes).
+fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rlibs = std::fs::read_dir(profile_dir.join("deps"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            name.starts_with("libidmapped-") && name.ends_with(".rlib")
+        });
+    std::iter::once(root.join("examples/mount-idmapped.rs"))
+        .chain(rlibs)
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
+}
+
+/// How a run of the program ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts exit status `code` and returns `self` for more checks.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code, Some(code), "unexpected exit status: {self:#?}");
+        self
+    }
+
+    /// Asserts stderr is exactly one line containing every one of `parts`.
+    pub fn stderr_line_names(&self, parts: &[&str]) {
+        assert_eq!(self.stderr.lines().count(), 1, "{self:#?}");
+        for part in parts {
+            assert!(
+                self.stderr.contains(part),
+                "stderr lacks {part:?}: {self:#?}"
+            );
+        }
+    }
+}
+
+pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    cli_in(None, args)
+}
+
+pub fn cli_in<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S]) -> Run {
+    let mut cmd = Command::new(cli_binary());
+    cmd.args(args);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd.output().expect("run mount-idmapped");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run `f` on a thread whose fsuid/fsgid are `uid`/`gid` (setfsuid affects
+/// only the calling thread, which stays in the test's mount namespace).
+pub fn as_fsid<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        rustix::thread::set_thread_gid(rustix::fs::Gid::from_raw(gid)).unwrap();
+        rustix::thread::set_thread_uid(rustix::fs::Uid::from_raw(uid)).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
