@@ -1092,7 +1092,7 @@ fn crash_safety_sigkill_at_random_points() {
     let b = fs.dir.join("b");
     for d in [&a, &b] {
         fs::create_dir(d).unwrap();
-        random_tree(d, 42, 45_000, 2);
+        random_tree(d, 42, 40_500, 2);
     }
     let t = Instant::now();
     let ra = shift(&a, &map(MAP), &opts(0));

@@ -886,9 +886,11 @@ impl<'c, 'a> Worker<'c, 'a> {
             };
             match h.set(STASH, &s.encode()) {
                 Ok(()) => stashed = true,
-                // No xattrs on this filesystem means no capabilities either;
-                // only a setuid/setgid bit is at stake, restored right below.
-                Err(Errno::NOTSUP) if base_cap.is_none() => {}
+                // No xattrs on this filesystem (hence no capabilities), or
+                // no CAP_SYS_ADMIN for trusted.*: only a setuid/setgid bit
+                // is at stake, restored right below, so go on without the
+                // stash (a kill in those few instructions would lose it).
+                Err(Errno::NOTSUP | Errno::PERM) if base_cap.is_none() => {}
                 Err(e) => return Err(xerr("setxattr", STASH, e)),
             }
         }
@@ -987,6 +989,10 @@ impl<'c, 'a> Worker<'c, 'a> {
         let mut lowest_open = 0usize;
         let mut open = 1usize;
         let mut tries = 0usize;
+        // Subdirectories still to do in all frames: a child is handed to an
+        // idle worker only while this one has other work left, so a chain of
+        // single subdirectories does not bounce between threads.
+        let mut pending = stack[0].subdirs.len();
         loop {
             if self.ctx.aborted() {
                 return Ok(());
@@ -995,7 +1001,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             if top.next >= top.subdirs.len() {
                 let Some(done) = stack.pop() else { break };
                 if done.fd.is_some() {
-                    open -= 1;
+                    open = open.saturating_sub(1);
                 }
                 let Some(parent) = stack.last_mut() else {
                     break;
@@ -1022,6 +1028,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 Child::Dir(fd, m) => (fd, m),
                 Child::Gone => {
                     top.next += 1;
+                    pending = pending.saturating_sub(1);
                     tries = 0;
                     continue;
                 }
@@ -1045,6 +1052,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                         Some(sd) => top.subdirs[idx] = sd,
                         None => {
                             top.next += 1;
+                            pending = pending.saturating_sub(1);
                             tries = 0;
                         }
                     }
@@ -1052,6 +1060,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 }
             };
             top.next += 1;
+            pending = pending.saturating_sub(1);
             tries = 0;
             // The name is not needed again; free it (wide trees).
             let name = std::mem::take(&mut top.subdirs[idx].name);
@@ -1063,7 +1072,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             path.push(OsStr::from_bytes(name.to_bytes()));
             self.shift_inode(Handle::Dir(cfd.as_fd()), &cmeta, &path)?;
             let mut cfd = cfd;
-            if self.ctx.waiting.load(Ordering::Relaxed) > 0 {
+            if pending > 0 && self.ctx.waiting.load(Ordering::Relaxed) > 0 {
                 let work = Work {
                     fd: cfd,
                     meta: cmeta,
@@ -1078,6 +1087,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 }
             }
             let subdirs = self.scan(cfd.as_fd(), &cmeta, &path)?;
+            pending += subdirs.len();
             stack.push(Frame {
                 fd: Some(cfd),
                 meta: cmeta,
@@ -1088,7 +1098,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             if open > self.ctx.window && lowest_open + 1 < stack.len() {
                 stack[lowest_open].fd = None;
                 lowest_open += 1;
-                open -= 1;
+                open = open.saturating_sub(1);
             }
         }
         Ok(())
