@@ -36,8 +36,6 @@
 //! `CAP_CHOWN`, `CAP_FOWNER`, `CAP_FSETID`, `CAP_SETFCAP`, and
 //! `CAP_SYS_ADMIN` for the `trusted.*` stash.
 #![forbid(unsafe_code)]
-// `Error` (168 bytes) is the crate's shared type; boxing it is its owner's call.
-#![allow(clippy::result_large_err)]
 
 use std::fmt;
 use std::path::Path;

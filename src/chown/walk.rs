@@ -1184,10 +1184,7 @@ fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
     // xattr listing, which has no `*at` form in rustix, can name an entry
     // relative to the directory being walked instead of through /proc.
     // Never on the caller's thread, whose working directory is not ours.
-    // CLONE_FS alone has none of the hazards `unshare_unsafe` warns of
-    // (those concern CLONE_FILES).
-    #[allow(deprecated)]
-    if spawned && rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
+    if spawned && crate::sys::unshare_fs().is_ok() {
         w.own_cwd = true;
     }
     lock(&ctx.queue).workers += 1;
