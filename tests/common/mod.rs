@@ -84,6 +84,11 @@ impl TestFs {
         Self::image("ext4", &["-q", "-F"], 64)
     }
 
+    /// An ext4 loop image of `size_mib` MiB with at least `inodes` inodes.
+    pub fn ext4_sized(size_mib: u64, inodes: u64) -> TestFs {
+        Self::image("ext4", &["-q", "-F", "-N", &inodes.to_string()], size_mib)
+    }
+
     /// A loop image of `fs` made with `mkfs.<fs> <mkfs_args>`.
     pub fn image(fs: &str, mkfs_args: &[&str], size_mib: u64) -> TestFs {
         Self::image_with_options(fs, mkfs_args, size_mib, "")
