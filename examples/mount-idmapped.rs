@@ -12,12 +12,17 @@
 
 use std::ffi::OsString;
 use std::fmt::Display;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use idmapped::chown::{OutOfRange, Progress, ProgressFn, ShiftOptions, ShiftReport};
 use idmapped::probe;
+use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
 use idmapped::{
     CloneMethod, DetachedMount, IdMap, Mapping, MountAttr, MountFlags, Propagation, UserNamespace,
 };
@@ -48,8 +53,12 @@ Options:
                     propagation type of the new mount
   --strategy=idmap|chown|auto
                     idmap (default): idmapped mount, nothing on disk changes;
-                    chown: shift ownership on disk; auto: idmap if possible,
-                    chown otherwise
+                    chown: shift the ownership of SOURCE on disk (FROM..
+                    becomes TO..), then bind-mount it at TARGET; auto: idmap
+                    where the kernel and filesystem can, chown otherwise
+  --out-of-range=keep|fail|overflow
+                    chown: what to do with on-disk ids no value covers: leave
+                    them (default), fail, or write 65534 like the idmapped view
   --check           say whether SOURCE can be idmapped and, if not, why;
                     mount nothing; takes SOURCE only
   --json            print one JSON object on stdout saying what was done
@@ -154,39 +163,6 @@ fn emit(text: &str) -> Result<(), Failure> {
 // ---------------------------------------------------------------------------
 // Command line
 
-/// How ownership is changed for the container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Strategy {
-    /// An idmapped mount: nothing changes on disk.
-    #[default]
-    Idmap,
-    /// Shift the ownership of every file on disk.
-    Chown,
-    /// Idmap where possible, chown otherwise.
-    Auto,
-}
-
-impl Strategy {
-    fn name(self) -> &'static str {
-        match self {
-            Strategy::Idmap => "idmap",
-            Strategy::Chown => "chown",
-            Strategy::Auto => "auto",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Strategy, Failure> {
-        match s {
-            "idmap" => Ok(Strategy::Idmap),
-            "chown" => Ok(Strategy::Chown),
-            "auto" => Ok(Strategy::Auto),
-            _ => Err(Failure::usage(format_args!(
-                "--strategy `{s}`: expected idmap, chown or auto"
-            ))),
-        }
-    }
-}
-
 /// The command line as given, before deciding what to do.
 #[derive(Debug, Default)]
 struct Options {
@@ -195,6 +171,7 @@ struct Options {
     flags: MountFlags,
     propagation: Option<Propagation>,
     strategy: Strategy,
+    out_of_range: OutOfRange,
     check: bool,
     json: bool,
     demo: bool,
@@ -240,6 +217,7 @@ struct MountRequest {
     flags: MountFlags,
     propagation: Option<Propagation>,
     strategy: Strategy,
+    out_of_range: OutOfRange,
     json: bool,
 }
 
@@ -286,7 +264,10 @@ fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
 }
 
 fn takes_value(name: &str) -> bool {
-    matches!(name, "--map-mount" | "--propagation" | "--strategy")
+    matches!(
+        name,
+        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range"
+    )
 }
 
 fn next_value(args: &mut impl Iterator<Item = OsString>, name: &str) -> Result<String, Failure> {
@@ -312,7 +293,25 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
             })?;
             opts.propagation = Some(propagation);
         }
-        _ => opts.strategy = Strategy::parse(&value)?,
+        "--strategy" => {
+            opts.strategy = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--strategy `{value}`: expected idmap, chown or auto"
+                ))
+            })?;
+        }
+        _ => {
+            opts.out_of_range = match value.as_str() {
+                "keep" => OutOfRange::Keep,
+                "fail" => OutOfRange::Fail,
+                "overflow" => OutOfRange::Overflow,
+                _ => {
+                    return Err(Failure::usage(format_args!(
+                        "--out-of-range `{value}`: expected keep, fail or overflow"
+                    )))
+                }
+            };
+        }
     }
     opts.mount_only.push(name.to_owned());
     Ok(())
@@ -408,6 +407,7 @@ fn mount_command(opts: Options) -> Result<Command, Failure> {
         flags: opts.flags,
         propagation: opts.propagation,
         strategy: opts.strategy,
+        out_of_range: opts.out_of_range,
         json: opts.json,
     }))
 }
@@ -446,25 +446,18 @@ fn id_source(values: &[String]) -> Result<IdSource, Failure> {
 // ---------------------------------------------------------------------------
 // Mounting
 
-/// What was done, for `--json`.
-#[derive(Debug)]
-struct Report {
-    strategy: Strategy,
-    /// The mapping applied; `None` when a user namespace's maps are unknown.
-    mapping: Option<Mapping>,
-    /// The kernel interface used, for the idmap strategy.
-    kernel_path: Option<&'static str>,
-}
-
 fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
-    let report = match request.strategy {
-        Strategy::Idmap => idmap(request)?,
-        Strategy::Chown | Strategy::Auto => shift_ownership(request)?,
-    };
+    let (outcome, mapping) = give_ownership(request)?;
+    if let Outcome::Chowned {
+        because: Some(why), ..
+    } = &outcome
+    {
+        eprintln!("mount-idmapped: cannot idmap ({why}); shifted ownership on disk instead");
+    }
     if request.json {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
-        if let Err(failure) = emit(&mount_json(request, &report)) {
+        if let Err(failure) = emit(&mount_json(request, &outcome, mapping.as_ref())) {
             let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
@@ -472,58 +465,153 @@ fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--strategy=chown|auto`: shift ownership on disk (auto: only where the
-/// source cannot be idmapped). The walker is not wired into this build yet.
-fn shift_ownership(request: &MountRequest) -> Result<Report, Failure> {
-    Err(Failure::usage(format_args!(
-        "strategy {} is not available in this build yet",
-        request.strategy.name()
-    )))
-}
-
-/// Clone SOURCE, idmap it and set its attributes while detached, then
-/// attach it at TARGET as the very last step.
-fn idmap(request: &MountRequest) -> Result<Report, Failure> {
-    let ns = match &request.ids {
-        IdSource::Mapping(mapping) => UserNamespace::from_mapping(mapping)?,
-        IdSource::Userns(path) => UserNamespace::open(path)?,
+/// Run the library's strategy: everything that can fail happens before the
+/// mount is attached at TARGET. Returns the mapping used, when known.
+fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), Failure> {
+    let ns;
+    let mapping = match &request.ids {
+        IdSource::Mapping(mapping) => mapping.clone(),
+        IdSource::Userns(path) => {
+            ns = UserNamespace::open(path)?;
+            match (ns.mapping(), request.strategy) {
+                (Some(m), _) => m.clone(),
+                // Its maps cannot be read: only an idmapped mount can use it.
+                (None, Strategy::Idmap) => {
+                    let clone = DetachedMount::clone_with(
+                        &request.source,
+                        request.recursive,
+                        &attr(request).idmap(&ns),
+                    )?;
+                    let method = clone.method();
+                    clone.attach(&request.target)?;
+                    return Ok((Outcome::Idmapped { method }, None));
+                }
+                (None, s) => {
+                    return Err(Failure::usage(format_args!(
+                        "--strategy={}: the maps of {} cannot be read, so ownership cannot be shifted on disk",
+                        s.name(),
+                        path.display()
+                    )))
+                }
+            }
+        }
     };
-    let mut attr = MountAttr::new().idmap(&ns).set(request.flags);
-    if let Some(propagation) = request.propagation {
-        attr = attr.propagation(propagation);
+    let printed = Arc::new(AtomicBool::new(false));
+    let mut plan = Plan::new(request.strategy, &mapping)
+        .recursive(request.recursive)
+        .flags(request.flags)
+        .shift_options(ShiftOptions {
+            out_of_range: request.out_of_range,
+            progress: progress_line(Arc::clone(&printed)),
+            ..ShiftOptions::default()
+        });
+    if let Some(p) = request.propagation {
+        plan = plan.propagation(p);
     }
-    let detached = DetachedMount::clone_with(&request.source, request.recursive, &attr)?;
-    let report = Report {
-        strategy: Strategy::Idmap,
-        mapping: ns.mapping().cloned(),
-        kernel_path: Some(detached.method().syscalls()),
-    };
-    detached.attach(&request.target)?;
-    Ok(report)
+    let outcome = mount_with_ownership(&request.source, &request.target, &plan);
+    if printed.load(Ordering::Relaxed) {
+        eprintln!();
+    }
+    let outcome = outcome?;
+    Ok((outcome, Some(mapping)))
 }
 
-fn mount_json(request: &MountRequest, report: &Report) -> String {
+/// The mount attributes asked for, without an idmap.
+fn attr(request: &MountRequest) -> MountAttr<'static> {
+    let attr = MountAttr::new().set(request.flags);
+    match request.propagation {
+        Some(p) => attr.propagation(p),
+        None => attr,
+    }
+}
+
+/// A progress line on stderr while a walk runs, when stderr is a terminal:
+/// updated at most every half second, only once the walk has taken 2 s.
+/// `printed` tells the caller a line is on screen (to end it).
+fn progress_line(printed: Arc<AtomicBool>) -> Option<ProgressFn> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let start = Instant::now();
+    let last = Mutex::new(start);
+    Some(Arc::new(move |p: &Progress| {
+        let now = Instant::now();
+        let Ok(mut last) = last.lock() else { return };
+        if now.duration_since(start) < Duration::from_secs(2)
+            || now.duration_since(*last) < Duration::from_millis(500)
+        {
+            return;
+        }
+        *last = now;
+        printed.store(true, Ordering::Relaxed);
+        eprint!(
+            "\rshifting ownership: {} entries visited, {} changed",
+            p.visited, p.changed
+        );
+    }))
+}
+
+fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mapping>) -> String {
     let userns = match &request.ids {
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
     };
-    let mapping = report
-        .mapping
-        .as_ref()
-        .map_or_else(|| json::NULL.to_owned(), mapping_json);
-    let kernel_path = report
-        .kernel_path
-        .map_or_else(|| json::NULL.to_owned(), json::string);
+    let mapping = mapping.map_or_else(|| json::NULL.to_owned(), mapping_json);
+    let (strategy, kernel_path, fallback, report) = match outcome {
+        Outcome::Idmapped { method } => ("idmap", json::string(method.syscalls()), None, None),
+        Outcome::Chowned { report, because } => (
+            "chown",
+            json::NULL.to_owned(),
+            because.as_ref(),
+            Some(report),
+        ),
+    };
+    let fallback = fallback.map_or_else(
+        || json::NULL.to_owned(),
+        |f| {
+            json::Object::new()
+                .raw("mount", json::path(&absolute(&f.mount)))
+                .raw("reason", json::string(&f.reason.to_string()))
+                .finish_inline()
+        },
+    );
     json::Object::new()
         .raw("source", json::path(&absolute(&request.source)))
         .raw("target", json::path(&absolute(&request.target)))
-        .raw("strategy", json::string(report.strategy.name()))
+        .raw("strategy", json::string(strategy))
+        .raw("requested_strategy", json::string(request.strategy.name()))
         .raw("recursive", request.recursive.to_string())
         .raw("mapping", mapping)
         .raw("userns", userns)
         .raw("attributes", attributes_json(request))
         .raw("kernel_path", kernel_path)
+        .raw("fallback", fallback)
+        .raw(
+            "report",
+            report.map_or_else(|| json::NULL.to_owned(), report_json),
+        )
         .finish()
+}
+
+fn report_json(r: &ShiftReport) -> String {
+    json::Object::new()
+        .raw("visited", r.visited.to_string())
+        .raw("changed", r.changed.to_string())
+        .raw("already_shifted", r.already_shifted.to_string())
+        .raw(
+            "hardlinks_deduplicated",
+            r.hardlinks_deduplicated.to_string(),
+        )
+        .raw("acls_rewritten", r.acls_rewritten.to_string())
+        .raw(
+            "capabilities_rewritten",
+            r.capabilities_rewritten.to_string(),
+        )
+        .raw("out_of_range", r.out_of_range.to_string())
+        .raw("skipped_mounts", r.skipped_mounts.to_string())
+        .raw("recovered", r.recovered.to_string())
+        .raw("elapsed_s", format!("{:.6}", r.elapsed.as_secs_f64()))
+        .finish_inline()
 }
 
 fn mapping_json(mapping: &Mapping) -> String {

@@ -50,11 +50,13 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod chown;
 pub mod error;
 pub mod map;
 pub mod mount;
 mod mountinfo;
 pub mod probe;
+pub mod strategy;
 mod sys;
 pub mod userns;
 

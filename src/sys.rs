@@ -118,6 +118,18 @@ pub(crate) fn ns_get_nstype(fd: BorrowedFd<'_>) -> Result<libc::c_int, Errno> {
     }
 }
 
+/// `unshare(CLONE_FS)`: give the calling thread its own working directory,
+/// root and umask, so `fchdir` there does not move the other threads.
+///
+/// # References
+/// - [`unshare(2)`](https://man7.org/linux/man-pages/man2/unshare.2.html)
+pub(crate) fn unshare_fs() -> Result<(), Errno> {
+    // SAFETY: rustix marks `unshare` unsafe for CLONE_FILES, which can
+    // invalidate fds other code holds; CLONE_FS only copies the thread's
+    // cwd/root/umask and touches no memory or fd Rust relies on.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+}
+
 /// `struct mnt_id_req` (`MNT_ID_REQ_SIZE_VER0`, 24 bytes).
 #[repr(C)]
 struct MntIdReq {

@@ -12,97 +12,13 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{mounts_below, owner, touch_owned, TestFs};
+use common::{as_fsid, cli, cli_in, mounts_below, owner, touch_owned, TestFs};
 use serial_test::serial;
-
-/// The example binary, built by `cargo test` next to this test's directory.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/cli-HASH -> target/<profile>/examples/mount-idmapped
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("examples").join("mount-idmapped");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified());
-    let stale = match built {
-        Ok(built) => newest_source().is_some_and(|source| source > built),
-        Err(_) => true,
-    };
-    assert!(
-        !stale,
-        "{} is missing or older than its sources: `cargo test` builds the examples, \
-         but `cargo test --test cli` alone does not; run `cargo build --example \
-         mount-idmapped` first",
-        bin.display()
-    );
-    bin
-}
-
-/// When the example or a top-level library file was last changed.
-fn newest_source() -> Option<std::time::SystemTime> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = std::fs::read_dir(root.join("src"))
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension() == Some(OsStr::new("rs")));
-    std::iter::once(root.join("examples/mount-idmapped.rs"))
-        .chain(lib)
-        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .max()
-}
-
-/// How a run of the program ended.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Asserts exit status `code` and returns `self` for more checks.
-    fn expect(self, code: i32) -> Run {
-        assert_eq!(self.code, Some(code), "unexpected exit status: {self:#?}");
-        self
-    }
-
-    /// Asserts stderr is exactly one line containing every one of `parts`.
-    fn stderr_line_names(&self, parts: &[&str]) {
-        assert_eq!(self.stderr.lines().count(), 1, "{self:#?}");
-        for part in parts {
-            assert!(
-                self.stderr.contains(part),
-                "stderr lacks {part:?}: {self:#?}"
-            );
-        }
-    }
-}
-
-fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    cli_in(None, args)
-}
-
-fn cli_in<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S]) -> Run {
-    let mut cmd = Command::new(binary());
-    cmd.args(args);
-    if let Some(dir) = dir {
-        cmd.current_dir(dir);
-    }
-    let out = cmd.output().expect("run mount-idmapped");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
@@ -110,18 +26,6 @@ fn s(p: &Path) -> &str {
 
 /// DESIGN §2's mapping.
 const EXAMPLE: &str = "--map-mount=b:0:10000:10000";
-
-/// Run `f` on a thread whose fsuid/fsgid are `uid`/`gid` (setfsuid affects
-/// only the calling thread, which stays in the test's mount namespace).
-fn as_fsid<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        rustix::thread::set_thread_gid(rustix::fs::Gid::from_raw(gid)).unwrap();
-        rustix::thread::set_thread_uid(rustix::fs::Uid::from_raw(uid)).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 /// `src/` owned by on-disk 1000, with `a` owned by 1000 and `b` by 15000.
 fn example_source(fs: &TestFs) -> PathBuf {
@@ -359,12 +263,8 @@ const USAGE_ERRORS: &[(&[&str], &[&str])] = &[
     (&[EXAMPLE, "--recursive=yes", "a", "b"], &["takes no value"]),
     (&[EXAMPLE, "--strategy=rsync", "a", "b"], &["`rsync`"]),
     (
-        &[EXAMPLE, "--strategy=chown", "a", "b"],
-        &["strategy chown is not available in this build yet"],
-    ),
-    (
-        &[EXAMPLE, "--strategy", "auto", "a", "b"],
-        &["strategy auto is not available in this build yet"],
+        &[EXAMPLE, "--out-of-range=drop", "a", "b"],
+        &["`drop`", "keep, fail or overflow"],
     ),
     (&["--check"], &["missing SOURCE"]),
     (&["--check", "a", "b"], &["unexpected operand `b`"]),
@@ -447,7 +347,7 @@ fn failures_exit_1_and_leave_nothing_mounted() {
 
     // The --json report cannot be written (stdout is /dev/full): the mount
     // made a moment before is taken away again.
-    let out = Command::new(binary())
+    let out = Command::new(common::cli_binary())
         .args(["--json", EXAMPLE, s(&src), s(&target)])
         .stdout(std::fs::File::create("/dev/full").unwrap())
         .output()
@@ -564,7 +464,7 @@ fn mount_attributes_take_effect() {
 fn demo_prints_on_disk_and_seen_owners_and_cleans_up() {
     privileged!();
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
+    let out = Command::new(common::cli_binary())
         .arg("--demo")
         .env("TMPDIR", tmp.path())
         .output()

@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{owner, touch_owned, TestFs};
+use common::{as_fsid, owner, touch_owned, TestFs};
 use idmapped::probe::{self, Availability, Support};
 use idmapped::{
     read_idmap, set_attr_at_path, DetachedMount, ErrorKind, IdmapReadback, Mapping, MountAttr,
@@ -29,18 +29,6 @@ fn idmap_at(source: &Path, target: &Path, m: &Mapping, recursive: bool) {
     let ns = UserNamespace::from_mapping(m).unwrap();
     let mnt = DetachedMount::clone_with(source, recursive, &MountAttr::new().idmap(&ns)).unwrap();
     mnt.attach(target).unwrap();
-}
-
-/// Run `f` in a child process whose fsuid/fsgid are `uid`/`gid` (setfsuid
-/// affects only the calling thread, so a helper thread is enough).
-fn as_fsid<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        rustix::thread::set_thread_gid(rustix::fs::Gid::from_raw(gid)).unwrap();
-        rustix::thread::set_thread_uid(rustix::fs::Uid::from_raw(uid)).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]

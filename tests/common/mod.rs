@@ -7,6 +7,7 @@
 //! test mounts reaches the host, and everything is gone when the thread ends.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -83,8 +84,23 @@ impl TestFs {
         Self::image("ext4", &["-q", "-F"], 64)
     }
 
+    /// An ext4 loop image of `size_mib` MiB with at least `inodes` inodes.
+    pub fn ext4_sized(size_mib: u64, inodes: u64) -> TestFs {
+        Self::image("ext4", &["-q", "-F", "-N", &inodes.to_string()], size_mib)
+    }
+
     /// A loop image of `fs` made with `mkfs.<fs> <mkfs_args>`.
     pub fn image(fs: &str, mkfs_args: &[&str], size_mib: u64) -> TestFs {
+        Self::image_with_options(fs, mkfs_args, size_mib, "")
+    }
+
+    /// [`image`](Self::image), mounted with extra options (e.g. `uid=1000` for vfat).
+    pub fn image_with_options(
+        fs: &str,
+        mkfs_args: &[&str],
+        size_mib: u64,
+        mount_options: &str,
+    ) -> TestFs {
         let dir = tempfile::Builder::new()
             .prefix("idmapped-test-")
             .tempdir()
@@ -99,9 +115,14 @@ impl TestFs {
         run(&format!("mkfs.{fs}"), &args);
         let root = dir.path().join("mnt");
         std::fs::create_dir(&root).unwrap();
+        let options = if mount_options.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{mount_options}")
+        };
         run(
             "mount",
-            &["-t", fs, "-o", "loop", img_s, root.to_str().unwrap()],
+            &["-t", fs, "-o", &options, img_s, root.to_str().unwrap()],
         );
         TestFs { root, dir }
     }
@@ -193,4 +214,111 @@ pub fn child_count() -> usize {
     }
     let _ = me;
     n
+}
+
+// ---------------------------------------------------------------------------
+// The mount-idmapped program
+
+/// The `mount-idmapped` example binary: `$MOUNT_IDMAPPED_BIN` (set in the
+/// test VMs), else the one `cargo test` builds next to this test's directory.
+pub fn cli_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MOUNT_IDMAPPED_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/cli-HASH -> target/<profile>/examples/mount-idmapped
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join("mount-idmapped");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified());
+    let stale = match built {
+        Ok(built) => newest_source(profile_dir).is_some_and(|source| source > built),
+        Err(_) => true,
+    };
+    assert!(
+        !stale,
+        "{} is missing or older than its sources: `cargo test` builds the examples, \
+         but `cargo test --test NAME` alone does not; run `cargo build --example \
+         mount-idmapped` first",
+        bin.display()
+    );
+    bin
+}
+
+/// When the example's inputs last changed: its source, or the library it
+/// links (cargo rebuilds `libidmapped-*.rlib` in `deps/` whenever any module
+/// the crate compiles changes).
+fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rlibs = std::fs::read_dir(profile_dir.join("deps"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            name.starts_with("libidmapped-") && name.ends_with(".rlib")
+        });
+    std::iter::once(root.join("examples/mount-idmapped.rs"))
+        .chain(rlibs)
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
+}
+
+/// How a run of the program ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts exit status `code` and returns `self` for more checks.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code, Some(code), "unexpected exit status: {self:#?}");
+        self
+    }
+
+    /// Asserts stderr is exactly one line containing every one of `parts`.
+    pub fn stderr_line_names(&self, parts: &[&str]) {
+        assert_eq!(self.stderr.lines().count(), 1, "{self:#?}");
+        for part in parts {
+            assert!(
+                self.stderr.contains(part),
+                "stderr lacks {part:?}: {self:#?}"
+            );
+        }
+    }
+}
+
+pub fn cli<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    cli_in(None, args)
+}
+
+pub fn cli_in<S: AsRef<OsStr>>(dir: Option<&Path>, args: &[S]) -> Run {
+    let mut cmd = Command::new(cli_binary());
+    cmd.args(args);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd.output().expect("run mount-idmapped");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run `f` on a thread whose fsuid/fsgid are `uid`/`gid` (setfsuid affects
+/// only the calling thread, which stays in the test's mount namespace).
+pub fn as_fsid<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        rustix::thread::set_thread_gid(rustix::fs::Gid::from_raw(gid)).unwrap();
+        rustix::thread::set_thread_uid(rustix::fs::Uid::from_raw(uid)).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
 }
