@@ -1303,7 +1303,12 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         error: Mutex::new(None),
         visited: AtomicU64::new(0),
         changed: AtomicU64::new(0),
-        openat2: AtomicU8::new(0),
+        // IDMAPPED_FORCE_FALLBACK=openat2 tests the pre-5.6 path.
+        openat2: AtomicU8::new(if crate::probe::forced_fallback("openat2") {
+            2
+        } else {
+            0
+        }),
     };
 
     let mut counts = Counts::default();
