@@ -50,6 +50,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod chown;
 pub mod error;
 pub mod map;
 pub mod mount;

@@ -1,0 +1,1217 @@
+//! The ownership-shift walker on real ext4 images, as root, each test in its
+//! own private mount namespace.
+//!
+//! Needs: mkfs.ext4 (e2fsprogs), mount/umount (util-linux), setfacl/getfacl
+//! (acl), getcap (libcap2-bin).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idmapped::chown::{shift_tree, OutOfRange, ShiftOptions, ShiftReport};
+use idmapped::error::ErrorKind;
+use idmapped::map::Mapping;
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, XattrFlags, CWD};
+
+// ---------------------------------------------------------------- harness
+
+/// True when running as root; prints why a test does nothing otherwise.
+fn require_root(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root (mount namespaces, loop devices, chown)");
+    false
+}
+
+/// Enter a private mount namespace for this test thread (and what it spawns).
+fn private_mount_ns() {
+    // unshare(CLONE_NEWNS) affects only the calling thread; the deprecated safe
+    // wrapper is sound for NEWNS (the hazard it warns about is CLONE_FILES).
+    #[allow(deprecated)]
+    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS).expect("unshare(CLONE_NEWNS)");
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
+    )
+    .expect("make / private");
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An ext4 image mounted on `dir` inside a temporary directory; unmounted
+/// (and its loop device released) on drop.
+pub struct Ext4 {
+    pub dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Ext4 {
+    /// A fresh private mount namespace with an ext4 of `mib` MiB and at least
+    /// `inodes` inodes mounted.
+    pub fn new(mib: u64, inodes: u64) -> Ext4 {
+        private_mount_ns();
+        let tmp = tempfile::TempDir::new().expect("tempdir");
+        let img = tmp.path().join("fs.img");
+        fs::File::create(&img)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("image file");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-N"])
+            .arg(inodes.to_string())
+            .arg(&img));
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&dir));
+        Ext4 {
+            dir,
+            tmp: Some(tmp),
+        }
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        // Lazy, so a test that failed with descriptors still open cannot
+        // leave the mount (and its loop device) behind.
+        let _ = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH);
+        if let Some(t) = self.tmp.take() {
+            let _ = t.close();
+        }
+    }
+}
+
+fn map(spec: &str) -> Mapping {
+    Mapping::parse_map_mount([spec]).expect("mapping")
+}
+
+fn opts(threads: usize) -> ShiftOptions {
+    ShiftOptions {
+        threads,
+        ..ShiftOptions::default()
+    }
+}
+
+fn shift(root: &Path, m: &Mapping, o: &ShiftOptions) -> ShiftReport {
+    shift_tree(root, m, o).unwrap_or_else(|e| panic!("shift {}: {e}", root.display()))
+}
+
+fn lchown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+}
+
+fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid())
+}
+
+fn lget(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    match rfs::lgetxattr(p, name, &mut buf[..]) {
+        Ok(n) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => None,
+        Err(e) => panic!("lgetxattr {p:?} {name}: {e}"),
+    }
+}
+
+fn lset(p: &Path, name: &str, v: &[u8]) {
+    rfs::lsetxattr(p, name, v, XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("lsetxattr {p:?} {name}: {e}"));
+}
+
+// ------------------------------------------------- raw formats, for tests
+
+const ACL_UNDEFINED: u32 = u32::MAX;
+
+/// A version-2 POSIX ACL xattr value: owner, named users, group, named
+/// groups, mask, other.
+pub fn acl(
+    owner: u16,
+    users: &[(u32, u16)],
+    group: u16,
+    groups: &[(u32, u16)],
+    other: u16,
+) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    let mut e = |tag: u16, perm: u16, id: u32| {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    };
+    e(0x01, owner, ACL_UNDEFINED);
+    for &(id, p) in users {
+        e(0x02, p, id);
+    }
+    e(0x04, group, ACL_UNDEFINED);
+    for &(id, p) in groups {
+        e(0x08, p, id);
+    }
+    if !users.is_empty() || !groups.is_empty() {
+        e(0x10, 7, ACL_UNDEFINED);
+    }
+    e(0x20, other, ACL_UNDEFINED);
+    v
+}
+
+/// A `security.capability` value: revision 2 for root id 0 (what the kernel
+/// stores and returns for it), revision 3 otherwise.
+pub fn caps(permitted: u32, rootid: u32) -> Vec<u8> {
+    let rev: u32 = if rootid == 0 {
+        0x0200_0001
+    } else {
+        0x0300_0001
+    };
+    let mut v = rev.to_le_bytes().to_vec();
+    for w in [permitted, 0, 0, 0] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    if rootid != 0 {
+        v.extend_from_slice(&rootid.to_le_bytes());
+    }
+    v
+}
+
+/// The walker's crash stash, as it writes it (for simulating a crash).
+fn stash_bytes(uid: u32, gid: u32, mode: u32, nu: u32, ng: u32, cap: &[u8]) -> Vec<u8> {
+    let mut v = b"IDMSHFT1".to_vec();
+    for w in [uid, gid, mode, nu, ng, cap.len() as u32] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v.extend_from_slice(cap);
+    v
+}
+
+// ------------------------------------------------------------- snapshots
+
+/// What a tree shows of one entry: everything an idmapped mount translates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snap {
+    /// `d`, `f`, `l`, `p` (fifo), `s`, `c`, `b`.
+    pub kind: char,
+    pub uid: u32,
+    pub gid: u32,
+    /// Full st_mode.
+    pub mode: u32,
+    pub acl_access: Option<Vec<u8>>,
+    pub acl_default: Option<Vec<u8>>,
+    pub cap: Option<Vec<u8>>,
+    /// The walker's crash stash: must never survive a finished run.
+    pub stash: Option<Vec<u8>>,
+}
+
+/// Snapshot a tree (relative path → [`Snap`]), never following symlinks.
+/// Iterative, so deep trees do not overflow the stack (paths must stay
+/// under PATH_MAX, though).
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Snap> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let p = root.join(&rel);
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let ft = md.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_fifo() {
+            'p'
+        } else if ft.is_socket() {
+            's'
+        } else if ft.is_char_device() {
+            'c'
+        } else if ft.is_block_device() {
+            'b'
+        } else {
+            'f'
+        };
+        let x = |n| if kind == 'l' { None } else { lget(&p, n) };
+        out.insert(
+            rel.clone(),
+            Snap {
+                kind,
+                uid: md.uid(),
+                gid: md.gid(),
+                mode: md.mode(),
+                acl_access: x("system.posix_acl_access"),
+                acl_default: x("system.posix_acl_default"),
+                cap: x("security.capability"),
+                stash: x("trusted.idmapped.shift"),
+            },
+        );
+        if kind == 'd' {
+            for e in fs::read_dir(&p).unwrap() {
+                todo.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+    }
+    out
+}
+
+/// How an idmapped mount with `m` would show a tree snapshotted as `s`
+/// (ids outside the mapping left as they are, as the walker's default
+/// policy does; an idmapped mount would show 65534 for those).
+pub fn expected_view(s: &BTreeMap<PathBuf, Snap>, m: &Mapping) -> BTreeMap<PathBuf, Snap> {
+    let u = |id: u32| m.uids().seen(id).unwrap_or(id);
+    let g = |id: u32| m.gids().seen(id).unwrap_or(id);
+    let tacl = |v: &Vec<u8>| {
+        let mut v = v.clone();
+        let mut at = 4;
+        while at + 8 <= v.len() {
+            let tag = u16::from_le_bytes([v[at], v[at + 1]]);
+            let id = u32::from_le_bytes(v[at + 4..at + 8].try_into().unwrap());
+            let new = match tag {
+                0x02 => u(id),
+                0x08 => g(id),
+                _ => id,
+            };
+            v[at + 4..at + 8].copy_from_slice(&new.to_le_bytes());
+            at += 8;
+        }
+        v
+    };
+    let tcap = |v: &Vec<u8>| {
+        let root = if v.len() == 24 {
+            u32::from_le_bytes(v[20..24].try_into().unwrap())
+        } else {
+            0
+        };
+        let perm = u32::from_le_bytes(v[4..8].try_into().unwrap());
+        caps(perm, u(root))
+    };
+    s.iter()
+        .map(|(p, e)| {
+            (
+                p.clone(),
+                Snap {
+                    uid: u(e.uid),
+                    gid: g(e.gid),
+                    acl_access: e.acl_access.as_ref().map(tacl),
+                    acl_default: e.acl_default.as_ref().map(tacl),
+                    cap: e.cap.as_ref().map(tcap),
+                    ..e.clone()
+                },
+            )
+        })
+        .collect()
+}
+
+fn assert_same(a: &BTreeMap<PathBuf, Snap>, b: &BTreeMap<PathBuf, Snap>, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: entry count");
+    let mut bad = 0;
+    for (p, x) in a {
+        let y = &b[p];
+        if x != y {
+            if bad < 10 {
+                eprintln!("{what}: {p:?}\n  want {x:?}\n  have {y:?}");
+            }
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "{what}: {bad} entries differ");
+}
+
+// ------------------------------------------------------ random trees
+
+/// xorshift64*: a seeded, dependency-free generator.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Build a random tree of `n` entries under `root` (which must exist) with
+/// every kind the walker meets: directories (some setgid, some with default
+/// ACLs), files (some setuid/setgid, with access ACLs, with v2 or v3
+/// capabilities), symlinks (into the tree, outside it, dangling), fifos,
+/// sockets, character devices, hard links. Ids are mostly below 3000;
+/// `out_of_range_pct` percent are 200000+ (outside `b:0:100000:65536`).
+pub fn random_tree(root: &Path, seed: u64, n: usize, out_of_range_pct: u64) {
+    let mut r = Rng::new(seed);
+    let mut dirs = vec![root.to_path_buf()];
+    let mut files: Vec<PathBuf> = Vec::new();
+    let id = |r: &mut Rng| {
+        if r.chance(out_of_range_pct) {
+            200_000 + r.below(1000) as u32
+        } else {
+            r.below(3000) as u32
+        }
+    };
+    for i in 0..n {
+        // Prefer recent directories: gives depth as well as width.
+        let d = if r.chance(60) {
+            dirs.len() - 1 - (r.below(dirs.len().min(8) as u64) as usize)
+        } else {
+            r.below(dirs.len() as u64) as usize
+        };
+        let p = dirs[d].join(format!("e{i}"));
+        let (uid, gid) = (id(&mut r), id(&mut r));
+        match r.below(100) {
+            0..=14 => {
+                fs::create_dir(&p).unwrap();
+                lchown(&p, uid, gid);
+                if r.chance(10) {
+                    lset(
+                        &p,
+                        "system.posix_acl_default",
+                        &acl(7, &[(id(&mut r), 5)], 5, &[(id(&mut r), 7)], 0),
+                    );
+                }
+                if r.chance(10) {
+                    lset(
+                        &p,
+                        "system.posix_acl_access",
+                        &acl(7, &[(id(&mut r), 5)], 5, &[], 5),
+                    );
+                }
+                if r.chance(10) {
+                    chmod(&p, 0o2775);
+                }
+                dirs.push(p);
+            }
+            15..=64 => {
+                fs::write(&p, i.to_string()).unwrap();
+                lchown(&p, uid, gid);
+                if r.chance(8) {
+                    let users = [(id(&mut r), 4), (id(&mut r) + 3000, 6)];
+                    lset(
+                        &p,
+                        "system.posix_acl_access",
+                        &acl(6, &users, 4, &[(id(&mut r), 4)], 4),
+                    );
+                }
+                if r.chance(6) {
+                    chmod(&p, [0o4755, 0o2755, 0o6755, 0o2745][r.below(4) as usize]);
+                }
+                if r.chance(5) {
+                    let root = if r.chance(50) { 0 } else { id(&mut r) };
+                    lset(&p, "security.capability", &caps(1 << r.below(32), root));
+                }
+                files.push(p);
+            }
+            65..=74 => {
+                let target = match r.below(3) {
+                    0 => PathBuf::from("/etc/passwd"),
+                    1 => PathBuf::from("../nowhere"),
+                    _ => files.last().cloned().unwrap_or_else(|| PathBuf::from("/")),
+                };
+                symlink(target, &p).unwrap();
+                lchown(&p, uid, gid);
+            }
+            75..=79 => {
+                rfs::mkfifoat(CWD, &p, Mode::from_bits_truncate(0o640)).unwrap();
+                lchown(&p, uid, gid);
+                if r.chance(20) {
+                    lset(
+                        &p,
+                        "system.posix_acl_access",
+                        &acl(6, &[(id(&mut r), 6)], 4, &[], 0),
+                    );
+                }
+            }
+            80..=89 if !files.is_empty() => {
+                let f = &files[r.below(files.len() as u64) as usize];
+                fs::hard_link(f, &p).unwrap();
+            }
+            90..=94 => {
+                rfs::mknodat(
+                    CWD,
+                    &p,
+                    FileType::Socket,
+                    Mode::from_bits_truncate(0o600),
+                    0,
+                )
+                .unwrap();
+                lchown(&p, uid, gid);
+            }
+            _ => {
+                let dev = rfs::makedev(1, 3);
+                rfs::mknodat(
+                    CWD,
+                    &p,
+                    FileType::CharacterDevice,
+                    Mode::from_bits_truncate(0o666),
+                    dev,
+                )
+                .unwrap();
+                lchown(&p, uid, gid);
+                if r.chance(20) {
+                    chmod(&p, 0o4666);
+                }
+            }
+        }
+    }
+}
+
+const MAP: &str = "b:0:100000:65536";
+const INVERSE: &str = "b:100000:0:65536";
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn overlapping_ranges_are_refused() {
+    // No privilege needed: refused before touching anything.
+    let t = tempfile::TempDir::new().unwrap();
+    let e = shift_tree(t.path(), &map("b:0:1000:2000"), &ShiftOptions::default()).unwrap_err();
+    match e.kind() {
+        ErrorKind::InvalidInput(s) => assert!(s.contains("overlaps"), "{s}"),
+        k => panic!("{k:?}"),
+    }
+    let o = ShiftOptions {
+        out_of_range: OutOfRange::Overflow,
+        ..ShiftOptions::default()
+    };
+    let e = shift_tree(t.path(), &map(MAP), &o).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidInput(_)), "{e}");
+}
+
+#[test]
+fn random_tree_shift_matches_view_and_inverse_restores_bytes() {
+    if !require_root("random_tree_shift_matches_view_and_inverse_restores_bytes") {
+        return;
+    }
+    let fs = Ext4::new(256, 65536);
+    let root = fs.dir.join("tree");
+    fs::create_dir(&root).unwrap();
+    random_tree(&root, 0xC0FFEE, 5000, 3);
+    let before = snapshot(&root);
+    for kind in ['d', 'f', 'l', 'p', 's', 'c'] {
+        assert!(before.values().any(|s| s.kind == kind), "no {kind} in tree");
+    }
+    assert!(before.values().any(|s| s.cap.is_some()));
+    assert!(before.values().any(|s| s.acl_default.is_some()));
+    assert!(before
+        .values()
+        .any(|s| s.mode & 0o6000 != 0 && s.kind == 'f'));
+
+    let rep = shift(&root, &map(MAP), &opts(0));
+    assert_eq!(rep.visited as usize, before.len(), "{rep:?}");
+    assert!(
+        rep.hardlinks_deduplicated > 0 && rep.acls_rewritten > 0 && rep.capabilities_rewritten > 0,
+        "{rep:?}"
+    );
+    assert!(rep.out_of_range > 0, "{rep:?}");
+    let after = snapshot(&root);
+    assert_same(
+        &expected_view(&before, &map(MAP)),
+        &after,
+        "shifted tree vs expected view",
+    );
+
+    let again = shift(&root, &map(MAP), &opts(0));
+    assert_eq!(again.changed, 0, "second run: {again:?}");
+    assert_same(&after, &snapshot(&root), "second run");
+
+    shift(&root, &map(INVERSE), &opts(3));
+    assert_same(&before, &snapshot(&root), "inverse shift");
+}
+
+#[test]
+fn symlinks_to_outside_are_not_followed() {
+    if !require_root("symlinks_to_outside_are_not_followed") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let outside = fs.dir.join("outside");
+    let root = fs.dir.join("tree");
+    fs::create_dir_all(outside.join("dir")).unwrap();
+    fs::create_dir(&root).unwrap();
+    fs::write(outside.join("file"), "x").unwrap();
+    fs::write(outside.join("dir/inner"), "x").unwrap();
+    for p in [
+        &outside,
+        &outside.join("file"),
+        &outside.join("dir"),
+        &outside.join("dir/inner"),
+    ] {
+        lchown(p, 1000, 1000);
+    }
+    lset(
+        &outside.join("file"),
+        "system.posix_acl_access",
+        &acl(6, &[(1000, 4)], 4, &[], 4),
+    );
+    symlink(outside.join("file"), root.join("to-file")).unwrap();
+    symlink(outside.join("dir"), root.join("to-dir")).unwrap();
+    symlink("../outside/dir", root.join("rel-dir")).unwrap();
+    lchown(&root.join("to-file"), 1000, 1000);
+    let out_before = snapshot(&outside);
+
+    let rep = shift(&root, &map(MAP), &opts(2));
+    assert_eq!(rep.visited, 4, "{rep:?}");
+    assert_same(&out_before, &snapshot(&outside), "outside");
+    assert_eq!(
+        owner(&root.join("to-file")),
+        (101000, 101000),
+        "the symlink itself is shifted"
+    );
+    assert_eq!(owner(&root.join("to-dir")), (100000, 100000));
+}
+
+#[test]
+fn attacker_swapping_a_directory_for_a_symlink_never_gets_outside_changed() {
+    if !require_root("attacker_swapping_a_directory_for_a_symlink_never_gets_outside_changed") {
+        return;
+    }
+    let fs = Ext4::new(128, 16384);
+    let outside = fs.dir.join("outside");
+    let root = fs.dir.join("tree");
+    let build = |d: &Path| {
+        fs::create_dir_all(d.join("sub/deeper")).unwrap();
+        for i in 0..200 {
+            let f = d.join(format!("f{i}"));
+            fs::write(&f, "x").unwrap();
+            if i % 10 == 0 {
+                chmod(&f, 0o4755);
+            }
+            if i % 10 == 5 {
+                lset(
+                    &f,
+                    "system.posix_acl_access",
+                    &acl(6, &[(1000, 4)], 4, &[], 4),
+                );
+            }
+            fs::write(d.join(format!("sub/g{i}")), "x").unwrap();
+        }
+        fs::write(d.join("sub/deeper/h"), "x").unwrap();
+        run(Command::new("chown").args(["-hR", "1000:1000"]).arg(d));
+    };
+    fs::create_dir(&root).unwrap();
+    build(&outside);
+    build(&root.join("victim"));
+    symlink(&outside, root.join("swap")).unwrap();
+    let out_before = snapshot(&outside);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (stop, swaps, root) = (stop.clone(), swaps.clone(), root.clone());
+        std::thread::spawn(move || {
+            let d = rfs::open(&root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                rfs::renameat_with(&d, "victim", &d, "swap", rfs::RenameFlags::EXCHANGE).unwrap();
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let (mut walks, mut refused) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (swaps.load(Ordering::Relaxed) < 2000 || walks < 200) && Instant::now() < deadline {
+        let m = if walks % 2 == 0 {
+            map(MAP)
+        } else {
+            map(INVERSE)
+        };
+        match shift_tree(&root, &m, &opts(2)) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::TreeChanged(_)) => refused += 1,
+            Err(e) => panic!("walk failed other than TreeChanged: {e}"),
+        }
+        walks += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    attacker.join().unwrap();
+    let n = swaps.load(Ordering::Relaxed);
+    eprintln!("{walks} walks ({refused} stopped with TreeChanged) during {n} swaps");
+    assert!(n >= 1000, "only {n} swaps");
+    assert_same(&out_before, &snapshot(&outside), "outside after the race");
+}
+
+#[test]
+fn mounts_inside_the_tree_are_not_crossed() {
+    if !require_root("mounts_inside_the_tree_are_not_crossed") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    let outside = fs.dir.join("outside-file");
+    fs::create_dir_all(root.join("mnt")).unwrap();
+    fs::write(root.join("bound"), "under").unwrap();
+    fs::write(&outside, "outside").unwrap();
+    lchown(&outside, 1000, 1000);
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(root.join("mnt")));
+    fs::write(root.join("mnt/inner"), "x").unwrap();
+    lchown(&root.join("mnt/inner"), 1000, 1000);
+    lchown(&root.join("mnt"), 1000, 1000);
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(&outside)
+        .arg(root.join("bound")));
+
+    let rep = shift(&root, &map(MAP), &opts(2));
+    assert_eq!(rep.skipped_mounts, 2, "{rep:?}");
+    assert_eq!(owner(&root.join("mnt")), (1000, 1000));
+    assert_eq!(owner(&root.join("mnt/inner")), (1000, 1000));
+    assert_eq!(owner(&outside), (1000, 1000), "file bind mount source");
+    assert_eq!(owner(&root), (100000, 100000));
+
+    let cross = ShiftOptions {
+        cross_mounts: true,
+        ..opts(2)
+    };
+    let rep = shift(&root, &map(MAP), &cross);
+    assert_eq!(rep.skipped_mounts, 0, "{rep:?}");
+    assert_eq!(owner(&root.join("mnt/inner")), (101000, 101000));
+    assert_eq!(owner(&outside), (101000, 101000));
+    let _ = rustix::mount::unmount(root.join("bound"), rustix::mount::UnmountFlags::empty());
+    let _ = rustix::mount::unmount(root.join("mnt"), rustix::mount::UnmountFlags::empty());
+}
+
+#[test]
+fn hard_links_are_shifted_once() {
+    if !require_root("hard_links_are_shifted_once") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    for d in ["a", "b", "c"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let f = root.join("a/f");
+    fs::write(&f, "x").unwrap();
+    lchown(&f, 1000, 2000);
+    chmod(&f, 0o4755);
+    lset(&f, "security.capability", &caps(1 << 12, 0));
+    for (i, d) in ["a", "b", "c", "b", "c"].iter().enumerate() {
+        fs::hard_link(&f, root.join(d).join(format!("link{i}"))).unwrap();
+    }
+    let rep = shift(&root, &map(MAP), &opts(0));
+    assert_eq!(rep.hardlinks_deduplicated, 5, "{rep:?}");
+    assert_eq!(rep.capabilities_rewritten, 1, "{rep:?}");
+    assert_eq!(owner(&f), (101000, 102000));
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!(lget(&f, "security.capability"), Some(caps(1 << 12, 100000)));
+}
+
+#[test]
+fn out_of_range_policies() {
+    if !require_root("out_of_range_policies") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let m = map("b:1000:101000:1000");
+    let mk = |name: &str| {
+        let root = fs.dir.join(name);
+        fs::create_dir(&root).unwrap();
+        lchown(&root, 1000, 1000);
+        fs::write(root.join("in"), "").unwrap();
+        lchown(&root.join("in"), 1500, 1500);
+        fs::write(root.join("out"), "").unwrap();
+        lchown(&root.join("out"), 5, 1999);
+        lset(
+            &root.join("in"),
+            "system.posix_acl_access",
+            &acl(6, &[(7, 4), (1001, 4)], 4, &[], 4),
+        );
+        root
+    };
+
+    let keep = mk("keep");
+    let rep = shift(&keep, &m, &opts(1));
+    assert_eq!(rep.out_of_range, 2, "{rep:?}");
+    assert_eq!(owner(&keep.join("out")), (5, 101999));
+    assert_eq!(owner(&keep.join("in")), (101500, 101500));
+    assert_eq!(
+        lget(&keep.join("in"), "system.posix_acl_access"),
+        Some(acl(6, &[(7, 4), (101001, 4)], 4, &[], 4))
+    );
+    shift(&keep, &m.inverse(), &opts(1));
+    assert_eq!(owner(&keep.join("out")), (5, 1999), "Keep is reversible");
+
+    let fail = mk("fail");
+    let o = ShiftOptions {
+        out_of_range: OutOfRange::Fail,
+        ..opts(1)
+    };
+    let e = shift_tree(&fail, &m, &o).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::IdOutOfRange {
+                kind: "uid",
+                id: 5 | 7
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        owner(&fail),
+        (1000, 1000),
+        "root not shifted after a failure"
+    );
+
+    let over = mk("overflow");
+    let o = ShiftOptions {
+        out_of_range: OutOfRange::Overflow,
+        ..opts(1)
+    };
+    let rep = shift(&over, &m, &o);
+    assert_eq!(rep.out_of_range, 2, "{rep:?}");
+    assert_eq!(owner(&over.join("out")), (65534, 101999));
+    assert_eq!(
+        lget(&over.join("in"), "system.posix_acl_access"),
+        Some(acl(6, &[(65534, 4), (101001, 4)], 4, &[], 4))
+    );
+}
+
+#[test]
+fn setuid_setgid_and_capabilities_survive() {
+    if !require_root("setuid_setgid_and_capabilities_survive") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    fs::create_dir(&root).unwrap();
+    let cases: [(&str, u32, Option<Vec<u8>>); 7] = [
+        ("suid", 0o4755, None),
+        ("sgid", 0o2755, None),
+        ("both", 0o6711, None),
+        ("sgid-nox", 0o2644, None),
+        ("cap-v2", 0o755, Some(caps(1 << 13, 0))),
+        ("cap-v3", 0o755, Some(caps(1 << 21, 1000))),
+        ("suid-cap", 0o4750, Some(caps(1 << 7, 0))),
+    ];
+    for (name, mode, cap) in &cases {
+        let p = root.join(name);
+        fs::write(&p, "").unwrap();
+        lchown(&p, 1000, 1000);
+        chmod(&p, *mode);
+        if let Some(c) = cap {
+            lset(&p, "security.capability", c);
+        }
+    }
+    let d = root.join("sgid-dir");
+    fs::create_dir(&d).unwrap();
+    lchown(&d, 1000, 1000);
+    chmod(&d, 0o2775);
+
+    shift(&root, &map(MAP), &opts(2));
+    for (name, mode, cap) in &cases {
+        let p = root.join(name);
+        assert_eq!(owner(&p), (101000, 101000), "{name}");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, *mode, "{name}");
+        let want = cap.as_ref().map(|c| {
+            let root = if c.len() == 24 { 1000 } else { 0 };
+            caps(
+                u32::from_le_bytes(c[4..8].try_into().unwrap()),
+                100000 + root,
+            )
+        });
+        assert_eq!(lget(&p, "security.capability"), want, "{name}");
+        assert_eq!(lget(&p, "trusted.idmapped.shift"), None, "{name}");
+    }
+    assert_eq!(fs::metadata(&d).unwrap().mode() & 0o7777, 0o2775);
+    // getcap agrees the v2 capability became a v3 one for root 100000.
+    let out = run(Command::new("getcap").arg(root.join("cap-v2")));
+    assert!(out.contains("cap_net_raw"), "{out}");
+
+    shift(&root, &map(INVERSE), &opts(2));
+    for (name, mode, cap) in &cases {
+        let p = root.join(name);
+        assert_eq!(owner(&p), (1000, 1000), "{name}");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, *mode, "{name}");
+        assert_eq!(
+            lget(&p, "security.capability"),
+            *cap,
+            "{name}: bytes restored"
+        );
+    }
+}
+
+#[test]
+fn acls_are_translated_as_getfacl_sees_them() {
+    if !require_root("acls_are_translated_as_getfacl_sees_them") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    fs::create_dir_all(root.join("d")).unwrap();
+    fs::write(root.join("f"), "").unwrap();
+    run(Command::new("setfacl")
+        .args(["-m", "u:1000:r,u:2000:rw,g:3000:r,g:4000:rwx"])
+        .arg(root.join("f")));
+    run(Command::new("setfacl")
+        .args(["-d", "-m", "u:1001:rwx,g:3001:rx"])
+        .arg(root.join("d")));
+    run(Command::new("setfacl")
+        .args(["-m", "u:1002:rx"])
+        .arg(root.join("d")));
+    let rep = shift(&root, &map(MAP), &opts(1));
+    assert_eq!(rep.acls_rewritten, 3, "{rep:?}");
+    let f = run(Command::new("getfacl")
+        .args(["-n", "-c"])
+        .arg(root.join("f")));
+    for want in [
+        "user:101000:r--",
+        "user:102000:rw-",
+        "group:103000:r--",
+        "group:104000:rwx",
+    ] {
+        assert!(f.contains(want), "{want} in\n{f}");
+    }
+    let d = run(Command::new("getfacl")
+        .args(["-n", "-c"])
+        .arg(root.join("d")));
+    for want in [
+        "default:user:101001:rwx",
+        "default:group:103001:r-x",
+        "user:101002:r-x",
+    ] {
+        assert!(d.contains(want), "{want} in\n{d}");
+    }
+}
+
+#[test]
+fn fifos_sockets_and_devices_are_never_opened() {
+    if !require_root("fifos_sockets_and_devices_are_never_opened") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    fs::create_dir(&root).unwrap();
+    // Each with something that forces the careful path (ACL, setuid): if the
+    // walker opened the fifo for reading it would block for ever.
+    let fifo = root.join("fifo");
+    rfs::mkfifoat(CWD, &fifo, Mode::from_bits_truncate(0o644)).unwrap();
+    lset(
+        &fifo,
+        "system.posix_acl_access",
+        &acl(6, &[(1000, 4)], 4, &[], 4),
+    );
+    let fifo2 = root.join("fifo-suid");
+    rfs::mkfifoat(CWD, &fifo2, Mode::from_bits_truncate(0o644)).unwrap();
+    chmod(&fifo2, 0o4644);
+    let tty = root.join("tty");
+    rfs::mknodat(
+        CWD,
+        &tty,
+        FileType::CharacterDevice,
+        Mode::from_bits_truncate(0o666),
+        rfs::makedev(5, 0),
+    )
+    .unwrap();
+    lset(
+        &tty,
+        "system.posix_acl_access",
+        &acl(6, &[(1000, 4)], 4, &[], 4),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = root.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(shift_tree(&r2, &map(MAP), &opts(1)).map(|r| r.visited));
+    });
+    let visited = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("walk blocked: a fifo or device was opened")
+        .unwrap();
+    assert_eq!(visited, 4);
+    assert_eq!(owner(&fifo), (100000, 100000));
+    assert_eq!(
+        fs::symlink_metadata(&fifo2).unwrap().mode() & 0o7777,
+        0o4644
+    );
+    assert_eq!(
+        lget(&tty, "system.posix_acl_access"),
+        Some(acl(6, &[(101000, 4)], 4, &[], 4))
+    );
+}
+
+#[test]
+fn second_run_changes_nothing_and_dry_run_changes_nothing() {
+    if !require_root("second_run_changes_nothing_and_dry_run_changes_nothing") {
+        return;
+    }
+    let fs = Ext4::new(128, 32768);
+    let root = fs.dir.join("tree");
+    fs::create_dir(&root).unwrap();
+    random_tree(&root, 7, 3000, 0);
+    let before = snapshot(&root);
+    let dry = ShiftOptions {
+        dry_run: true,
+        ..opts(0)
+    };
+    let d = shift(&root, &map(MAP), &dry);
+    assert_same(&before, &snapshot(&root), "dry run");
+    let calls = Arc::new(AtomicU64::new(0));
+    let c2 = calls.clone();
+    let o = ShiftOptions {
+        progress: Some(Arc::new(move |_p: &idmapped::chown::Progress| {
+            c2.fetch_add(1, Ordering::Relaxed);
+        })),
+        ..opts(0)
+    };
+    let first = shift(&root, &map(MAP), &o);
+    assert_eq!(d.changed, first.changed, "dry run predicts the run");
+    assert!(first.changed > 0 && calls.load(Ordering::Relaxed) > 0);
+    let second = shift(&root, &map(MAP), &opts(0));
+    eprintln!("first {first:?}\nsecond {second:?}");
+    assert_eq!(second.changed, 0);
+    assert_eq!(second.visited, first.visited);
+    assert_eq!(
+        second.already_shifted + second.hardlinks_deduplicated,
+        second.visited
+    );
+}
+
+#[test]
+fn interrupted_entry_is_finished_from_its_stash() {
+    if !require_root("interrupted_entry_is_finished_from_its_stash") {
+        return;
+    }
+    let fs = Ext4::new(64, 4096);
+    let root = fs.dir.join("tree");
+    fs::create_dir(&root).unwrap();
+    let v2 = caps(1 << 13, 0);
+    // Killed after the chown: setuid and capability gone, stash present.
+    let a = root.join("after-chown");
+    fs::write(&a, "").unwrap();
+    lset(
+        &a,
+        "trusted.idmapped.shift",
+        &stash_bytes(1000, 1000, 0o104755, 101000, 101000, &v2),
+    );
+    lchown(&a, 101000, 101000);
+    chmod(&a, 0o755);
+    // Killed after the stash, before the chown.
+    let b = root.join("before-chown");
+    fs::write(&b, "").unwrap();
+    lchown(&b, 1000, 1000);
+    chmod(&b, 0o4755);
+    lset(&b, "security.capability", &v2);
+    lset(
+        &b,
+        "trusted.idmapped.shift",
+        &stash_bytes(1000, 1000, 0o104755, 101000, 101000, &v2),
+    );
+    let rep = shift(&root, &map(MAP), &opts(1));
+    assert_eq!(rep.recovered, 2, "{rep:?}");
+    for p in [&a, &b] {
+        assert_eq!(owner(p), (101000, 101000));
+        assert_eq!(fs::metadata(p).unwrap().mode() & 0o7777, 0o4755, "{p:?}");
+        assert_eq!(
+            lget(p, "security.capability"),
+            Some(caps(1 << 13, 100000)),
+            "{p:?}"
+        );
+        assert_eq!(lget(p, "trusted.idmapped.shift"), None);
+    }
+}
+
+// ----------------------------------------------- child-process tests
+
+const CHILD_ROOT: &str = "IDMAPPED_TEST_CHILD_ROOT";
+const CHILD_MAP: &str = "IDMAPPED_TEST_CHILD_MAP";
+const CHILD_NOFILE: &str = "IDMAPPED_TEST_CHILD_NOFILE";
+
+/// Not a test on its own: the body of the child processes that
+/// `crash_safety_*` kills and `deep_tree_*` limits. Runs a shift when the
+/// parent's environment says so.
+#[test]
+fn child_shift_helper() {
+    let (Ok(root), Ok(m)) = (std::env::var(CHILD_ROOT), std::env::var(CHILD_MAP)) else {
+        eprintln!(
+            "child_shift_helper: helper for the crash and deep-tree tests; nothing to do alone"
+        );
+        return;
+    };
+    if let Ok(n) = std::env::var(CHILD_NOFILE) {
+        let n: u64 = n.parse().unwrap();
+        rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            },
+        )
+        .unwrap();
+    }
+    let rep = shift(Path::new(&root), &map(&m), &opts(0));
+    println!("CHILD-REPORT {rep:?}");
+}
+
+fn child(root: &Path, m: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "child_shift_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ROOT, root)
+    .env(CHILD_MAP, m);
+    c
+}
+
+#[test]
+fn crash_safety_sigkill_at_random_points() {
+    if !require_root("crash_safety_sigkill_at_random_points") {
+        return;
+    }
+    let fs = Ext4::new(768, 200_000);
+    let a = fs.dir.join("a");
+    let b = fs.dir.join("b");
+    for d in [&a, &b] {
+        fs::create_dir(d).unwrap();
+        random_tree(d, 42, 45_000, 2);
+    }
+    let t = Instant::now();
+    let ra = shift(&a, &map(MAP), &opts(0));
+    let full = t.elapsed();
+    assert!(ra.visited >= 40_000, "{ra:?}");
+    eprintln!("uninterrupted: {ra:?}");
+
+    let mut r = Rng::new(1234);
+    let (mut killed, mut finished, mut recovered) = (0, 0, 0);
+    // Kill until 30 kills landed: the first ones interrupt real work, later
+    // ones a run that is mostly checking what is done (also a crash point).
+    for _ in 0..120 {
+        if killed >= 30 {
+            break;
+        }
+        let mut ch = child(&b, MAP)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Exec and harness start-up first, then a random point of the walk.
+        let delay = Duration::from_millis(10) + full.mul_f64(r.below(600) as f64 / 1000.0);
+        std::thread::sleep(delay);
+        match ch.try_wait().unwrap() {
+            Some(st) => {
+                assert!(st.success(), "child failed: {st}");
+                let mut out = String::new();
+                std::io::Read::read_to_string(&mut ch.stdout.take().unwrap(), &mut out).unwrap();
+                recovered += out
+                    .split("recovered: ")
+                    .nth(1)
+                    .and_then(|s| s.split(',').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                finished += 1;
+            }
+            None => {
+                ch.kill().unwrap();
+                ch.wait().unwrap();
+                killed += 1;
+            }
+        }
+    }
+    eprintln!("{killed} children killed, {finished} finished; entries recovered from a stash: {recovered}");
+    assert!(killed >= 30, "too few kills landed: {killed}");
+    let rb = shift(&b, &map(MAP), &opts(0));
+    eprintln!("final run after the kills: {rb:?}");
+    let (sa, sb) = (snapshot(&a), snapshot(&b));
+    assert!(sb.values().all(|s| s.stash.is_none()), "stash left behind");
+    assert_same(&sa, &sb, "killed-and-resumed vs uninterrupted");
+}
+
+#[test]
+fn deep_tree_under_a_low_descriptor_limit() {
+    if !require_root("deep_tree_under_a_low_descriptor_limit") {
+        return;
+    }
+    const DEPTH: usize = 10_500;
+    let fs = Ext4::new(256, 65536);
+    let root = fs.dir.join("deep");
+    fs::create_dir(&root).unwrap();
+    // Built and checked through descriptors: the paths exceed PATH_MAX.
+    let mut d = rfs::open(&root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for i in 0..DEPTH {
+        rfs::mkdirat(&d, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        if i % 100 == 0 {
+            let f = rfs::openat(
+                &d,
+                format!("f{i}"),
+                OFlags::CREATE | OFlags::WRONLY,
+                Mode::from_bits_truncate(0o4755),
+            )
+            .unwrap();
+            rfs::fchown(
+                &f,
+                Some(rfs::Uid::from_raw(1000)),
+                Some(rfs::Gid::from_raw(1000)),
+            )
+            .unwrap();
+            rfs::fchmod(&f, Mode::from_bits_truncate(0o4755)).unwrap();
+        }
+        rfs::chownat(
+            &d,
+            "d",
+            Some(rfs::Uid::from_raw(1000)),
+            Some(rfs::Gid::from_raw(1000)),
+            rfs::AtFlags::empty(),
+        )
+        .unwrap();
+        d = rfs::openat(&d, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    }
+    drop(d);
+    let out = child(&root, MAP).env(CHILD_NOFILE, "48").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{}",
+        stdout
+            .lines()
+            .find(|l| l.contains("CHILD-REPORT"))
+            .unwrap_or("")
+    );
+    let mut d = rfs::open(&root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    for i in 0..DEPTH {
+        if i % 100 == 0 {
+            let st = rfs::statat(&d, format!("f{i}"), rfs::AtFlags::empty()).unwrap();
+            assert_eq!(
+                (st.st_uid, st.st_mode & 0o7777),
+                (101000, 0o4755),
+                "level {i}"
+            );
+        }
+        let st = rfs::statat(&d, "d", rfs::AtFlags::empty()).unwrap();
+        assert_eq!(st.st_uid, 101000, "level {i}");
+        d = rfs::openat(&d, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    }
+    drop(d);
+    // The tree is deeper than PATH_MAX; unmounting discards it with the image.
+}
