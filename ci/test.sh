@@ -18,3 +18,7 @@ cargo test
 # mountinfo read-back), so both rungs of the fallback ladder run here.
 step "cargo test --test mount with IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount"
 IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount cargo test --test mount
+# The walker's safety tests once more without openat2 (kernels before 5.6,
+# or seccomp): single-name openat(O_NOFOLLOW) plus the (dev, ino, mount) check.
+step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat2"
+IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree

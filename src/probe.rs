@@ -46,16 +46,27 @@ pub struct Features {
     pub statmount_idmap: Availability,
 }
 
+/// Whether `IDMAPPED_FORCE_FALLBACK` (a comma-separated list, read once per
+/// process) names `feature`: the way tests run the older-kernel rung of a
+/// fallback ladder on a new kernel.
+pub(crate) fn forced_fallback(feature: &str) -> bool {
+    static FORCED: OnceLock<String> = OnceLock::new();
+    FORCED
+        .get_or_init(|| std::env::var("IDMAPPED_FORCE_FALLBACK").unwrap_or_default())
+        .split(',')
+        .any(|f| f.trim() == feature)
+}
+
 /// The features of the running kernel (probed on first use, then cached).
 ///
 /// Setting `IDMAPPED_FORCE_FALLBACK` to a comma-separated list of
 /// `open_tree_attr`, `statmount` makes those report [`Availability::Missing`],
-/// so the fallback paths can be tested on a new kernel.
+/// so the fallback paths can be tested on a new kernel (`openat2` does the
+/// same for the [`chown`](crate::chown) walker's directory opens).
 pub fn features() -> &'static Features {
     static FEATURES: OnceLock<Features> = OnceLock::new();
     FEATURES.get_or_init(|| {
-        let forced = std::env::var("IDMAPPED_FORCE_FALLBACK").unwrap_or_default();
-        let forced = |name: &str| forced.split(',').any(|f| f.trim() == name);
+        let forced = forced_fallback;
         // rustix's ABS is fd -EBADF: every *at() call rejects it with EBADF
         // before looking at anything else, so "EBADF" means "the call exists".
         let bad_fd = || rustix::fs::ABS;

@@ -1052,20 +1052,26 @@ fn crash_safety_sigkill_at_random_points() {
     let (mut killed, mut finished, mut recovered) = (0, 0, 0);
     // Kill until 30 kills landed: the first ones interrupt real work, later
     // ones a run that is mostly checking what is done (also a crash point).
-    for _ in 0..120 {
+    // Each resumed run has less left to do, so the window to aim in shrinks
+    // to what the last finished child took (timing-independent: on a loaded
+    // machine the window adapts instead of every child finishing first).
+    let mut window = full;
+    for _ in 0..400 {
         if killed >= 30 {
             break;
         }
+        let started = Instant::now();
         let mut ch = child(&b, MAP)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Exec and harness start-up first, then a random point of the walk.
-        let delay = Duration::from_millis(10) + full.mul_f64(r.below(600) as f64 / 1000.0);
+        // A random point of the window (exec and harness start-up included).
+        let delay = window.mul_f64(r.below(1000) as f64 / 1000.0);
         std::thread::sleep(delay);
         match ch.try_wait().unwrap() {
             Some(st) => {
                 assert!(st.success(), "child failed: {st}");
+                window = window.min(started.elapsed());
                 let mut out = String::new();
                 std::io::Read::read_to_string(&mut ch.stdout.take().unwrap(), &mut out).unwrap();
                 recovered += out

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{as_fsid, cli, cli_in, mounts_below, owner, touch_owned, TestFs};
+use common::{cli, cli_in, mounts_below, owner, touch_owned, TestFs};
 use serial_test::serial;
 
 fn s(p: &Path) -> &str {
@@ -50,15 +50,7 @@ fn design_example(relative: bool) {
     } else {
         cli(&[EXAMPLE, s(&src), s(&target)]).expect(0);
     }
-    assert_eq!(owner(&target.join("a")), (11000, 11000));
-    assert_eq!(owner(&target.join("b")), (65534, 65534));
-    assert_eq!(owner(&src.join("a")), (1000, 1000));
-    let t = target.clone();
-    as_fsid(11000, 11000, move || {
-        std::fs::write(t.join("new"), b"y").unwrap()
-    });
-    assert_eq!(owner(&src.join("new")), (1000, 1000));
-    assert_eq!(owner(&target.join("new")), (11000, 11000));
+    common::assert_design_example(&src, &target);
 }
 
 #[test]

@@ -365,7 +365,8 @@ fn grow(buf: &mut Vec<u8>) -> std::result::Result<(), Errno> {
     Ok(())
 }
 
-fn fstatx(fd: BorrowedFd<'_>) -> std::result::Result<Meta, Errno> {
+/// `statx` of an open fd; `path` names it in the error.
+fn fstatx(fd: BorrowedFd<'_>, path: &Path) -> Result<Meta> {
     rfs::statx(
         fd,
         c"",
@@ -373,6 +374,10 @@ fn fstatx(fd: BorrowedFd<'_>) -> std::result::Result<Meta, Errno> {
         STATX_MASK,
     )
     .map(|st| Meta::new(&st))
+    .map_err(|e| {
+        let args = format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd());
+        sys("statx", args, e, path)
+    })
 }
 
 /// Where a mapping sends one id.
@@ -727,14 +732,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 return Err(sys("openat", a, e, &path()));
             }
         };
-        let now = fstatx(fd.as_fd()).map_err(|e| {
-            sys(
-                "statx",
-                format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
-                e,
-                &path(),
-            )
-        })?;
+        let now = fstatx(fd.as_fd(), &path())?;
         if !now.same_inode(st) {
             if st.nlink > 1 {
                 self.ctx.unclaim(st);
@@ -961,14 +959,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 return Err(sys("openat2", a, e, &p));
             }
         };
-        let m = fstatx(fd.as_fd()).map_err(|e| {
-            sys(
-                "statx",
-                format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
-                e,
-                path,
-            )
-        })?;
+        let m = fstatx(fd.as_fd(), path)?;
         if !m.same_inode(&sd.meta) || !m.is_dir() {
             return Ok(Child::Changed);
         }
@@ -1161,14 +1152,7 @@ fn reopen_parent(child: BorrowedFd<'_>, expect: &Meta, path: &Path) -> Result<Ow
             path,
         )
     })?;
-    let m = fstatx(fd.as_fd()).map_err(|e| {
-        sys(
-            "statx",
-            format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd()),
-            e,
-            path,
-        )
-    })?;
+    let m = fstatx(fd.as_fd(), path)?;
     if !m.same_inode(expect) {
         return Err(changed_under_us(
             path,
@@ -1259,14 +1243,7 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
             root,
         )
     })?;
-    let root_meta = fstatx(root_fd.as_fd()).map_err(|e| {
-        sys(
-            "statx",
-            format!("fd {}, \"\", AT_EMPTY_PATH", root_fd.as_raw_fd()),
-            e,
-            root,
-        )
-    })?;
+    let root_meta = fstatx(root_fd.as_fd(), root)?;
     check_proc(root_fd.as_fd(), &root_meta, root)?;
     // A second descriptor for the queue; the first stays for the root's own
     // shift, which comes last.
@@ -1326,7 +1303,12 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         error: Mutex::new(None),
         visited: AtomicU64::new(0),
         changed: AtomicU64::new(0),
-        openat2: AtomicU8::new(0),
+        // IDMAPPED_FORCE_FALLBACK=openat2 tests the pre-5.6 path.
+        openat2: AtomicU8::new(if crate::probe::forced_fallback("openat2") {
+            2
+        } else {
+            0
+        }),
     };
 
     let mut counts = Counts::default();

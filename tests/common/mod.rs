@@ -322,3 +322,19 @@ pub fn as_fsid<T: Send + 'static>(uid: u32, gid: u32, f: impl FnOnce() -> T + Se
     .join()
     .unwrap()
 }
+
+/// DESIGN §2's example, checked through `target` (an idmapped mount of
+/// `src` with `b:0:10000:10000`, where `src/a` is on-disk 1000 and `src/b`
+/// 15000): 1000 is seen as 11000, 15000 as 65534, the source is untouched,
+/// and a file created by fsuid 11000 is stored as 1000.
+pub fn assert_design_example(src: &Path, target: &Path) {
+    assert_eq!(owner(&target.join("a")), (11000, 11000));
+    assert_eq!(owner(&target.join("b")), (65534, 65534));
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    let t = target.to_path_buf();
+    as_fsid(11000, 11000, move || {
+        std::fs::write(t.join("new"), b"y").unwrap()
+    });
+    assert_eq!(owner(&src.join("new")), (1000, 1000));
+    assert_eq!(owner(&target.join("new")), (11000, 11000));
+}

@@ -1,0 +1,1235 @@
+//! Benchmark: idmapped mounts against an on-disk ownership shift.
+//!
+//! ```text
+//! sudo cargo run --release --example bench -- [--quick] [--repeats K] [--csv FILE]
+//! ```
+//!
+//! Needs root. Everything happens in a private mount namespace and a
+//! temporary directory: a fresh ext4 loop image and a tmpfs, both unmounted
+//! and removed at the end (also when a scenario fails).
+//!
+//! 1. **Ownership of a tree of N files** (N = 1k, 10k, 100k, 1M; `--quick`
+//!    stops at 100k), on ext4 and on tmpfs: (a) idmapped mount (user namespace
+//!    from the mapping + clone + idmap + attach), (b) the walker
+//!    (`idmapped::chown::shift_tree`) on one thread, (c) the walker on all
+//!    cores, (d) GNU `chown -R 100000:100000`, (e) the walker's second run over
+//!    an already-shifted tree. The page cache is warm: one untimed stat walk
+//!    over the tree precedes every timed run, and the tree is set back to its
+//!    starting owners (untimed) after every destructive run.
+//! 2. **User-namespace creation** from a mapping: `UserNamespace::from_mapping`
+//!    against a `fork()` baseline (child `unshare(CLONE_NEWUSER)`, parent
+//!    writes the maps and opens `/proc/PID/ns/user`), in a small caller and in
+//!    one with 2 GiB resident.
+//! 3. **Mount calls**: one idmapped clone with `open_tree_attr` against
+//!    `open_tree` + `mount_setattr` (the library's fallback path).
+//!
+//! Each figure is the median of the runs, with min and max. It prints a
+//! markdown table and the ratios that matter; `--csv FILE` writes the rows.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Display};
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use idmapped::probe::{self, Availability};
+use idmapped::{DetachedMount, Mapping, MountAttr, UserNamespace};
+use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
+use rustix::mount::{MountPropagationFlags, UnmountFlags};
+
+/// The mapping every scenario uses: on-disk 0..65535 is seen as 100000..165535.
+const MAP: &str = "b:0:100000:65536";
+/// The owner `chown -R` sets (it sets one owner; the walker translates each id).
+const CHOWN_TARGET: &str = "100000:100000";
+/// What the mapping adds to an on-disk id.
+const SHIFT: u32 = 100_000;
+/// On-disk owners of the files: file `i` is owned by `OWNERS[i % 4]` (uid and gid).
+const OWNERS: [u32; 4] = [0, 1000, 1001, 2000];
+/// Files per directory of a generated tree.
+const FILES_PER_DIR: usize = 1000;
+/// The tree sizes of a full run; `--quick` stops at 100k.
+const SIZES_FULL: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
+const SIZES_QUICK: [usize; 3] = [1_000, 10_000, 100_000];
+/// Calls per figure for the microsecond-scale scenarios, per `--repeats`.
+const MICRO_FACTOR: usize = 20;
+/// Calls per figure for the fork() baseline, per `--repeats`.
+const FORK_FACTOR: usize = 4;
+/// The resident memory of the "large caller" in scenario 2.
+const BALLAST_BYTES: usize = 2 << 30;
+
+type Res<T> = Result<T, String>;
+
+/// Attach a description to any error.
+trait Context<T> {
+    fn ctx(self, what: impl Display) -> Res<T>;
+}
+
+impl<T, E: Display> Context<T> for Result<T, E> {
+    fn ctx(self, what: impl Display) -> Res<T> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------- arguments
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Ownership,
+    Userns,
+    MountCalls,
+}
+
+struct Config {
+    quick: bool,
+    /// Run only this scenario (for profiling one of them).
+    only: Option<Scenario>,
+    repeats: usize,
+    csv: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: bench [--quick] [--repeats K] [--csv FILE]
+  --quick        trees up to 100k files only (under a minute)
+  --only S       run one scenario: ownership, userns or mount-calls
+  --repeats K    timed runs per figure, K >= 5 (default 5); microsecond-scale
+                 figures take 20*K calls
+  --csv FILE     also write the rows as CSV: scenario,fs,n,method,median_s,min_s,max_s
+Needs root.";
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, String> {
+    let mut cfg = Config {
+        quick: false,
+        only: None,
+        repeats: 5,
+        csv: None,
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => cfg.quick = true,
+            "--only" => {
+                let v = args.next().ok_or("--only needs a scenario")?;
+                cfg.only = Some(match v.as_str() {
+                    "ownership" => Scenario::Ownership,
+                    "userns" => Scenario::Userns,
+                    "mount-calls" => Scenario::MountCalls,
+                    _ => {
+                        return Err(format!(
+                            "--only {v:?}: expected ownership, userns or mount-calls"
+                        ))
+                    }
+                });
+            }
+            "--repeats" => {
+                let v = args.next().ok_or("--repeats needs a value")?;
+                cfg.repeats = match v.parse::<usize>() {
+                    Ok(k) if k >= 5 => k,
+                    _ => return Err(format!("--repeats {v:?}: expected a whole number >= 5")),
+                };
+            }
+            "--csv" => cfg.csv = Some(args.next().ok_or("--csv needs a file name")?.into()),
+            "-h" | "--help" => return Ok(None),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Some(cfg))
+}
+
+fn main() -> ExitCode {
+    let cfg = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(cfg)) => cfg,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "bench: needs root: it makes and mounts a loop image and a tmpfs, creates user \
+             namespaces with arbitrary maps and chowns trees to ids it does not own"
+        );
+        return ExitCode::from(1);
+    }
+    match run(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+impl Config {
+    fn runs(&self, s: Scenario) -> bool {
+        self.only.map_or(true, |o| o == s)
+    }
+}
+
+// ------------------------------------------------------------------ timing
+
+/// Median, min and max of a set of timed runs.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+    runs: usize,
+}
+
+impl Stats {
+    fn of(mut samples: Vec<Duration>) -> Stats {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort_unstable();
+        let n = samples.len();
+        let median = if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2
+        };
+        Stats {
+            median,
+            min: samples[0],
+            max: samples[n - 1],
+            runs: n,
+        }
+    }
+}
+
+/// Run `timed` `runs` times; before each run `prepare` (untimed), after each
+/// `after` with the run's output (untimed). `timed` returns its own duration so
+/// that it can leave out what does not belong to the figure.
+fn measure<T>(
+    runs: usize,
+    mut prepare: impl FnMut() -> Res<()>,
+    mut timed: impl FnMut() -> Res<(Duration, T)>,
+    mut after: impl FnMut(T) -> Res<()>,
+) -> Res<Stats> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        prepare()?;
+        let (d, out) = timed()?;
+        after(out)?;
+        samples.push(d);
+    }
+    Ok(Stats::of(samples))
+}
+
+/// Time one closure.
+fn time<T>(f: impl FnOnce() -> Res<T>) -> Res<(Duration, T)> {
+    let t0 = Instant::now();
+    let out = f()?;
+    Ok((t0.elapsed(), out))
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+// -------------------------------------------------------------------- rows
+
+/// One line of the results.
+struct Row {
+    scenario: &'static str,
+    fs: String,
+    n: Option<usize>,
+    method: String,
+    /// `None`: not measured, and `note` says why.
+    stats: Option<Stats>,
+    note: String,
+}
+
+impl Row {
+    fn new(scenario: &'static str, fs: &str, n: Option<usize>, method: &str) -> Row {
+        Row {
+            scenario,
+            fs: fs.to_string(),
+            n,
+            method: method.to_string(),
+            stats: None,
+            note: String::new(),
+        }
+    }
+
+    fn measured(mut self, stats: Stats) -> Row {
+        self.stats = Some(stats);
+        self
+    }
+
+    fn note(mut self, note: impl Into<String>) -> Row {
+        self.note = note.into();
+        self
+    }
+}
+
+fn fmt_n(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| scenario | fs | N | method | median | min | max | runs | note |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let n = r.n.map(fmt_n).unwrap_or_else(|| "-".into());
+        match &r.stats {
+            Some(s) => println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.fs,
+                n,
+                r.method,
+                fmt_dur(s.median),
+                fmt_dur(s.min),
+                fmt_dur(s.max),
+                s.runs,
+                r.note
+            ),
+            None => println!(
+                "| {} | {} | {} | {} | not measured | | | | {} |",
+                r.scenario, r.fs, n, r.method, r.note
+            ),
+        }
+    }
+}
+
+fn write_csv(path: &Path, rows: &[Row]) -> Res<()> {
+    let mut out = String::from("scenario,fs,n,method,median_s,min_s,max_s\n");
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    for r in rows {
+        let n = r.n.map(|n| n.to_string()).unwrap_or_default();
+        let (med, min, max) = match &r.stats {
+            Some(s) => (
+                format!("{:.9}", s.median.as_secs_f64()),
+                format!("{:.9}", s.min.as_secs_f64()),
+                format!("{:.9}", s.max.as_secs_f64()),
+            ),
+            None => Default::default(),
+        };
+        out.push_str(&format!(
+            "{},{},{},{},{med},{min},{max}\n",
+            field(r.scenario),
+            field(&r.fs),
+            n,
+            field(&r.method)
+        ));
+    }
+    fs::write(path, out).ctx(format_args!("writing {}", path.display()))
+}
+
+// ----------------------------------------------------------- environment
+
+/// Private mount namespace for this process, `/` recursively private: every
+/// mount made from here on, by us or by our children, vanishes with us.
+fn isolate() -> Res<()> {
+    // SAFETY: unshare_unsafe is unsafe only because CLONE_FILES could leave
+    // other threads with descriptors of an unshared table; we unshare only
+    // CLONE_NEWNS (which implies CLONE_FS, not CLONE_FILES), and do so before
+    // starting any thread.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+        .ctx("unshare(CLONE_NEWNS)")?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .ctx("making / recursively private")
+}
+
+fn run_cmd(cmd: &mut Command) -> Res<()> {
+    let out = cmd.output().ctx(format_args!("running {cmd:?}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The scratch area: a temporary directory holding the loop image and the
+/// mount points. Dropping it unmounts everything (the loop device goes with
+/// its mount: util-linux sets it up with autoclear) and removes the directory.
+struct Scratch {
+    /// `None` once it has been left in place because a mount would not go.
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl Scratch {
+    fn new() -> Res<Scratch> {
+        let dir = tempfile::Builder::new()
+            .prefix("idmapped-bench.")
+            .tempdir()
+            .ctx("creating a temporary directory")?;
+        Ok(Scratch {
+            root: dir.path().to_path_buf(),
+            dir: Some(dir),
+            mounts: Vec::new(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// A fresh ext4 on a sparse loop image with room for `inodes` inodes.
+    fn mount_ext4(&mut self, inodes: usize) -> Res<PathBuf> {
+        let img = self.path("ext4.img");
+        let size = (inodes as u64 * 2048).max(256 << 20) + (512 << 20);
+        fs::File::create(&img)
+            .and_then(|f| f.set_len(size))
+            .ctx(format_args!("creating {}", img.display()))?;
+        // Eager inode-table and journal initialisation: no ext4lazyinit
+        // thread writing in the background while we time. A 256 MiB journal
+        // (what mkfs gives a filesystem of 32 GiB and up; the default for this
+        // small image is far smaller) so that chowning 1M inodes does not
+        // spend its time waiting for journal checkpoints.
+        run_cmd(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-N", &inodes.to_string(), "-J", "size=256"])
+                .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&img),
+        )?;
+        let mnt = self.path("ext4");
+        fs::create_dir(&mnt).ctx("mkdir ext4 mount point")?;
+        run_cmd(
+            Command::new("mount")
+                .args(["-t", "ext4", "-o", "loop"])
+                .arg(&img)
+                .arg(&mnt),
+        )?;
+        self.mounts.push(mnt.clone());
+        Ok(mnt)
+    }
+
+    /// A fresh tmpfs with room for `inodes` inodes.
+    fn mount_tmpfs(&mut self, inodes: usize) -> Res<PathBuf> {
+        let mnt = self.path("tmpfs");
+        fs::create_dir(&mnt).ctx("mkdir tmpfs mount point")?;
+        run_cmd(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("nr_inodes={inodes},size=4g,mode=0755"))
+                .arg("idmapped-bench")
+                .arg(&mnt),
+        )?;
+        self.mounts.push(mnt.clone());
+        Ok(mnt)
+    }
+
+    /// A directory (on the host's temporary directory) to attach idmapped
+    /// clones to.
+    fn attach_point(&self) -> Res<PathBuf> {
+        let p = self.path("idmapped");
+        fs::create_dir(&p).ctx("mkdir attach point")?;
+        Ok(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Normally not mounted: every timed attach is unmounted right away.
+        let _ = rustix::mount::unmount(self.path("idmapped"), UnmountFlags::DETACH);
+        for m in self.mounts.drain(..).rev() {
+            let res = rustix::mount::unmount(&m, UnmountFlags::empty())
+                .or_else(|_| rustix::mount::unmount(&m, UnmountFlags::DETACH));
+            if let Err(e) = res {
+                // Never let the directory removal walk into a mounted filesystem.
+                eprintln!(
+                    "bench: cannot unmount {}: {e}; leaving {} in place",
+                    m.display(),
+                    self.root.display()
+                );
+                if let Some(dir) = self.dir.take() {
+                    let _ = dir.keep();
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn machine_line() -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{} GiB", (kb + (1 << 19)) >> 20))
+        })
+        .unwrap_or_else(|| "? GiB".into());
+    format!(
+        "machine: {cores} cores (nproc), {mem} RAM, kernel {kernel}, load average {}; \
+         page cache warm (one untimed stat walk before every timed run)",
+        load_average()
+    )
+}
+
+/// The 1-minute load average: other work on the machine skews every figure.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Resident set size of this process, in MiB.
+fn rss_mib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+// ------------------------------------------------------------------- trees
+
+/// A generated tree: `root/dDDDD/fFFF`, `FILES_PER_DIR` files per directory.
+/// File `i` lives in directory `i / FILES_PER_DIR` and is owned on disk by
+/// `OWNERS[i % 4]` (uid and gid); directories by 0:0.
+struct Tree {
+    root: PathBuf,
+    n: usize,
+}
+
+fn dir_name(d: usize) -> String {
+    format!("d{d:04}")
+}
+
+fn file_name(j: usize) -> String {
+    format!("f{j:03}")
+}
+
+fn owner_of(i: usize) -> u32 {
+    OWNERS[i % OWNERS.len()]
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl Tree {
+    fn dirs(&self) -> usize {
+        self.n.div_ceil(FILES_PER_DIR)
+    }
+
+    /// The file indices in directory `d`.
+    fn files_in(&self, d: usize) -> std::ops::Range<usize> {
+        d * FILES_PER_DIR..((d + 1) * FILES_PER_DIR).min(self.n)
+    }
+
+    /// Run `f(dir index, dir fd)` for every directory, on all cores.
+    fn par_dirs(&self, f: impl Fn(usize, &OwnedFd) -> Res<()> + Sync) -> Res<()> {
+        let root = open_dir(&self.root)?;
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads())
+                .map(|_| {
+                    s.spawn(|| -> Res<()> {
+                        loop {
+                            let d = next.fetch_add(1, Ordering::Relaxed);
+                            if d >= self.dirs() {
+                                return Ok(());
+                            }
+                            let name = dir_name(d);
+                            let dfd = rustix::fs::openat(
+                                &root,
+                                &name,
+                                OFlags::RDONLY
+                                    | OFlags::DIRECTORY
+                                    | OFlags::NOFOLLOW
+                                    | OFlags::CLOEXEC,
+                                Mode::empty(),
+                            )
+                            .ctx(format_args!("open {name}"))?;
+                            f(d, &dfd)?;
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().map_err(|_| "worker panicked".to_string())?)
+        })
+    }
+
+    /// Create the tree with its starting owners (not timed).
+    fn create(root: PathBuf, n: usize) -> Res<Tree> {
+        fs::create_dir(&root).ctx(format_args!("mkdir {}", root.display()))?;
+        let tree = Tree { root, n };
+        let rootfd = open_dir(&tree.root)?;
+        for d in 0..tree.dirs() {
+            rustix::fs::mkdirat(&rootfd, dir_name(d), Mode::from_raw_mode(0o755)).ctx("mkdirat")?;
+        }
+        tree.par_dirs(|d, dfd| {
+            for i in tree.files_in(d) {
+                let fd = rustix::fs::openat(
+                    dfd,
+                    file_name(i % FILES_PER_DIR),
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .ctx("creating a file")?;
+                let id = owner_of(i);
+                rustix::fs::fchown(&fd, Some(uid(id)), Some(gid(id))).ctx("fchown")?;
+            }
+            Ok(())
+        })?;
+        Ok(tree)
+    }
+
+    /// Put every entry back to its starting owner (not timed).
+    fn reset_owners(&self) -> Res<()> {
+        self.par_dirs(|d, dfd| {
+            for i in self.files_in(d) {
+                let id = owner_of(i);
+                rustix::fs::chownat(
+                    dfd,
+                    file_name(i % FILES_PER_DIR),
+                    Some(uid(id)),
+                    Some(gid(id)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .ctx("chownat")?;
+            }
+            rustix::fs::fchown(dfd, Some(uid(0)), Some(gid(0))).ctx("fchown dir")
+        })?;
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            &self.root,
+            Some(uid(0)),
+            Some(gid(0)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .ctx("chown root")
+    }
+
+    /// The untimed warm-up before every timed run: read every directory and
+    /// stat every entry, so that dentries, inodes and directory blocks are
+    /// in memory.
+    fn warm(&self) -> Res<()> {
+        self.par_dirs(|_, dfd| {
+            let dir = rustix::fs::Dir::read_from(dfd).ctx("opendir")?;
+            for entry in dir {
+                let entry = entry.ctx("readdir")?;
+                let name = entry.file_name();
+                if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                    continue;
+                }
+                rustix::fs::statat(dfd, name, AtFlags::SYMLINK_NOFOLLOW).ctx("statat")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Check the owners of a sample (the first and last file of every
+    /// directory, and the root): `expect(on-disk start owner)` gives the
+    /// expected uid = gid.
+    fn check(&self, what: &str, expect: impl Fn(u32) -> u32) -> Res<()> {
+        self.check_at(&self.root, what, expect)
+    }
+
+    /// Like [`check`](Self::check), but looking at the tree through `root`
+    /// (e.g. an idmapped mount of it).
+    fn check_at(&self, root: &Path, what: &str, expect: impl Fn(u32) -> u32) -> Res<()> {
+        let probe = |path: PathBuf, start: u32| -> Res<()> {
+            let st = rustix::fs::statat(rustix::fs::CWD, &path, AtFlags::SYMLINK_NOFOLLOW)
+                .ctx(format_args!("stat {}", path.display()))?;
+            let want = expect(start);
+            if st.st_uid != want || st.st_gid != want {
+                return Err(format!(
+                    "{what}: {} is owned by {}:{}, expected {want}:{want}",
+                    path.display(),
+                    st.st_uid,
+                    st.st_gid
+                ));
+            }
+            Ok(())
+        };
+        probe(root.to_path_buf(), 0)?;
+        for d in 0..self.dirs() {
+            let files = self.files_in(d);
+            for i in [files.start, files.end - 1] {
+                let path = root.join(dir_name(d)).join(file_name(i % FILES_PER_DIR));
+                probe(path, owner_of(i))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn uid(id: u32) -> Uid {
+    Uid::from_raw(id)
+}
+
+fn gid(id: u32) -> Gid {
+    Gid::from_raw(id)
+}
+
+fn open_dir(path: &Path) -> Res<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx(format_args!("open {}", path.display()))
+}
+
+// ------------------------------------------------------------ walker seam
+
+/// The seam between the bench and the on-disk walker: everything the bench
+/// knows about it is here.
+mod walker {
+    use idmapped::chown::{shift_tree, ShiftOptions};
+    use idmapped::Mapping;
+    use std::path::Path;
+
+    /// Why the walker rows are not measured, when they are not.
+    pub const MISSING: Option<&str> = None;
+
+    /// Shift the ownership of `root` by `mapping` on `threads` threads (0 =
+    /// all cores); returns the number of entries visited.
+    pub fn shift(root: &Path, mapping: &Mapping, threads: usize) -> Result<u64, String> {
+        let options = ShiftOptions {
+            threads,
+            ..Default::default()
+        };
+        shift_tree(root, mapping, &options)
+            .map(|report| report.visited)
+            .map_err(|e| format!("shift_tree {}: {e}", root.display()))
+    }
+}
+
+// --------------------------------------------------------------- scenarios
+
+/// A scenario-1 method that changes the tree.
+struct Destructive<'a> {
+    method: &'a str,
+    note: &'a str,
+    op: &'a dyn Fn() -> Res<()>,
+    /// The uid = gid each sampled entry must have afterwards, from its
+    /// starting owner.
+    expect: &'a dyn Fn(u32) -> u32,
+}
+
+/// Scenario 1, one tree: every method, each leaving the tree at its
+/// starting owners.
+fn ownership(
+    cfg: &Config,
+    fs_name: &str,
+    tree: &Tree,
+    mapping: &Mapping,
+    attach: &Path,
+) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let n = Some(tree.n);
+    let shifted = |start: u32| start + SHIFT;
+
+    // (a) idmapped mount: from "have a mapping" to "attached".
+    let mut checked = false;
+    let stats = measure(
+        cfg.repeats * MICRO_FACTOR,
+        || Ok(()),
+        || {
+            time(|| {
+                let userns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
+                let attr = MountAttr::new().idmap(&userns);
+                let mount =
+                    DetachedMount::clone_with(&tree.root, false, &attr).ctx("clone_with")?;
+                mount.attach(attach).ctx("attach")
+            })
+        },
+        |()| {
+            if !checked {
+                tree.check_at(attach, "idmapped mount", shifted)?;
+                checked = true;
+            }
+            rustix::mount::unmount(attach, UnmountFlags::empty()).ctx("unmount the idmapped clone")
+        },
+    )?;
+    rows.push(
+        Row::new(
+            "ownership",
+            fs_name,
+            n,
+            "idmapped mount (userns + clone + idmap + attach)",
+        )
+        .measured(stats),
+    );
+
+    // (b), (c) the walker; (d) chown -R; each run is followed by a reset.
+    let chown_note = "sets one owner; the walker translates each id and stats every entry";
+    let destructive = [
+        Destructive {
+            method: "walker, 1 thread",
+            note: "",
+            op: &|| walker::shift(&tree.root, mapping, 1).map(drop),
+            expect: &shifted,
+        },
+        Destructive {
+            method: "walker, all cores",
+            note: "",
+            op: &|| walker::shift(&tree.root, mapping, 0).map(drop),
+            expect: &shifted,
+        },
+        Destructive {
+            method: "GNU chown -R 100000:100000",
+            note: chown_note,
+            op: &|| {
+                run_cmd(
+                    Command::new("chown")
+                        .args(["-R", CHOWN_TARGET])
+                        .arg(&tree.root),
+                )
+            },
+            expect: &|_| SHIFT,
+        },
+    ];
+    for Destructive {
+        method,
+        note,
+        op,
+        expect,
+    } in destructive
+    {
+        let is_walker = method.starts_with("walker");
+        if let (true, Some(why)) = (is_walker, walker::MISSING) {
+            rows.push(Row::new("ownership", fs_name, n, method).note(why));
+            continue;
+        }
+        let stats = measure(
+            cfg.repeats,
+            || tree.warm(),
+            || time(op),
+            |()| {
+                tree.check(method, expect)?;
+                tree.reset_owners()
+            },
+        )?;
+        rows.push(
+            Row::new("ownership", fs_name, n, method)
+                .measured(stats)
+                .note(note),
+        );
+    }
+
+    // (e) the walker again over a tree it has shifted already.
+    let method = "walker, all cores, second run (already shifted)";
+    if let Some(why) = walker::MISSING {
+        rows.push(Row::new("ownership", fs_name, n, method).note(why));
+    } else {
+        tree.warm()?;
+        walker::shift(&tree.root, mapping, 0)?;
+        let stats = measure(
+            cfg.repeats,
+            || tree.warm(),
+            || time(|| walker::shift(&tree.root, mapping, 0)),
+            |_| tree.check(method, shifted),
+        )?;
+        tree.reset_owners()?;
+        rows.push(Row::new("ownership", fs_name, n, method).measured(stats));
+    }
+    Ok(rows)
+}
+
+/// The baseline of scenario 2: what util-linux and xfstests do. fork(); the
+/// child unshares a user namespace, says so on a pipe and waits on another;
+/// the parent writes the maps, opens `/proc/PID/ns/user` and reaps the child.
+fn fork_userns(uid_map: &str, gid_map: &str) -> Res<OwnedFd> {
+    let flags = rustix::pipe::PipeFlags::CLOEXEC;
+    let (ready_r, ready_w) = rustix::pipe::pipe_with(flags).ctx("pipe")?;
+    let (go_r, go_w) = rustix::pipe::pipe_with(flags).ctx("pipe")?;
+    // SAFETY: after fork() the child runs only async-signal-safe raw system
+    // calls (unshare, write, read, _exit) on descriptors that stay open for
+    // its whole life, touches no lock or allocator, and never returns.
+    let pid = unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+            libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+            let mut byte = 0u8;
+            libc::read(go_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+        pid
+    };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    drop(ready_w);
+    drop(go_r);
+    let result = (|| -> Res<OwnedFd> {
+        let mut ok = [0u8];
+        let got = rustix::io::read(&ready_r, &mut ok).ctx("reading from the child")?;
+        if got != 1 || ok[0] != 1 {
+            return Err("the child could not unshare(CLONE_NEWUSER)".into());
+        }
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        fs::write(proc.join("uid_map"), uid_map).ctx("writing uid_map")?;
+        fs::write(proc.join("gid_map"), gid_map).ctx("writing gid_map")?;
+        rustix::fs::open(
+            proc.join("ns/user"),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("opening the namespace")
+    })();
+    // Release and reap the child on every path.
+    let _ = rustix::io::write(&go_w, b"x");
+    let child = rustix::process::Pid::from_raw(pid);
+    rustix::process::waitpid(child, rustix::process::WaitOptions::empty()).ctx("waitpid")?;
+    result
+}
+
+/// Scenario 2: user-namespace creation, in a small and in a 2 GiB caller.
+fn userns_creation(cfg: &Config, mapping: &Mapping) -> Res<Vec<Row>> {
+    let uid_map = mapping.uids().to_proc_string();
+    let gid_map = mapping.gids().to_proc_string();
+    let runs = cfg.repeats * MICRO_FACTOR;
+    let mut rows = Vec::new();
+    let mut measure_both = |label: &str| -> Res<()> {
+        let rss = rss_mib();
+        let caller = format!("caller RSS {rss} MiB ({label})");
+        let ours = measure(
+            runs,
+            || Ok(()),
+            || time(|| UserNamespace::from_mapping(mapping).ctx("from_mapping")),
+            |ns| {
+                drop(ns);
+                Ok(())
+            },
+        )?;
+        rows.push(
+            Row::new(
+                "userns",
+                label,
+                None,
+                "ours: UserNamespace::from_mapping (clone CLONE_VM)",
+            )
+            .measured(ours)
+            .note(caller.clone()),
+        );
+        // fork() of a 2 GiB caller costs ~0.1 s a call: fewer runs.
+        let forked = measure(
+            cfg.repeats * FORK_FACTOR,
+            || Ok(()),
+            || time(|| fork_userns(&uid_map, &gid_map)),
+            |fd| {
+                drop(fd);
+                Ok(())
+            },
+        )?;
+        rows.push(
+            Row::new(
+                "userns",
+                label,
+                None,
+                "baseline: fork + unshare(CLONE_NEWUSER)",
+            )
+            .measured(forked)
+            .note(caller),
+        );
+        Ok(())
+    };
+    measure_both("small caller")?;
+    // Allocate and touch 2 GiB: fork() must copy the page tables that map it.
+    let mut ballast = vec![0u8; BALLAST_BYTES];
+    for i in (0..ballast.len()).step_by(4096) {
+        ballast[i] = 1;
+    }
+    std::hint::black_box(&mut ballast);
+    measure_both("2 GiB caller")?;
+    drop(ballast);
+    Ok(rows)
+}
+
+/// Scenario 3: one idmapped clone with open_tree_attr against open_tree +
+/// mount_setattr (exactly the library's fallback path).
+fn mount_calls(cfg: &Config, fs_name: &str, path: &Path, userns: &UserNamespace) -> Res<Vec<Row>> {
+    let runs = cfg.repeats * MICRO_FACTOR;
+    let attr = MountAttr::new().idmap(userns);
+    let mut rows = Vec::new();
+    let method = "open_tree_attr (one call)";
+    match probe::features().open_tree_attr {
+        Availability::Available => {
+            let stats = measure(
+                runs,
+                || Ok(()),
+                || time(|| DetachedMount::clone_with(path, false, &attr).ctx("clone_with")),
+                |m| {
+                    drop(m);
+                    Ok(())
+                },
+            )?;
+            rows.push(Row::new("mount calls", fs_name, None, method).measured(stats));
+        }
+        other => rows.push(
+            Row::new("mount calls", fs_name, None, method)
+                .note(format!("open_tree_attr not usable here: {other:?}")),
+        ),
+    }
+    let stats = measure(
+        runs,
+        || Ok(()),
+        || {
+            time(|| {
+                let mut m = DetachedMount::clone_tree(path, false).ctx("clone_tree")?;
+                m.set_attr(&attr).ctx("set_attr")?;
+                Ok(m)
+            })
+        },
+        |m| {
+            drop(m);
+            Ok(())
+        },
+    )?;
+    rows.push(
+        Row::new(
+            "mount calls",
+            fs_name,
+            None,
+            "open_tree + mount_setattr (two calls)",
+        )
+        .measured(stats),
+    );
+    Ok(rows)
+}
+
+// ------------------------------------------------------------------ ratios
+
+/// Looks up figures by (scenario, fs, n, method).
+struct Results<'a> {
+    by_key: BTreeMap<(&'a str, &'a str, Option<usize>, &'a str), Stats>,
+}
+
+impl<'a> Results<'a> {
+    fn new(rows: &'a [Row]) -> Results<'a> {
+        let by_key = rows
+            .iter()
+            .filter_map(|r| {
+                let s = r.stats?;
+                Some(((r.scenario, r.fs.as_str(), r.n, r.method.as_str()), s))
+            })
+            .collect();
+        Results { by_key }
+    }
+
+    fn get(&self, scenario: &str, fs: &str, n: Option<usize>, method: &str) -> Option<Duration> {
+        self.by_key
+            .iter()
+            .find(|((s, f, k, m), _)| {
+                *s == scenario && *f == fs && *k == n && m.starts_with(method)
+            })
+            .map(|(_, st)| st.median)
+    }
+}
+
+struct Ratio {
+    what: String,
+    value: Option<f64>,
+    target: Option<(Target, f64)>,
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    AtMost,
+    AtLeast,
+}
+
+impl Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "- {}: ", self.what)?;
+        let Some(v) = self.value else {
+            return f.write_str("not measured");
+        };
+        if v >= 100.0 {
+            write!(f, "{v:.0}x")?;
+        } else {
+            write!(f, "{v:.2}x")?;
+        }
+        if let Some((t, limit)) = self.target {
+            let (met, sym) = match t {
+                Target::AtMost => (v <= limit, "<="),
+                Target::AtLeast => (v >= limit, ">="),
+            };
+            let verdict = if met { "met" } else { "MISSED" };
+            write!(f, " (target {sym} {limit}: {verdict})")?;
+        }
+        Ok(())
+    }
+}
+
+fn ratio(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
+    Some(a?.as_secs_f64() / b?.as_secs_f64())
+}
+
+fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
+    let r = Results::new(rows);
+    let mut out = Vec::new();
+    let idmap = |fs, n| r.get("ownership", fs, Some(n), "idmapped mount");
+    let walk1 = |fs, n| r.get("ownership", fs, Some(n), "walker, 1 thread");
+    let walk_all = |fs, n| r.get("ownership", fs, Some(n), "walker, all cores");
+    let chown = |fs, n| r.get("ownership", fs, Some(n), "GNU chown -R");
+    let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
+    for &fs in fss {
+        for &n in sizes {
+            let big = n == 1_000_000;
+            out.push(Ratio {
+                what: format!("{fs}, N={}: walker (1 thread) / idmap", fmt_n(n)),
+                value: ratio(walk1(fs, n), idmap(fs, n)),
+                target: big.then_some((Target::AtLeast, 1000.0)),
+            });
+            out.push(Ratio {
+                what: format!("{fs}, N={}: walker (all cores) / idmap", fmt_n(n)),
+                value: ratio(walk_all(fs, n), idmap(fs, n)),
+                target: big.then_some((Target::AtLeast, 1000.0)),
+            });
+        }
+        out.push(Ratio {
+            what: format!("{fs}: idmap at {} / idmap at {}", fmt_n(last), fmt_n(first)),
+            value: ratio(idmap(fs, last), idmap(fs, first)),
+            target: Some((Target::AtMost, 2.0)),
+        });
+        for &n in sizes {
+            out.push(Ratio {
+                what: format!("{fs}, N={}: walker (all cores) / GNU chown -R", fmt_n(n)),
+                value: ratio(walk_all(fs, n), chown(fs, n)),
+                target: Some((Target::AtMost, 1.0)),
+            });
+        }
+    }
+    for (who, method) in [("ours", "ours"), ("fork baseline", "baseline")] {
+        out.push(Ratio {
+            what: format!("userns creation, {who}: 2 GiB caller / small caller"),
+            value: ratio(
+                r.get("userns", "2 GiB caller", None, method),
+                r.get("userns", "small caller", None, method),
+            ),
+            target: (who == "ours").then_some((Target::AtMost, 2.0)),
+        });
+    }
+    for &fs in fss {
+        out.push(Ratio {
+            what: format!("{fs}: open_tree + mount_setattr / open_tree_attr"),
+            value: ratio(
+                r.get("mount calls", fs, None, "open_tree + mount_setattr"),
+                r.get("mount calls", fs, None, "open_tree_attr"),
+            ),
+            target: None,
+        });
+    }
+    out
+}
+
+// -------------------------------------------------------------------- main
+
+fn run(cfg: &Config) -> Res<()> {
+    let started = Instant::now();
+    isolate()?;
+    let sizes: &[usize] = if cfg.quick { &SIZES_QUICK } else { &SIZES_FULL };
+    let total: usize = sizes.iter().sum();
+    let inodes = total + total / FILES_PER_DIR + 10_000;
+    let mapping = Mapping::parse_map_mount([MAP]).ctx("mapping")?;
+    println!("{}", machine_line());
+    println!(
+        "mapping {MAP} (on-disk 0..65535 seen as 100000..165535); trees of N files, \
+         {FILES_PER_DIR} per directory, owned on disk by {OWNERS:?}; runs: {} per figure \
+         ({} for microsecond-scale figures)",
+        cfg.repeats,
+        cfg.repeats * MICRO_FACTOR
+    );
+    println!("open_tree_attr: {:?}", probe::features().open_tree_attr);
+
+    let mut scratch = Scratch::new()?;
+    let mut rows = Vec::new();
+
+    let progress = |what: String| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+
+    // Scenario 2 first, while the process is small.
+    if cfg.runs(Scenario::Userns) {
+        progress("user-namespace creation".into());
+        rows.extend(userns_creation(cfg, &mapping)?);
+    }
+
+    let fss = if cfg.runs(Scenario::Ownership) || cfg.runs(Scenario::MountCalls) {
+        vec![
+            ("ext4", scratch.mount_ext4(inodes)?),
+            ("tmpfs", scratch.mount_tmpfs(inodes)?),
+        ]
+    } else {
+        Vec::new()
+    };
+    let attach = scratch.attach_point()?;
+    let userns = UserNamespace::from_mapping(&mapping).ctx("user namespace")?;
+    for (fs_name, mnt) in &fss {
+        let sizes = if cfg.runs(Scenario::Ownership) {
+            sizes
+        } else {
+            &sizes[..1]
+        };
+        for &n in sizes {
+            progress(format!("{fs_name}: creating {} files", fmt_n(n)));
+            let tree = Tree::create(mnt.join(format!("tree-{n}")), n)?;
+            tree.check("freshly created tree", |start| start)?;
+            if cfg.runs(Scenario::Ownership) {
+                progress(format!("{fs_name}: ownership, N={}", fmt_n(n)));
+                rows.extend(ownership(cfg, fs_name, &tree, &mapping, &attach)?);
+            }
+            if cfg.runs(Scenario::MountCalls) && n == sizes[0] {
+                progress(format!("{fs_name}: mount calls"));
+                rows.extend(mount_calls(cfg, fs_name, &tree.root, &userns)?);
+            }
+        }
+    }
+    drop(userns);
+
+    println!();
+    print_table(&rows);
+    println!();
+    println!("Ratios (medians):");
+    let names: Vec<&str> = fss.iter().map(|(n, _)| *n).collect();
+    for r in ratios(&rows, &names, sizes) {
+        println!("{r}");
+    }
+    if let Some(csv) = &cfg.csv {
+        write_csv(csv, &rows)?;
+        println!("\nrows written to {}", csv.display());
+    }
+    drop(scratch);
+    println!(
+        "total time {:.0} s; load average at the end {}",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    Ok(())
+}
