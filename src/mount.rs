@@ -195,6 +195,15 @@ impl<'a> MountAttr<'a> {
         self
     }
 
+    /// True when applying this would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+            && self.clear.is_empty()
+            && self.atime.is_none()
+            && self.propagation.is_none()
+            && matches!(self.idmap, IdmapChange::Keep)
+    }
+
     fn userns(&self) -> Option<&'a UserNamespace> {
         match self.idmap {
             IdmapChange::Set(ns) => Some(ns),
@@ -377,6 +386,10 @@ impl DetachedMount {
     ) -> Result<DetachedMount> {
         let path = path.as_ref();
         let raw = attr.to_raw()?;
+        // A plain bind-style clone needs neither newer call: Linux 5.2 suffices.
+        if attr.is_empty() {
+            return DetachedMount::clone_tree(path, recursive);
+        }
         if probe::features().open_tree_attr == Availability::Available {
             let cp = cpath(path)?;
             let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | at_flags(recursive);
@@ -423,6 +436,9 @@ impl DetachedMount {
     #[doc(alias = "mount_setattr")]
     pub fn set_attr(&mut self, attr: &MountAttr<'_>) -> Result<()> {
         let raw = attr.to_raw()?;
+        if attr.is_empty() {
+            return Ok(());
+        }
         let flags = libc::AT_EMPTY_PATH as u32 | at_flags(self.recursive);
         sys::mount_setattr(self.fd.as_fd(), c"", flags, &raw).map_err(|e| {
             let err = Error::sys(

@@ -56,18 +56,21 @@ fn design_example(relative: bool) {
 #[test]
 fn design_example_with_absolute_paths() {
     privileged!();
+    needs_mount_setattr!();
     design_example(false);
 }
 
 #[test]
 fn design_example_with_relative_paths() {
     privileged!();
+    needs_mount_setattr!();
     design_example(true);
 }
 
 #[test]
 fn map_mount_is_repeatable_in_both_spellings() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = fs.path("src");
     std::fs::create_dir(&src).unwrap();
@@ -89,6 +92,7 @@ fn map_mount_is_repeatable_in_both_spellings() {
 #[test]
 fn uid_and_gid_maps_are_separate() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = example_source(&fs);
     let target = fs.scratch("target");
@@ -152,6 +156,7 @@ impl Drop for UsernsHolder {
 #[test]
 fn map_mount_accepts_a_user_namespace_path() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = example_source(&fs);
     let target = fs.scratch("target");
@@ -182,6 +187,7 @@ fn map_mount_accepts_a_user_namespace_path() {
 #[test]
 fn check_says_whether_and_why() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let run = cli(&["--check", s(&fs.root)]).expect(0);
     assert!(run.stdout.contains("can be idmapped"), "{run:#?}");
@@ -212,6 +218,7 @@ fn check_says_whether_and_why() {
 #[test]
 fn check_recursive_names_the_blocking_submount() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let blocker = fs.path("proc");
     std::fs::create_dir(&blocker).unwrap();
@@ -307,6 +314,7 @@ fn help_and_version() {
 #[test]
 fn failures_exit_1_and_leave_nothing_mounted() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let target = fs.scratch("target");
 
@@ -357,6 +365,7 @@ fn failures_exit_1_and_leave_nothing_mounted() {
 #[test]
 fn json_says_what_was_done() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = example_source(&fs);
     let target = fs.scratch("target");
@@ -391,6 +400,7 @@ fn json_says_what_was_done() {
 #[test]
 fn file_onto_file() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = example_source(&fs);
     let target = fs.scratch("t").join("target");
@@ -421,6 +431,7 @@ fn mount_options(path: &Path) -> (Vec<String>, Vec<String>) {
 #[test]
 fn mount_attributes_take_effect() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = example_source(&fs);
     std::os::unix::fs::symlink("a", src.join("link")).unwrap();
@@ -455,6 +466,7 @@ fn mount_attributes_take_effect() {
 #[serial]
 fn demo_prints_on_disk_and_seen_owners_and_cleans_up() {
     privileged!();
+    needs_mount_setattr!();
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(common::cli_binary())
         .arg("--demo")

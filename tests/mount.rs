@@ -35,6 +35,7 @@ fn idmap_at(source: &Path, target: &Path, m: &Mapping, recursive: bool) {
 #[serial]
 fn translation_example_end_to_end() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let src = fs.path("src");
     std::fs::create_dir(&src).unwrap();
@@ -65,6 +66,7 @@ fn translation_example_end_to_end() {
 #[serial]
 fn tmpfs_can_be_idmapped_on_this_kernel() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::tmpfs();
     let src = fs.path("d");
     std::fs::create_dir(&src).unwrap();
@@ -88,6 +90,7 @@ fn tmpfs_can_be_idmapped_on_this_kernel() {
 #[serial]
 fn recursive_means_recursive_in_both_calls() {
     privileged!();
+    needs_mount_setattr!();
     let outer = TestFs::ext4();
     let inner = TestFs::ext4();
     let src = outer.path("src");
@@ -130,6 +133,7 @@ fn recursive_means_recursive_in_both_calls() {
 #[serial]
 fn recursive_failure_names_the_submount_and_its_fs() {
     privileged!();
+    needs_mount_setattr!();
     let outer = TestFs::ext4();
     let src = outer.path("src");
     let blocker = src.join("proc");
@@ -159,6 +163,7 @@ fn recursive_failure_names_the_submount_and_its_fs() {
 #[serial]
 fn error_kinds_are_diagnosed() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let ns = UserNamespace::from_mapping(&example_mapping()).unwrap();
     let idmap = MountAttr::new().idmap(&ns);
@@ -228,6 +233,7 @@ fn error_kinds_are_diagnosed() {
 #[serial]
 fn userns_without_maps_is_diagnosed() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     // A process in a new user namespace whose maps are never written.
     let mut child = std::process::Command::new("unshare")
@@ -258,6 +264,7 @@ fn userns_without_maps_is_diagnosed() {
 #[serial]
 fn replace_and_clear_an_idmap_and_read_it_back() {
     privileged!();
+    needs_mount_setattr!();
     let f = probe::features();
     if f.open_tree_attr != Availability::Available || f.statmount_idmap != Availability::Available {
         if std::env::var_os("IDMAPPED_FORCE_FALLBACK").is_some() {
@@ -323,6 +330,7 @@ fn privileged_replace_clear() {
 #[serial]
 fn attributes_apply_to_the_clone() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     touch_owned(&fs.path("f"), 0, 0);
     let t = fs.scratch("t");
@@ -351,6 +359,7 @@ fn attributes_apply_to_the_clone() {
 #[serial]
 fn file_onto_file() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     touch_owned(&fs.path("file"), 1000, 1000);
     let target = fs.scratch("t").join("target");
@@ -364,6 +373,7 @@ fn file_onto_file() {
 #[serial]
 fn no_leaks_over_10000_cycles() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     let m = example_mapping();
     // Warm up lazily created state (probe cache, features) before counting.
@@ -391,6 +401,7 @@ fn idmap_clone_and_drop(src: &Path, m: &Mapping) {
 #[serial]
 fn eight_threads_at_once() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4();
     touch_owned(&fs.path("f"), 1000, 1000);
     let children = common::child_count();

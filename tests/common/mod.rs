@@ -39,6 +39,27 @@ macro_rules! privileged {
     };
 }
 
+/// Skip (printing why) when the kernel lacks `mount_setattr` (Linux < 5.12),
+/// so the test cannot idmap at all; with `CI` set (CI runs on a kernel that
+/// has it) fail instead. The test VMs run these tests on 5.10 too, where
+/// they say so and the matrix test checks the typed "kernel too old" errors.
+#[macro_export]
+macro_rules! needs_mount_setattr {
+    () => {
+        if idmapped::probe::features().mount_setattr != idmapped::probe::Availability::Available {
+            let why = format!(
+                "the kernel lacks mount_setattr (Linux 5.12): {:?}",
+                idmapped::probe::features()
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
 /// Give the calling thread its own mount namespace with `/` recursively
 /// private, so mounts made by this test propagate nowhere.
 pub fn private_mount_namespace() {
@@ -337,4 +358,15 @@ pub fn assert_design_example(src: &Path, target: &Path) {
     });
     assert_eq!(owner(&src.join("new")), (1000, 1000));
     assert_eq!(owner(&target.join("new")), (11000, 11000));
+}
+
+/// Whether the running kernel is at least `major.minor` (for tests whose
+/// expectation changed with a kernel release; the library itself probes).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
 }
