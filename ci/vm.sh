@@ -243,7 +243,7 @@ echo "vm.sh: initramfs images built ($(elapsed "$t")s): $(du -ch "$work"/*.initr
 # --- 6. boot ---------------------------------------------------------------
 progress() { # the console lines to show while a VM runs
 	if ((quiet)); then
-		grep -a --line-buffered -E 'VM-TEST-|VM-EXIT-STATUS|^test result:|Kernel panic|init: (kernel|WARNING|modules that failed)' || true
+		grep -a --line-buffered -E 'VM-TEST-|VM-EXIT-STATUS|^test result:|SKIPPED|panicked|Kernel panic|init: (kernel|WARNING|modules that failed)' || true
 	else
 		cat
 	fi
