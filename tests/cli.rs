@@ -581,3 +581,59 @@ mod json {
         (n > 0).then(|| &s[n..])
     }
 }
+
+/// `--strategy=chown` shifts SOURCE on disk and bind-mounts it: the same
+/// view as the idmapped mount, the disk changed, and `--json` carries the
+/// walker's report; `--strategy=auto` on ext4 idmaps.
+#[test]
+#[serial]
+fn chown_and_auto_strategies() {
+    privileged!();
+    needs_mount_setattr!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    let run = cli(&[
+        "--json",
+        "--strategy=chown",
+        "--out-of-range=overflow",
+        "--nodev",
+        EXAMPLE,
+        s(&src),
+        s(&target),
+    ])
+    .expect(0);
+    // Seen through TARGET as through an idmapped mount...
+    assert_eq!(owner(&target.join("a")), (11000, 11000));
+    // ...because SOURCE itself was shifted (15000 lies in the seen range, so
+    // the walker counts it as shifted already: see the README).
+    assert_eq!(owner(&src.join("a")), (11000, 11000));
+    assert!(mount_options(&target).0.iter().any(|o| o == "nodev"));
+    let json = one_json_object(&run.stdout);
+    for key in [
+        r#""strategy":"chown""#,
+        r#""requested_strategy":"chown""#,
+        r#""fallback":null"#,
+        r#""visited":3"#,
+        r#""already_shifted":1"#,
+        r#""changed":2"#,
+        r#""kernel_path":null"#,
+    ] {
+        assert!(json.contains(key), "{key} missing: {json}");
+    }
+
+    let src2 = fs.path("src2");
+    std::fs::create_dir(&src2).unwrap();
+    touch_owned(&src2.join("a"), 1000, 1000);
+    let target2 = fs.scratch("target2");
+    let run = cli(&["--json", "--strategy=auto", EXAMPLE, s(&src2), s(&target2)]).expect(0);
+    let json = one_json_object(&run.stdout);
+    assert!(json.contains(r#""strategy":"idmap""#), "{json}");
+    assert!(json.contains(r#""requested_strategy":"auto""#), "{json}");
+    assert_eq!(owner(&target2.join("a")), (11000, 11000));
+    assert_eq!(
+        owner(&src2.join("a")),
+        (1000, 1000),
+        "auto must not chown here"
+    );
+}
