@@ -63,6 +63,8 @@ const SHARDS: usize = 64;
 /// The fewest names of one directory handed to another worker: below this the
 /// hand-over (a dup, a wake-up) costs about what the names do.
 const MIN_PART: usize = 64;
+/// How long an idle worker waits for work before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The identity and attributes of one inode as `statx` reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +179,8 @@ struct Ctx<'a> {
     waiting: AtomicUsize,
     /// Mirror of `Queue::items.len()`, likewise.
     queued: AtomicUsize,
+    /// Mirror of `Queue::finished`, likewise.
+    done: AtomicBool,
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
     visited: AtomicU64,
@@ -1296,10 +1300,27 @@ fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
                 if q.idle == q.workers {
                     // Nobody is walking and nothing is queued: done.
                     q.finished = true;
+                    ctx.done.store(true, Ordering::Relaxed);
                     ctx.cv.notify_all();
                     break None;
                 }
-                q = ctx.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                // Work usually comes within microseconds (a worker splits its
+                // directory as soon as it sees this one idle): wait for it
+                // awake for a moment, since waking a sleeping thread can
+                // take a millisecond (an idle virtual CPU). Still counted idle.
+                drop(q);
+                let since = Instant::now();
+                while ctx.queued.load(Ordering::Relaxed) == 0
+                    && !ctx.done.load(Ordering::Relaxed)
+                    && !ctx.aborted()
+                    && since.elapsed() < SPIN
+                {
+                    std::hint::spin_loop();
+                }
+                q = lock(&ctx.queue);
+                if q.items.is_empty() && !q.finished && !ctx.aborted() {
+                    q = ctx.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                }
                 q.idle -= 1;
                 ctx.waiting.store(q.idle, Ordering::Relaxed);
             }
@@ -1410,6 +1431,7 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         cv: Condvar::new(),
         waiting: AtomicUsize::new(0),
         queued: AtomicUsize::new(1),
+        done: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         visited: AtomicU64::new(0),
