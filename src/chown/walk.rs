@@ -7,6 +7,9 @@
 //! checked to be the same inode, so depth costs neither descriptors nor
 //! quadratic reopening. Idle workers are fed subtrees: a worker about to
 //! descend hands the already-opened directory to the shared queue instead.
+//! A large directory is shared too: while a worker goes through its names and
+//! another is idle, it hands the back half of the names still to do (with a
+//! duplicate of the directory's descriptor) to the queue.
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;
@@ -57,6 +60,11 @@ const DIRENT_BUF: usize = 256 * 1024;
 const PROGRESS_EVERY: u64 = 4096;
 /// Hard-link table shards, so threads rarely contend on one lock.
 const SHARDS: usize = 64;
+/// The fewest names of one directory handed to another worker: below this the
+/// hand-over (a dup, a wake-up) costs about what the names do.
+const MIN_PART: usize = 64;
+/// How long an idle worker waits for work before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The identity and attributes of one inode as `statx` reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +139,20 @@ impl Counts {
 }
 
 /// A directory, already opened, checked and shifted itself, whose contents
-/// are still to be walked.
+/// are still to be walked: all of them, or only the names of `part`.
 struct Work {
     fd: OwnedFd,
     meta: Meta,
     path: PathBuf,
+    part: Option<Part>,
+}
+
+/// Some names of a directory, read by the worker that split them off.
+struct Part {
+    /// The names, each with its NUL.
+    names: Vec<u8>,
+    /// Where each name starts in `names`.
+    starts: Vec<usize>,
 }
 
 struct Queue {
@@ -160,6 +177,10 @@ struct Ctx<'a> {
     cv: Condvar,
     /// Mirror of `Queue::idle`, read without the lock on the hot path.
     waiting: AtomicUsize,
+    /// Mirror of `Queue::items.len()`, likewise.
+    queued: AtomicUsize,
+    /// Mirror of `Queue::finished`, likewise.
+    done: AtomicBool,
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
     visited: AtomicU64,
@@ -198,8 +219,28 @@ impl Ctx<'_> {
             return Some(work);
         }
         q.items.push(work);
+        self.queued.store(q.items.len(), Ordering::Relaxed);
         self.cv.notify_one();
         None
+    }
+
+    /// Whether a worker is idle with nothing queued for it yet (no lock taken).
+    fn hungry(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queue the work `make` builds if a worker is idle with nothing queued
+    /// for it; false if none is (or `make` declines).
+    fn feed(&self, make: impl FnOnce() -> Option<Work>) -> bool {
+        let mut q = lock(&self.queue);
+        if q.items.len() >= q.idle || q.finished {
+            return false;
+        }
+        let Some(work) = make() else { return false };
+        q.items.push(work);
+        self.queued.store(q.items.len(), Ordering::Relaxed);
+        self.cv.notify_one();
+        true
     }
 
     /// Claim a multiply-linked inode for this run; false if already claimed.
@@ -502,6 +543,26 @@ impl<'c, 'a> Worker<'c, 'a> {
         Ok((nu, ng))
     }
 
+    /// Like [`owner`](Self::owner) where the mapping covers both ids; None
+    /// (and nothing counted) where it does not.
+    fn owner_covered(&mut self, uid: u32, gid: u32) -> Option<(u32, u32)> {
+        let (cu, cg) = (classify(self.ctx.uids, uid), classify(self.ctx.gids, gid));
+        let nu = match cu {
+            Class::Shift(n) => n,
+            Class::Already => uid,
+            Class::Outside => return None,
+        };
+        let ng = match cg {
+            Class::Shift(n) => n,
+            Class::Already => gid,
+            Class::Outside => return None,
+        };
+        if matches!((cu, cg), (Class::Already, Class::Already)) {
+            self.counts.already += 1;
+        }
+        Some((nu, ng))
+    }
+
     /// `/proc/self/fd/<dir>/<name>`: names exactly `name` in the held
     /// directory; with the `l*` xattr calls its last component is not followed.
     fn proc_entry_path(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> &CStr {
@@ -587,24 +648,62 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.dirent = dirent;
         let names = std::mem::take(&mut self.names);
         let starts = std::mem::take(&mut self.starts);
+        let result = self.visit_names(dir, dmeta, path, &names, &starts);
+        self.names = names;
+        self.starts = starts;
+        result
+    }
+
+    /// Visit the names of `dir` listed by `names` and `starts` (as [`scan`]
+    /// collects them); return the subdirectories. While another worker is
+    /// idle, the back half of the names still to do goes to it.
+    ///
+    /// [`scan`]: Self::scan
+    fn visit_names(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        dmeta: &Meta,
+        path: &Path,
+        names: &[u8],
+        starts: &[usize],
+    ) -> Result<Vec<SubDir>> {
         let mut subdirs = Vec::new();
-        let mut result = Ok(());
-        for (i, &start) in starts.iter().enumerate() {
+        let mut to = starts.len();
+        let mut i = 0;
+        while i < to {
             if self.ctx.aborted() {
                 break;
             }
+            if to - i >= 2 * MIN_PART && self.ctx.hungry() {
+                let cut = i + (to - i) / 2;
+                let end = starts.get(to).copied().unwrap_or(names.len());
+                let fed = self.ctx.feed(|| {
+                    // No descriptor to spare: keep the names.
+                    let fd = rustix::io::fcntl_dupfd_cloexec(dir, 0).ok()?;
+                    let base = starts[cut];
+                    Some(Work {
+                        fd,
+                        meta: *dmeta,
+                        path: path.to_path_buf(),
+                        part: Some(Part {
+                            names: names[base..end].to_vec(),
+                            starts: starts[cut..to].iter().map(|s| s - base).collect(),
+                        }),
+                    })
+                });
+                if fed {
+                    to = cut;
+                }
+            }
+            let start = starts[i];
             let end = starts.get(i + 1).copied().unwrap_or(names.len());
+            i += 1;
             let Ok(name) = CStr::from_bytes_with_nul(&names[start..end]) else {
                 continue;
             };
-            if let Err(e) = self.visit(dir, dmeta, path, name, &mut subdirs) {
-                result = Err(e);
-                break;
-            }
+            self.visit(dir, dmeta, path, name, &mut subdirs)?;
         }
-        self.names = names;
-        self.starts = starts;
-        result.map(|()| subdirs)
+        Ok(subdirs)
     }
 
     /// Look at one name: a directory goes to `subdirs`, anything else is shifted now.
@@ -692,7 +791,11 @@ impl<'c, 'a> Worker<'c, 'a> {
             // drops on chown needs restoring. One call, relative to the held
             // directory, not following a symlink: a swapped entry can at worst
             // be another entry of this directory, never something outside.
-            let (nu, ng) = self.owner(st.uid, st.gid, &path())?;
+            let (nu, ng) = match self.owner_covered(st.uid, st.gid) {
+                Some(ids) => ids,
+                // The out-of-range policy may fail, naming the entry.
+                None => self.owner(st.uid, st.gid, &path())?,
+            };
             if (nu, ng) != (st.uid, st.gid) {
                 if !self.ctx.opts.dry_run {
                     match rfs::chownat(
@@ -968,8 +1071,16 @@ impl<'c, 'a> Worker<'c, 'a> {
 
     /// Walk the contents of one directory (already shifted itself).
     fn run_subtree(&mut self, work: Work) -> Result<()> {
-        let Work { fd, meta, mut path } = work;
-        let subdirs = self.scan(fd.as_fd(), &meta, &path)?;
+        let Work {
+            fd,
+            meta,
+            mut path,
+            part,
+        } = work;
+        let subdirs = match part {
+            None => self.scan(fd.as_fd(), &meta, &path)?,
+            Some(p) => self.visit_names(fd.as_fd(), &meta, &path, &p.names, &p.starts)?,
+        };
         let mut stack = vec![Frame {
             fd: Some(fd),
             meta,
@@ -1068,6 +1179,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                     fd: cfd,
                     meta: cmeta,
                     path: path.clone(),
+                    part: None,
                 };
                 match self.ctx.offer(work) {
                     None => {
@@ -1180,6 +1292,7 @@ fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
                     break None;
                 }
                 if let Some(it) = q.items.pop() {
+                    ctx.queued.store(q.items.len(), Ordering::Relaxed);
                     break Some(it);
                 }
                 q.idle += 1;
@@ -1187,10 +1300,27 @@ fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
                 if q.idle == q.workers {
                     // Nobody is walking and nothing is queued: done.
                     q.finished = true;
+                    ctx.done.store(true, Ordering::Relaxed);
                     ctx.cv.notify_all();
                     break None;
                 }
-                q = ctx.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                // Work usually comes within microseconds (a worker splits its
+                // directory as soon as it sees this one idle): wait for it
+                // awake for a moment, since waking a sleeping thread can
+                // take a millisecond (an idle virtual CPU). Still counted idle.
+                drop(q);
+                let since = Instant::now();
+                while ctx.queued.load(Ordering::Relaxed) == 0
+                    && !ctx.done.load(Ordering::Relaxed)
+                    && !ctx.aborted()
+                    && since.elapsed() < SPIN
+                {
+                    std::hint::spin_loop();
+                }
+                q = lock(&ctx.queue);
+                if q.items.is_empty() && !q.finished && !ctx.aborted() {
+                    q = ctx.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+                }
                 q.idle -= 1;
                 ctx.waiting.store(q.idle, Ordering::Relaxed);
             }
@@ -1292,6 +1422,7 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
                 fd: work_fd,
                 meta: root_meta,
                 path: root.to_path_buf(),
+                part: None,
             }],
             workers: 0,
             idle: 0,
@@ -1299,6 +1430,8 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         }),
         cv: Condvar::new(),
         waiting: AtomicUsize::new(0),
+        queued: AtomicUsize::new(1),
+        done: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         visited: AtomicU64::new(0),
