@@ -302,6 +302,13 @@ impl Rng {
 /// sockets, character devices, hard links. Ids are mostly below 3000;
 /// `out_of_range_pct` percent are 200000+ (outside `b:0:100000:65536`).
 pub fn random_tree(root: &Path, seed: u64, n: usize, out_of_range_pct: u64) {
+    random_tree_shaped(root, seed, n, out_of_range_pct, 15);
+}
+
+/// [`random_tree`] where only `dir_pct` % of the entries are directories
+/// (15 in `random_tree`); the others that would have been become files.
+/// Few directories means large ones, which the walker splits across workers.
+pub fn random_tree_shaped(root: &Path, seed: u64, n: usize, out_of_range_pct: u64, dir_pct: u64) {
     let mut r = Rng::new(seed);
     let mut dirs = vec![root.to_path_buf()];
     let mut files: Vec<PathBuf> = Vec::new();
@@ -321,7 +328,11 @@ pub fn random_tree(root: &Path, seed: u64, n: usize, out_of_range_pct: u64) {
         };
         let p = dirs[d].join(format!("e{i}"));
         let (uid, gid) = (id(&mut r), id(&mut r));
-        match r.below(100) {
+        let roll = match r.below(100) {
+            roll if roll < 15 && roll >= dir_pct => 15,
+            roll => roll,
+        };
+        match roll {
             0..=14 => {
                 fs::create_dir(&p).unwrap();
                 lchown(&p, uid, gid);
@@ -509,6 +520,38 @@ fn shifted_tree_equals_the_idmapped_mount_view() {
         &idmapped_view,
         &snapshot(&root),
         "idmapped view vs shifted tree",
+    );
+}
+
+/// Large directories are split across idle workers: the result must be the
+/// same as with small ones (view, second run, inverse restores the bytes).
+#[test]
+fn large_directories_split_across_workers() {
+    privileged!();
+    let fs = TestFs::ext4_sized(256, 65536);
+    let root = fs.root.join("tree");
+    fs::create_dir(&root).unwrap();
+    // ~12,000 entries in ~12 directories: about 1,000 names each.
+    random_tree_shaped(&root, 0x5B11, 12_000, 3, 0);
+    for i in 0..11 {
+        let sub = root.join(format!("big{i}"));
+        fs::create_dir(&sub).unwrap();
+        random_tree_shaped(&sub, 0x5B12 + i, 1_000, 3, 0);
+    }
+    let before = snapshot(&root);
+    let rep = shift(&root, &map(MAP), &opts(0));
+    assert_eq!(rep.visited as usize, before.len(), "{rep:?}");
+    assert_same(
+        &expected_view(&before, &map(MAP)),
+        &snapshot(&root),
+        "shifted large directories vs expected view",
+    );
+    assert_eq!(shift(&root, &map(MAP), &opts(0)).changed, 0);
+    shift(&root, &map(INVERSE), &opts(2));
+    assert_same(
+        &before,
+        &snapshot(&root),
+        "inverse shift of large directories",
     );
 }
 
