@@ -261,7 +261,7 @@ fn describe(raw: &RawMountAttr) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
-fn cpath(path: &Path) -> Result<CString> {
+pub(crate) fn cpath(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         Error::new(ErrorKind::InvalidInput(format!(
             "path {:?} contains a NUL byte",

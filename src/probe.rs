@@ -129,17 +129,9 @@ fn probe_statmount_idmap() -> Availability {
             Availability::Available
         }
         Ok(_) => Availability::Missing,
-        Err(e) => availability(Err(e)).max_missing(),
-    }
-}
-
-impl Availability {
-    /// Any error other than a policy refusal means "not usable" here.
-    fn max_missing(self) -> Availability {
-        match self {
-            Availability::Blocked(e) => Availability::Blocked(e),
-            _ => Availability::Missing,
-        }
+        // Any error but a policy refusal means "not usable" here.
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        Err(_) => Availability::Missing,
     }
 }
 
@@ -204,12 +196,16 @@ impl From<Reason> for ErrorKind {
     }
 }
 
-/// Filesystem instance key: the superblock's device number and its type.
-/// Anonymous device numbers (tmpfs, proc, ...) are recycled after an
-/// unmount; with the type in the key a recycled number can only meet a
-/// filesystem of the same type, whose verdict is the same (`FS_ALLOW_IDMAP`
-/// is a property of the type; FUSE types carry the daemon's name).
-type SuperblockKey = (u32, u32, String);
+/// Filesystem instance key: the superblock's device number and its magic
+/// (`statfs.f_type`). Anonymous device numbers (tmpfs, proc, ...) are
+/// recycled after an unmount; with the magic in the key a recycled number
+/// can only meet a filesystem of the same type, whose verdict is the same
+/// (`FS_ALLOW_IDMAP` is a property of the type). FUSE is the exception —
+/// each daemon opts in or not — so FUSE verdicts are not cached.
+type SuperblockKey = (u32, u32, u64);
+
+/// `FUSE_SUPER_MAGIC`.
+const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
 
 fn cache() -> &'static Mutex<HashMap<SuperblockKey, Support>> {
     static CACHE: OnceLock<Mutex<HashMap<SuperblockKey, Support>>> = OnceLock::new();
@@ -242,7 +238,17 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     let path = path.as_ref();
     let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
         .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
-    let key = (st.stx_dev_major, st.stx_dev_minor, fs_type(path));
+    let magic = rustix::fs::statfs(path)
+        .map_err(|e| Error::sys("statfs", format!("{path:?}"), e).with_path(path))?
+        .f_type as u64;
+    let key = (st.stx_dev_major, st.stx_dev_minor, magic);
+    let replace_idmap = features().open_tree_attr == Availability::Available;
+    // Whether the mount is idmapped already is a property of the mount, not
+    // of the filesystem: checked every time, never cached. Only
+    // `open_tree_attr` can give an idmapped source a new idmap.
+    if !replace_idmap && crate::mount::read_idmap(path).is_ok_and(|r| r.is_idmapped()) {
+        return Ok(Support::Unsupported(Reason::AlreadyIdmapped));
+    }
     if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
     }
@@ -259,54 +265,55 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
         }
         Err(e) => return Err(e),
     };
-    let clone = match DetachedMount::clone_tree(path, false) {
-        Ok(m) => m,
-        Err(e) if e.errno() == Some(Errno::PERM) => {
-            return Ok(Support::Unsupported(Reason::PermissionDenied))
-        }
-        Err(e) => return Err(e),
-    };
     let raw = sys::RawMountAttr {
         attr_set: libc::MOUNT_ATTR_IDMAP,
         attr_clr: 0,
         propagation: 0,
         userns_fd: rustix::fd::AsRawFd::as_raw_fd(&rustix::fd::AsFd::as_fd(&*ns)) as u64,
     };
-    let verdict = match sys::mount_setattr(
-        rustix::fd::AsFd::as_fd(&clone),
-        c"",
-        libc::AT_EMPTY_PATH as u32,
-        &raw,
-    ) {
+    // The same rung of the ladder `DetachedMount::clone_with` would take,
+    // made with the raw calls: the library's own calls diagnose a refusal
+    // by probing, which would recurse.
+    let (call, result) = if replace_idmap {
+        let cp = crate::mount::cpath(path)?;
+        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+        let r = sys::open_tree_attr(CWD, &cp, flags, Some(&raw)).map(drop);
+        ("open_tree_attr", r)
+    } else {
+        let clone = match DetachedMount::clone_tree(path, false) {
+            Ok(m) => m,
+            Err(e) if e.errno() == Some(Errno::PERM) => {
+                return Ok(Support::Unsupported(Reason::PermissionDenied))
+            }
+            Err(e) => return Err(e),
+        };
+        let fd = rustix::fd::AsFd::as_fd(&clone);
+        let r = sys::mount_setattr(fd, c"", libc::AT_EMPTY_PATH as u32, &raw);
+        ("mount_setattr", r)
+    };
+    let verdict = match result {
         Ok(()) => Support::Supported,
         Err(Errno::NOSYS) => Support::Unsupported(Reason::KernelTooOld {
             feature: "mount_setattr",
             since: "5.12",
         }),
-        Err(Errno::INVAL) => Support::Unsupported(Reason::Filesystem { fs: key.2.clone() }),
-        Err(Errno::PERM) => {
-            if crate::mount::read_idmap(path)
-                .map(|r| r.is_idmapped())
-                .unwrap_or(false)
-            {
-                Support::Unsupported(Reason::AlreadyIdmapped)
-            } else {
-                return Ok(Support::Unsupported(Reason::PermissionDenied));
-            }
+        Err(Errno::INVAL) => Support::Unsupported(Reason::Filesystem { fs: fs_type(path) }),
+        Err(Errno::PERM | Errno::ACCESS) => {
+            return Ok(Support::Unsupported(Reason::PermissionDenied))
         }
         Err(e) => {
-            return Err(Error::sys(
-                "mount_setattr",
-                format!("clone of {path:?}, \"\", AT_EMPTY_PATH, {{attr_set: IDMAP}}"),
-                e,
+            return Err(
+                Error::sys(call, format!("clone of {path:?}, {{attr_set: IDMAP}}"), e)
+                    .with_path(path),
             )
-            .with_path(path))
         }
     };
-    cache()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, verdict.clone());
+    if magic != FUSE_SUPER_MAGIC {
+        cache()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, verdict.clone());
+    }
     Ok(verdict)
 }
 

@@ -194,6 +194,17 @@ fn error_kinds_are_diagnosed() {
     let mut again = DetachedMount::clone_tree(&first, false).unwrap();
     let err = again.set_attr(&idmap).unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::AlreadyIdmapped, "{err}");
+    // The probe answers per mount: the idmapped mount and the plain one on
+    // the same filesystem get their own answers, whichever is asked first.
+    let replace = probe::features().open_tree_attr == Availability::Available;
+    let want = if replace {
+        Support::Supported
+    } else {
+        Support::Unsupported(probe::Reason::AlreadyIdmapped)
+    };
+    assert_eq!(probe::idmap_support(&first).unwrap(), want);
+    assert_eq!(probe::idmap_support(&fs.root).unwrap(), Support::Supported);
+    assert_eq!(probe::idmap_support(&first).unwrap(), want);
 
     // The initial user namespace.
     // (Our own namespace: /proc/1 may be hidden from us; CI runs in the initial one.)
