@@ -73,6 +73,13 @@ pub enum ErrorKind {
     NotFound,
     /// A child process or namespace helper failed.
     Process(String),
+    /// The kernel refused an idmap with `EINVAL` although the namespace has
+    /// both maps and the mount is detached: a mount of the tree is on a
+    /// filesystem that cannot be idmapped on this kernel, or the namespace
+    /// owns the filesystem. [`crate::probe::diagnose`] finds out which (it
+    /// probes with clones of each mount); the mount calls themselves make no
+    /// such probe.
+    IdmapRefused,
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
 }
@@ -114,6 +121,9 @@ impl fmt::Display for ErrorKind {
             }
             ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
+            ErrorKind::IdmapRefused => f.write_str(
+                "the kernel refused to idmap the mount: a filesystem of the tree cannot be idmapped on this kernel, or the namespace owns it (probe::diagnose tells which)",
+            ),
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }
@@ -214,7 +224,9 @@ impl Error {
     pub fn is_unsupported(&self) -> bool {
         matches!(
             self.0.kind,
-            ErrorKind::NotSupported { .. } | ErrorKind::KernelTooOld { .. }
+            ErrorKind::NotSupported { .. }
+                | ErrorKind::KernelTooOld { .. }
+                | ErrorKind::IdmapRefused
         )
     }
 }
@@ -248,7 +260,11 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.0.kind {
             ErrorKind::InvalidMap(e) => Some(e),
-            _ => None,
+            _ => self
+                .0
+                .errno
+                .as_ref()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
         }
     }
 }
