@@ -80,8 +80,49 @@ pub enum ErrorKind {
     /// probes with clones of each mount); the mount calls themselves make no
     /// such probe.
     IdmapRefused,
+    /// A path inside a root could not be resolved ([`crate::resolve`]):
+    /// `component` is the path, relative to the root and with the symlinks
+    /// met so far expanded, of the component that failed.
+    Unresolvable {
+        /// The failing component, relative to the root (e.g. `etc/evil`).
+        component: PathBuf,
+        /// Why it could not be resolved.
+        reason: ResolveReason,
+    },
+    /// A file descriptor that should be the root of a mount is not
+    /// ([`crate::DetachedMount::from_fd`]).
+    NotAMount,
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
+}
+
+/// Why a component of a path inside a root could not be resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResolveReason {
+    /// It does not exist (and creating it was not asked for).
+    Missing,
+    /// A component before the last is not a directory.
+    NotADirectory,
+    /// More than 40 symlinks were met (`ELOOP`, as the kernel counts).
+    SymlinkLoop,
+    /// It is a procfs magic link (`/proc/*/fd/*`, `/proc/*/root`, ...),
+    /// which could jump anywhere: always refused.
+    MagicLink,
+    /// The system call failed otherwise; see [`Error::errno`].
+    Failed,
+}
+
+impl fmt::Display for ResolveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResolveReason::Missing => "does not exist",
+            ResolveReason::NotADirectory => "is not a directory",
+            ResolveReason::SymlinkLoop => "too many levels of symbolic links (more than 40)",
+            ResolveReason::MagicLink => "is a procfs magic link, which is never followed",
+            ResolveReason::Failed => "cannot be opened",
+        })
+    }
 }
 
 impl fmt::Display for ErrorKind {
@@ -124,6 +165,14 @@ impl fmt::Display for ErrorKind {
             ErrorKind::IdmapRefused => f.write_str(
                 "the kernel refused to idmap the mount: a filesystem of the tree cannot be idmapped on this kernel, or the namespace owns it (probe::diagnose tells which)",
             ),
+            ErrorKind::Unresolvable { component, reason } => write!(
+                f,
+                "cannot resolve {:?} inside the root: it {reason}",
+                component
+            ),
+            ErrorKind::NotAMount => {
+                f.write_str("the file descriptor is not the root of a mount")
+            }
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }
@@ -159,6 +208,9 @@ struct Inner {
     syscall: Option<Syscall>,
     path: Option<PathBuf>,
     errno: Option<Errno>,
+    /// Where the operation ran, when that is not evident (e.g. "in the mount
+    /// namespace of pid 42").
+    context: Option<String>,
 }
 
 impl Error {
@@ -169,6 +221,7 @@ impl Error {
             syscall: None,
             path: None,
             errno: None,
+            context: None,
         }))
     }
 
@@ -183,6 +236,7 @@ impl Error {
             }),
             path: None,
             errno: Some(errno),
+            context: None,
         }))
     }
 
@@ -190,6 +244,18 @@ impl Error {
     pub(crate) fn with_path(mut self, path: impl AsRef<Path>) -> Error {
         self.0.path = Some(path.as_ref().to_path_buf());
         self
+    }
+
+    /// Say where the operation ran (shown before the path).
+    pub(crate) fn with_context(mut self, context: impl Into<String>) -> Error {
+        self.0.context = Some(context.into());
+        self
+    }
+
+    /// Where the operation ran, when the error says (e.g. "in the mount
+    /// namespace of pid 42").
+    pub fn context(&self) -> Option<&str> {
+        self.0.context.as_deref()
     }
 
     /// Replace the diagnosis.
@@ -243,6 +309,9 @@ fn generic_kind(errno: Errno) -> ErrorKind {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(context) = &self.0.context {
+            write!(f, "{context}: ")?;
+        }
         if let Some(path) = &self.0.path {
             write!(f, "{}: ", path.display())?;
         }

@@ -35,6 +35,12 @@ pub struct Features {
     pub open_tree_attr: Availability,
     /// `statmount(2)` with `STATMOUNT_MNT_UIDMAP`, Linux 6.15: read a mount's idmap back.
     pub statmount_idmap: Availability,
+    /// `openat2(2)` with `RESOLVE_IN_ROOT`, Linux 5.6: resolving a path
+    /// inside a root in one call ([`crate::resolve`]; without it a userspace
+    /// resolver with the same semantics is used).
+    pub openat2: Availability,
+    /// `move_mount(MOVE_MOUNT_BENEATH)`, Linux 6.5: atomic replace of a mount.
+    pub move_mount_beneath: Availability,
 }
 
 /// Whether `IDMAPPED_FORCE_FALLBACK` (a comma-separated list, read once per
@@ -82,10 +88,31 @@ pub fn features() -> &'static Features {
         } else {
             probe_statmount_idmap()
         };
+        let openat2 = if forced("openat2") {
+            Availability::Missing
+        } else {
+            availability(
+                rustix::fs::openat2(
+                    bad_fd(),
+                    "x",
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                    rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+                )
+                .map(drop),
+            )
+        };
+        let move_mount_beneath = if forced("move_mount_beneath") {
+            Availability::Missing
+        } else {
+            probe_move_mount_beneath()
+        };
         Features {
             mount_setattr,
             open_tree_attr,
             statmount_idmap,
+            openat2,
+            move_mount_beneath,
         }
     })
 }
@@ -93,6 +120,25 @@ pub fn features() -> &'static Features {
 fn availability(r: std::result::Result<(), Errno>) -> Availability {
     match r {
         Err(Errno::NOSYS) => Availability::Missing,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        _ => Availability::Available,
+    }
+}
+
+/// `move_mount` checks privilege (EPERM), then rejects flags it does not know
+/// (EINVAL: `MOVE_MOUNT_BENEATH` is unknown before 6.5), then looks at the fds
+/// (EBADF: the flag is known).
+fn probe_move_mount_beneath() -> Availability {
+    use rustix::mount::MoveMountFlags as M;
+    let r = rustix::mount::move_mount(
+        rustix::fs::ABS,
+        "",
+        rustix::fs::ABS,
+        "",
+        M::MOVE_MOUNT_F_EMPTY_PATH | M::MOVE_MOUNT_T_EMPTY_PATH | M::MOVE_MOUNT_BENEATH,
+    );
+    match r {
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => Availability::Missing,
         Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
         _ => Availability::Available,
     }

@@ -61,15 +61,16 @@ pub mod map;
 pub mod mount;
 mod mountinfo;
 pub mod probe;
+pub mod resolve;
 pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, Result};
-pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
+pub use error::{Errno, Error, ErrorKind, ResolveReason, Result};
+pub use map::{Extent, IdKind, IdMap, MapError, Mapping, OciIdMapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
-    MountAttr, MountAttrFlags, Propagation,
+    read_idmap, set_attr_at_path, Atime, AttachOptions, Attached, CloneFlags, CloneMethod,
+    DetachedMount, IdmapReadback, MountAttr, MountAttrFlags, MountNamespace, Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 
