@@ -266,7 +266,7 @@ fn attach_into_a_containers_mount_namespace() {
     assert!(e.context().is_some());
     // Our thread's namespace never changed.
     assert!(!root.join("missing").exists());
-    assert_eq!(common::mounts_below(&root), [root.clone()]);
+    assert_eq!(common::mounts_below(&root), std::slice::from_ref(&root));
 }
 
 // ---------------------------------------------------------------------------
