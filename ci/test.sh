@@ -22,3 +22,7 @@ IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount cargo test --test mount
 # or seccomp): single-name openat(O_NOFOLLOW) plus the (dev, ino, mount) check.
 step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat2"
 IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree
+# The resolver tests once more with the userspace resolver as the probed
+# default (kernels before 5.6, or seccomp refusing openat2).
+step "cargo test --test resolve --test runtime with IDMAPPED_FORCE_FALLBACK=openat2"
+IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test resolve --test runtime
