@@ -22,7 +22,8 @@ IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount cargo test --test mount
 # or seccomp): single-name openat(O_NOFOLLOW) plus the (dev, ino, mount) check.
 step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat2"
 IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree
-# The resolver tests once more with the userspace resolver as the probed
-# default (kernels before 5.6, or seccomp refusing openat2).
-step "cargo test --test resolve --test runtime with IDMAPPED_FORCE_FALLBACK=openat2"
-IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test resolve --test runtime
+# The resolver and runtime tests once more as on a kernel without openat2
+# (before 5.6, or seccomp refusing it: the userspace resolver is the probed
+# default) and without MOVE_MOUNT_BENEATH (before 6.5: replace refused).
+step "cargo test --test resolve --test runtime with IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath"
+IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath cargo test --test resolve --test runtime

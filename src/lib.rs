@@ -41,13 +41,34 @@
 //! # Ok::<(), idmapped::Error>(())
 //! ```
 //!
+//! # Runtimes: attach into a container's root only beneath it
+//! A container can write to its root filesystem and volumes, so a path into
+//! them is attacker-chosen. [`DetachedMount::attach`] follows symlinks in
+//! the caller's namespace; attach there only with
+//! [`DetachedMount::attach_beneath`] (or [`resolve::resolve_in_root`] and
+//! [`DetachedMount::attach_to`]), which resolves the target as if the root
+//! were `/` and attaches to the resolved fd. A mount made in one process can
+//! be sent to another ([`DetachedMount::send`], [`DetachedMount::recv`]),
+//! attached inside another mount namespace
+//! ([`DetachedMount::attach_in_namespace`]) or replace a mount atomically
+//! ([`DetachedMount::replace`]). OCI's mount options map onto
+//! [`CloneFlags`] and [`MountAttr`] (`idmap` vs `idmap_recursive` for
+//! `idmap`/`ridmap`, `set` vs `set_recursive` for `ro`/`rro`, ...), and its
+//! `uidMappings` onto [`Mapping::from_oci`]; the README's "For runtime
+//! authors" has the full table.
+//!
+//! The public API uses `std` fd and path types and its own flags; the one
+//! rustix type in it is [`Errno`], re-exported (see the README for why).
+//!
 //! # Semantics in one line
 //! For each mapping line `A B N`: a file whose **on-disk** id is `A+n` is
 //! **seen** through the mount as `B+n`; unmapped ids are seen as 65534. See
 //! [`map`] for the syntaxes accepted and the names of the two columns.
 //!
 //! # Minimum kernels
-//! `open_tree`/`move_mount` 5.2; `mount_setattr` (idmapping at all) 5.12;
+//! `open_tree`/`move_mount` 5.2 (attaching to an fd too); `openat2` (the
+//! in-kernel resolver; a userspace one before) 5.6; `mount_setattr`
+//! (idmapping at all) 5.12; `MOVE_MOUNT_BENEATH` (atomic replace) 6.5;
 //! `open_tree_attr` (one-call clone+idmap, replacing or clearing an idmap)
 //! 6.15; `statmount` idmap read-back 6.15. Which filesystems can be idmapped
 //! depends on the kernel: ask [`probe::idmap_support`].

@@ -5,6 +5,13 @@
 //! A [`DetachedMount`] owns the fd of a mount tree that is not attached
 //! anywhere; dropping it unmounts the tree. [`DetachedMount::attach`]
 //! consumes it, so a mount cannot be attached twice or changed after.
+//!
+//! For a runtime: [`DetachedMount::attach_beneath`] attaches inside an
+//! untrusted root (resolved by [`crate::resolve`]),
+//! [`DetachedMount::attach_to`] onto an fd, [`DetachedMount::replace`]
+//! atomically over a mount, [`DetachedMount::attach_in_namespace`] inside
+//! another mount namespace; [`DetachedMount::send`] / [`DetachedMount::recv`]
+//! hand a mount to another process.
 #![forbid(unsafe_code)]
 
 use std::ffi::CString;
@@ -630,7 +637,8 @@ impl DetachedMount {
     ///
     /// `target` is resolved in the caller's mount namespace and symlinks in
     /// its components are followed: never use it for a path inside a root
-    /// filesystem a container can write to.
+    /// filesystem a container can write to; use
+    /// [`attach_beneath`](Self::attach_beneath) there.
     ///
     /// # References
     /// - [`move_mount(2)`](https://man7.org/linux/man-pages/man2/move_mount.2.html)
@@ -639,7 +647,10 @@ impl DetachedMount {
         self.attach_at(CWD, target)
     }
 
-    /// [`attach`](Self::attach) with `target` relative to `dirfd`.
+    /// [`attach`](Self::attach) with `target` relative to `dirfd`. Symlinks,
+    /// `..` and absolute paths in `target` are followed out of `dirfd`: to
+    /// stay inside a root use [`attach_beneath`](Self::attach_beneath), or
+    /// [`attach_to`](Self::attach_to) on an fd you resolved.
     pub fn attach_at(self, dirfd: impl AsFd, target: impl AsRef<Path>) -> Result<()> {
         let target = target.as_ref();
         rustix::mount::move_mount(

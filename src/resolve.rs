@@ -198,9 +198,7 @@ pub fn resolve_in_root(
             let forced = options.resolver == Some(Resolver::Openat2);
             match kernel(root, path) {
                 Ok(fd) => {
-                    let rel = relative_path(root, fd.as_fd())
-                        .or_else(|| userspace(root, path, None).ok().map(|r| r.path))
-                        .unwrap_or_else(|| lexical(path));
+                    let rel = report_path(root, path, fd.as_fd());
                     Ok(Resolved {
                         fd,
                         path: rel,
@@ -303,6 +301,30 @@ fn reason_of(e: Errno) -> ResolveReason {
     }
 }
 
+/// Where the fd `openat2` gave leads, relative to the root, for the report
+/// ([`Resolved::path`]; the fd, not this path, is what gets used).
+///
+/// The userspace resolver's answer when it reaches the same file (same
+/// device, inode and mount); else the kernel's name of the fd relative to
+/// the root's, read through procfs; else the path with `.` and `..` folded.
+fn report_path(root: BorrowedFd<'_>, path: &Path, fd: BorrowedFd<'_>) -> PathBuf {
+    if let Ok(walked) = userspace(root, path, None) {
+        if same_file(walked.fd.as_fd(), fd) {
+            return walked.path;
+        }
+    }
+    relative_path(root, fd).unwrap_or_else(|| lexical(path))
+}
+
+fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    let id = |fd| {
+        rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::MNT_ID)
+            .ok()
+            .map(|st| (st.stx_dev_major, st.stx_dev_minor, st.stx_ino, st.stx_mnt_id))
+    };
+    matches!((id(a), id(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// The path of `fd` relative to `root`, from the kernel's names of both.
 fn relative_path(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<PathBuf> {
     let root_path = fd_path(root)?;
@@ -311,16 +333,24 @@ fn relative_path(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<PathBuf> {
     Some(rel.to_path_buf())
 }
 
-/// The kernel's name of an fd, read from `/proc/thread-self/fd/N`.
+/// The kernel's name of an fd, read from `/proc/thread-self/fd/N` after
+/// checking (`fstatfs`) that the directory is on procfs.
 ///
-/// The one place this module reads procfs; meant to move to the crate's
-/// verified procfs handle once there is one. The name is only reported,
-/// never resolved again, so a procfs the caller does not trust can at
-/// worst make the report wrong (and then the report comes from the
-/// userspace resolver).
+/// The one place this module reads procfs, and only for a report; meant to
+/// move to the crate's verified procfs handle once there is one.
 fn fd_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
-    let link = format!("/proc/thread-self/fd/{}", fd.as_raw_fd());
-    let target = rustix::fs::readlink(link.as_str(), Vec::new()).ok()?;
+    let dir = rustix::fs::open(
+        "/proc/thread-self/fd",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstatfs(&dir).ok()?;
+    // `f_type` is signed or unsigned, 32 or 64 bits, by architecture.
+    if st.f_type as u64 != PROC_SUPER_MAGIC {
+        return None;
+    }
+    let target = rustix::fs::readlinkat(&dir, fd.as_raw_fd().to_string(), Vec::new()).ok()?;
     let bytes = target.as_bytes();
     if !bytes.starts_with(b"/") || bytes.ends_with(b" (deleted)") {
         return None;
