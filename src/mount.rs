@@ -892,6 +892,21 @@ impl AttachOptions {
         self.resolver = Some(resolver);
         self
     }
+
+    /// Whether [`create`](Self::create) was asked for.
+    pub fn creates(&self) -> bool {
+        self.create
+    }
+
+    /// Whether [`replace`](Self::replace) was asked for.
+    pub fn replaces(&self) -> bool {
+        self.replace
+    }
+
+    /// The resolver forced with [`resolver`](Self::resolver), if any.
+    pub fn forced_resolver(&self) -> Option<Resolver> {
+        self.resolver
+    }
 }
 
 /// What [`DetachedMount::attach_beneath`] did.

@@ -318,9 +318,21 @@ fn report_path(root: BorrowedFd<'_>, path: &Path, fd: BorrowedFd<'_>) -> PathBuf
 
 fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     let id = |fd| {
-        rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::MNT_ID)
-            .ok()
-            .map(|st| (st.stx_dev_major, st.stx_dev_minor, st.stx_ino, st.stx_mnt_id))
+        rustix::fs::statx(
+            fd,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::INO | StatxFlags::MNT_ID,
+        )
+        .ok()
+        .map(|st| {
+            (
+                st.stx_dev_major,
+                st.stx_dev_minor,
+                st.stx_ino,
+                st.stx_mnt_id,
+            )
+        })
     };
     matches!((id(a), id(b)), (Some(x), Some(y)) if x == y)
 }
