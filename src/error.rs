@@ -88,6 +88,9 @@ pub enum ErrorKind {
         component: PathBuf,
         /// Why it could not be resolved.
         reason: ResolveReason,
+        /// The last symlink followed on the way (relative to the root), if
+        /// any: how the path got to `component`.
+        via: Option<PathBuf>,
     },
     /// A file descriptor that should be the root of a mount is not
     /// ([`crate::DetachedMount::from_fd`]).
@@ -118,7 +121,7 @@ impl fmt::Display for ResolveReason {
         f.write_str(match self {
             ResolveReason::Missing => "does not exist",
             ResolveReason::NotADirectory => "is not a directory",
-            ResolveReason::SymlinkLoop => "too many levels of symbolic links (more than 40)",
+            ResolveReason::SymlinkLoop => "leads through more than 40 symlinks (a loop?)",
             ResolveReason::MagicLink => "is a procfs magic link, which is never followed",
             ResolveReason::Failed => "cannot be opened",
         })
@@ -165,11 +168,17 @@ impl fmt::Display for ErrorKind {
             ErrorKind::IdmapRefused => f.write_str(
                 "the kernel refused to idmap the mount: a filesystem of the tree cannot be idmapped on this kernel, or the namespace owns it (probe::diagnose tells which)",
             ),
-            ErrorKind::Unresolvable { component, reason } => write!(
-                f,
-                "cannot resolve {:?} inside the root: it {reason}",
-                component
-            ),
+            ErrorKind::Unresolvable {
+                component,
+                reason,
+                via,
+            } => {
+                write!(f, "cannot resolve {component:?} inside the root: it {reason}")?;
+                match via {
+                    Some(link) => write!(f, " (reached through the symlink {link:?})"),
+                    None => Ok(()),
+                }
+            }
             ErrorKind::NotAMount => {
                 f.write_str("the file descriptor is not the root of a mount")
             }

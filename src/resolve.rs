@@ -227,6 +227,7 @@ pub fn resolve_in_root(
                                 .with_kind(ErrorKind::Unresolvable {
                                     component: lexical(path),
                                     reason,
+                                    via: None,
                                 })
                         }
                     })
@@ -418,11 +419,41 @@ fn unresolvable(
 ) -> Error {
     Error::sys(call, args, errno)
         .with_path(path)
-        .with_kind(ErrorKind::Unresolvable { component, reason })
+        .with_kind(ErrorKind::Unresolvable {
+            component,
+            reason,
+            via: None,
+        })
 }
 
 /// The userspace resolver (see the module docs).
 fn userspace(root: BorrowedFd<'_>, path: &Path, create: Option<Create>) -> Result<Resolved> {
+    let mut via = None;
+    walk(root, path, create, &mut via).map_err(|e| match (e.kind(), via) {
+        (
+            ErrorKind::Unresolvable {
+                component, reason, ..
+            },
+            Some(link),
+        ) if component != &link => {
+            let kind = ErrorKind::Unresolvable {
+                component: component.clone(),
+                reason: *reason,
+                via: Some(link),
+            };
+            e.with_kind(kind)
+        }
+        _ => e,
+    })
+}
+
+/// The walk itself; `via` is kept at the last symlink expanded.
+fn walk(
+    root: BorrowedFd<'_>,
+    path: &Path,
+    create: Option<Create>,
+    via: &mut Option<PathBuf>,
+) -> Result<Resolved> {
     let mut stack: Vec<Level> = Vec::new();
     let mut rest: VecDeque<OsString> = names(path.as_os_str().as_bytes()).collect();
     let mut links = 0usize;
@@ -512,6 +543,7 @@ fn userspace(root: BorrowedFd<'_>, path: &Path, create: Option<Create>) -> Resul
         match FileType::from_raw_mode(st.stx_mode.into()) {
             FileType::Symlink => {
                 let component = rel_of(&stack, Some(&name));
+                *via = Some(component.clone());
                 links += 1;
                 if links > MAX_SYMLINKS {
                     return Err(unresolvable(
@@ -665,12 +697,12 @@ mod tests {
             assert_eq!(r.path(), Path::new(""), "{resolver:?}");
             let e = resolve_in_root(&rootfd, "loop/x", &o).unwrap_err();
             assert!(
-                matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::SymlinkLoop, component } if component == Path::new("loop")),
+                matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::SymlinkLoop, component, .. } if component == Path::new("loop")),
                 "{e}"
             );
             let e = resolve_in_root(&rootfd, "a/missing/x", &o).unwrap_err();
             assert!(
-                matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::Missing, component } if component == Path::new("a/missing")),
+                matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::Missing, component, .. } if component == Path::new("a/missing")),
                 "{e}"
             );
         }

@@ -128,6 +128,7 @@ fn assert_unresolvable(err: &idmapped::Error, component: &str, reason: ResolveRe
         ErrorKind::Unresolvable {
             component: c,
             reason: r,
+            ..
         } => {
             assert_eq!(c, Path::new(component), "{err}");
             assert_eq!(*r, reason, "{err}");
@@ -276,6 +277,7 @@ fn magic_links_are_refused_and_proc_self_is_not() {
                 ErrorKind::Unresolvable {
                     reason: ResolveReason::MagicLink,
                     component: c,
+                    ..
                 } => {
                     // "proc/self" is an ordinary link to "PID": the
                     // component named is the magic link under proc/PID.

@@ -42,6 +42,16 @@ Options:
   --out-of-range=keep|fail|overflow
                     chown: what to do with on-disk ids no value covers: leave
                     them (default), fail, or write 65534 like the idmapped view
+  --beneath=ROOT    resolve TARGET inside ROOT as if ROOT were \"/\" (symlinks,
+                    \"..\", absolute links stay inside ROOT; magic links
+                    refused); TARGET may be written with or without a
+                    leading \"/\". SOURCE stays a path of the caller's namespace
+  --mkdir           create TARGET if missing (parents too, mode 0755): a
+                    directory, or an empty file when SOURCE is a file;
+                    confined to ROOT with --beneath
+  --replace         TARGET has a mount on it: attach beneath it, then detach
+                    the old one, so TARGET never shows the directory under
+                    both (Linux 6.5); nothing mounted there: a plain attach
   --check           say whether SOURCE can be idmapped and, if not, why;
                     mount nothing; takes SOURCE only
   --json            print one JSON object on stdout saying what was done
@@ -69,6 +79,9 @@ struct Options {
     check: bool,
     json: bool,
     demo: bool,
+    beneath: Option<PathBuf>,
+    mkdir: bool,
+    replace: bool,
     help: bool,
     version: bool,
     /// Options that only make sense when mounting, in the order given.
@@ -113,6 +126,12 @@ pub struct MountRequest {
     pub strategy: Strategy,
     pub out_of_range: OutOfRange,
     pub json: bool,
+    /// `--beneath=ROOT`: TARGET is resolved inside ROOT.
+    pub beneath: Option<PathBuf>,
+    /// `--mkdir`: create TARGET if missing.
+    pub mkdir: bool,
+    /// `--replace`: replace a mount on TARGET atomically.
+    pub replace: bool,
 }
 
 /// What the command line `args` (without the program name) asks for.
@@ -165,7 +184,7 @@ fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
 fn takes_value(name: &str) -> bool {
     matches!(
         name,
-        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range"
+        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range" | "--beneath"
     )
 }
 
@@ -184,6 +203,15 @@ fn next_value(args: &mut impl Iterator<Item = OsString>, name: &str) -> Result<S
 fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Failure> {
     match name {
         "--map-mount" => opts.maps.push(value),
+        "--beneath" => {
+            if value.is_empty() {
+                return Err(Failure::usage("--beneath needs a directory (ROOT)"));
+            }
+            if opts.beneath.is_some() {
+                return Err(Failure::usage("--beneath may be given only once"));
+            }
+            opts.beneath = Some(PathBuf::from(value));
+        }
         "--propagation" => {
             let propagation = value.parse().map_err(|_| {
                 Failure::usage(format_args!(
@@ -224,6 +252,16 @@ fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
         "--json" => &mut opts.json,
         "--demo" => &mut opts.demo,
         "--recursive" => &mut opts.recursive,
+        "--mkdir" | "--replace" => {
+            let switch = if name == "--mkdir" {
+                &mut opts.mkdir
+            } else {
+                &mut opts.replace
+            };
+            *switch = true;
+            opts.mount_only.push(name.to_owned());
+            return Ok(());
+        }
         _ => {
             opts.flags |= mount_flag(name)?;
             opts.mount_only.push(name.to_owned());
@@ -308,6 +346,9 @@ fn mount_command(opts: Options) -> Result<Command, Failure> {
         strategy: opts.strategy,
         out_of_range: opts.out_of_range,
         json: opts.json,
+        beneath: opts.beneath,
+        mkdir: opts.mkdir,
+        replace: opts.replace,
     }))
 }
 

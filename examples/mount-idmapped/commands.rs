@@ -10,15 +10,18 @@ use std::time::{Duration, Instant};
 
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
-use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
-use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
+use idmapped::strategy::{mount_with_ownership_at, Destination, Outcome, Plan, Strategy};
+use idmapped::{
+    AttachOptions, Attached, CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace,
+};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::output::{self, emit};
 use crate::Failure;
 
 pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
-    let (outcome, mapping) = give_ownership(request)?;
+    let target = Target::open(request)?;
+    let (outcome, mapping, attached) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
         because: Some(why), ..
     } = &outcome
@@ -28,17 +31,82 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     if request.json {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
-        if let Err(failure) = emit(&output::mount_json(request, &outcome, mapping.as_ref())) {
-            let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
+        let json = output::mount_json(request, &outcome, mapping.as_ref(), attached.as_ref());
+        if let Err(failure) = emit(&json) {
+            let at = match (&request.beneath, &attached) {
+                (Some(root), Some(a)) => root.join(&a.target),
+                _ => request.target.clone(),
+            };
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where the mount goes: TARGET as a path of our namespace (no --beneath,
+/// --mkdir or --replace: `move_mount` to the path), or resolved to an fd
+/// inside ROOT (--beneath), or inside "/" (--mkdir or --replace alone).
+enum Target {
+    Path,
+    Beneath {
+        root: rustix::fd::OwnedFd,
+        path: PathBuf,
+        options: AttachOptions,
+    },
+}
+
+impl Target {
+    fn open(request: &MountRequest) -> Result<Target, Failure> {
+        if request.beneath.is_none() && !request.mkdir && !request.replace {
+            return Ok(Target::Path);
+        }
+        let (root, path) = match &request.beneath {
+            Some(root) => (root.clone(), request.target.clone()),
+            None => (
+                PathBuf::from("/"),
+                std::path::absolute(&request.target)
+                    .map_err(Failure::io(format_args!("{}", request.target.display())))?,
+            ),
+        };
+        let fd = rustix::fs::open(
+            &root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Failure::io(format_args!("--beneath {}", root.display()))(e.into()))?;
+        Ok(Target::Beneath {
+            root: fd,
+            path,
+            options: AttachOptions::new()
+                .create(request.mkdir)
+                .replace(request.replace),
+        })
+    }
+
+    fn destination<'a>(&'a self, request: &'a MountRequest) -> Destination<'a> {
+        match self {
+            Target::Path => Destination::Path(&request.target),
+            Target::Beneath {
+                root,
+                path,
+                options,
+            } => Destination::Beneath {
+                root: rustix::fd::AsFd::as_fd(root),
+                path,
+                options: *options,
+            },
+        }
+    }
+}
+
 /// Run the library's strategy: everything that can fail happens before the
-/// mount is attached at TARGET. Returns the mapping used, when known.
-fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), Failure> {
+/// mount is attached at TARGET. Returns the mapping used, when known, and
+/// what the attach did with --beneath, --mkdir or --replace.
+fn give_ownership(
+    request: &MountRequest,
+    target: &Target,
+) -> Result<(Outcome, Option<Mapping>, Option<Attached>), Failure> {
     let ns;
     let mapping = match &request.ids {
         IdSource::Mapping(mapping) => mapping.clone(),
@@ -56,8 +124,18 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
                     let clone = DetachedMount::clone_with(&request.source, flags, &attr)
                         .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
                     let method = clone.method();
-                    clone.attach(&request.target)?;
-                    return Ok((Outcome::Idmapped { method }, None));
+                    let attached = match target {
+                        Target::Path => {
+                            clone.attach(&request.target)?;
+                            None
+                        }
+                        Target::Beneath {
+                            root,
+                            path,
+                            options,
+                        } => Some(clone.attach_beneath(root, path, options)?),
+                    };
+                    return Ok((Outcome::Idmapped { method }, None, attached));
                 }
                 (None, s) => {
                     return Err(Failure::usage(format_args!(
@@ -81,12 +159,12 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
     }
-    let outcome = mount_with_ownership(&request.source, &request.target, &plan);
+    let done = mount_with_ownership_at(&request.source, target.destination(request), &plan);
     if printed.load(Ordering::Relaxed) {
         eprintln!();
     }
-    let outcome = outcome?;
-    Ok((outcome, Some(mapping)))
+    let (outcome, attached) = done?;
+    Ok((outcome, Some(mapping), attached))
 }
 
 /// The mount attributes asked for, without an idmap; with --recursive they

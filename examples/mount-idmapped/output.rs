@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use idmapped::chown::ShiftReport;
 use idmapped::strategy::Outcome;
-use idmapped::{IdMap, Mapping, MountAttrFlags};
+use idmapped::{Attached, IdMap, Mapping, MountAttrFlags};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::commands::Blocker;
@@ -20,7 +20,12 @@ pub fn emit(text: &str) -> Result<(), Failure> {
         .map_err(Failure::io("cannot write to stdout"))
 }
 
-pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mapping>) -> String {
+pub fn mount_json(
+    request: &MountRequest,
+    outcome: &Outcome,
+    mapping: Option<&Mapping>,
+    attached: Option<&Attached>,
+) -> String {
     let userns = match &request.ids {
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
@@ -44,9 +49,28 @@ pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Ma
                 .finish_inline()
         },
     );
+    // With --beneath, the target as resolved, relative to ROOT ("." for ROOT
+    // itself); otherwise TARGET made absolute.
+    let target = match (&request.beneath, attached) {
+        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
+        (Some(_), Some(a)) => json::path(&a.target),
+        _ => json::path(&absolute(&request.target)),
+    };
+    let beneath = request
+        .beneath
+        .as_ref()
+        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
+    let resolver = attached.map_or_else(
+        || json::NULL.to_owned(),
+        |a| json::string(a.resolver.name()),
+    );
     json::Object::new()
         .raw("source", json::path(&absolute(&request.source)))
-        .raw("target", json::path(&absolute(&request.target)))
+        .raw("target", target)
+        .raw("beneath", beneath)
+        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
+        .raw("created", attached.is_some_and(|a| a.created).to_string())
+        .raw("resolver", resolver)
         .raw("strategy", json::string(strategy))
         .raw("requested_strategy", json::string(request.strategy.name()))
         .raw("recursive", request.recursive.to_string())
