@@ -25,5 +25,5 @@ IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mou
 # The resolver and runtime tests once more as on a kernel without openat2
 # (before 5.6, or seccomp refusing it: the userspace resolver is the probed
 # default) and without MOVE_MOUNT_BENEATH (before 6.5: replace refused).
-step "cargo test --test resolve --test runtime with IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath"
-IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath cargo test --test resolve --test runtime
+step "cargo test --test resolve --test runtime --test cli_beneath with IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath"
+IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath cargo test --test resolve --test runtime --test cli_beneath
