@@ -138,7 +138,7 @@ fn unresolvable_targets_exit_1_naming_the_component() {
         let r = s.run(&[], target).expect(1);
         r.stderr_line_names(&names);
         assert!(r.stdout.is_empty());
-        assert_eq!(s.mounts(), [proc_dir.clone()], "{target}");
+        assert_eq!(s.mounts(), std::slice::from_ref(&proc_dir), "{target}");
         s.assert_nothing_outside();
     }
     assert!(!s.root.join("t/missing").exists());
