@@ -976,6 +976,23 @@ fn is_mount_root(fd: BorrowedFd<'_>) -> Result<Option<bool>> {
         .then(|| st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)))
 }
 
+/// Whether the mount `fd` is the root of is attached in the caller's mount
+/// namespace: `statmount` (Linux 6.8) finds only those by id. `false` when
+/// the kernel cannot tell.
+fn attached_here(fd: BorrowedFd<'_>) -> bool {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let Ok(st) = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE),
+    ) else {
+        return false;
+    };
+    st.stx_mask & STATX_MNT_ID_UNIQUE != 0
+        && sys::statmount(st.stx_mnt_id, sys::STATMOUNT_MNT_BASIC).is_ok()
+}
+
 /// Run `f` on a new thread with its own fs context (`unshare(CLONE_FS)`),
 /// so a `chdir`/`setns` there moves no other thread; the thread exits when
 /// `f` returns and is never reused.
@@ -999,17 +1016,21 @@ impl DetachedMount {
     /// another process or made by `fsmount`/`open_tree` outside this crate.
     ///
     /// Checked: the fd is the root of a mount (`STATX_ATTR_MOUNT_ROOT`,
-    /// Linux 5.8; [`ErrorKind::NotAMount`] otherwise). **Not checked**,
-    /// because no kernel before 6.x says so for an fd: that the mount is
-    /// *detached*. An fd of an attached mount (an `O_PATH` open of a mount
-    /// point) passes, and attaching it *moves* that mount; accept fds only
-    /// from a process you trust to send detached ones. Whether it has
-    /// submounts is not known either: attribute changes are made as for a
-    /// recursive clone (the `_recursive` part with `AT_RECURSIVE`), which is
-    /// right for both.
+    /// Linux 5.8; [`ErrorKind::NotAMount`] otherwise), and, on Linux >= 6.8
+    /// (`statmount`), that the mount is not attached in the caller's mount
+    /// namespace ([`ErrorKind::NotDetached`] otherwise). **Not checked**,
+    /// because no kernel call says so for an fd: that a mount attached in
+    /// *another* namespace (or, before 6.8, in any) is not one. Attaching an
+    /// attached mount's fd *moves* that mount; accept fds only from a
+    /// process you trust to send detached ones. Whether it has submounts is
+    /// not known either: attribute changes are made as for a recursive clone
+    /// (the `_recursive` part with `AT_RECURSIVE`), which is right for both.
     pub fn from_fd(fd: OwnedFd) -> Result<DetachedMount> {
         if is_mount_root(fd.as_fd())? == Some(false) {
             return Err(Error::new(ErrorKind::NotAMount));
+        }
+        if attached_here(fd.as_fd()) {
+            return Err(Error::new(ErrorKind::NotDetached));
         }
         Ok(DetachedMount {
             fd,

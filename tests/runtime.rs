@@ -143,6 +143,25 @@ fn from_fd_checks_it_is_a_mount_root() {
     // A subdirectory is not the root of a mount.
     let e = DetachedMount::from_fd(open_dir(&fs.path("d"))).unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::NotAMount, "{e}");
+    // An attached mount's root: refused where the kernel can tell
+    // (statmount, Linux 6.8, finds mounts of our namespace by id).
+    let statmount = rustix::fs::statx(
+        rustix::fs::CWD,
+        &fs.root,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::from_bits_retain(0x4000),
+    )
+    .is_ok_and(|st| st.stx_mask & 0x4000 != 0);
+    match DetachedMount::from_fd(open_dir(&fs.root)) {
+        Err(e) => {
+            assert!(statmount, "refused without statmount: {e}");
+            assert_eq!(e.kind(), &ErrorKind::NotDetached, "{e}");
+        }
+        Ok(_) => assert!(
+            !statmount,
+            "an attached mount passed although statmount exists"
+        ),
+    }
     // A clone's fd is; re-wrapped, it attaches like the original.
     let m = DetachedMount::clone_tree(fs.path("d"), CloneFlags::empty()).unwrap();
     let m = DetachedMount::from_fd(OwnedFd::from(m)).unwrap();
