@@ -911,6 +911,7 @@ impl AttachOptions {
 
 /// What [`DetachedMount::attach_beneath`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Attached {
     /// The target as resolved, relative to the root, symlinks expanded.
     pub target: PathBuf,
@@ -924,6 +925,7 @@ pub struct Attached {
 
 /// A mount namespace to attach in ([`DetachedMount::attach_in_namespace`]).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum MountNamespace<'a> {
     /// The mount namespace of this process (in our pid namespace), through
     /// `pidfd_open` (Linux 5.3) and `setns(pidfd, CLONE_NEWNS)` (Linux 5.8).
@@ -1154,10 +1156,15 @@ impl DetachedMount {
             ropts = ropts.resolver(r);
         }
         let resolved = resolve::resolve_in_root(root, path, &ropts)?;
+        // A failure from here on concerns the target, named as resolved.
+        let at = |e: Error| match resolved.path() {
+            p if p.as_os_str().is_empty() => e.with_path("."),
+            p => e.with_path(p),
+        };
         let replaced = if options.replace {
-            self.replace(&resolved)?
+            self.replace(&resolved).map_err(at)?
         } else {
-            self.attach_to(&resolved)?;
+            self.attach_to(&resolved).map_err(at)?;
             false
         };
         Ok(Attached {
