@@ -1092,9 +1092,20 @@ impl DetachedMount {
     #[doc(alias = "MOVE_MOUNT_BENEATH")]
     pub fn replace(self, target: impl AsFd) -> Result<bool> {
         let target = target.as_fd();
-        if is_mount_root(target)? != Some(true) {
-            self.attach_to(target)?;
-            return Ok(false);
+        match is_mount_root(target)? {
+            Some(false) => {
+                self.attach_to(target)?;
+                return Ok(false);
+            }
+            Some(true) => {}
+            // Before 5.8 the kernel cannot say whether a mount is there;
+            // a plain attach might stack on one instead of replacing it.
+            None => {
+                return Err(Error::new(ErrorKind::KernelTooOld {
+                    feature: "statx(STATX_ATTR_MOUNT_ROOT)",
+                    since: "5.8",
+                }))
+            }
         }
         if features::features().move_mount_beneath != Availability::Available {
             return Err(Error::new(ErrorKind::KernelTooOld {
