@@ -1376,11 +1376,18 @@ fn detach_top(top: BorrowedFd<'_>) -> Result<()> {
     on_own_fs_thread(|| {
         rustix::process::fchdir(top)
             .map_err(|e| Error::sys("fchdir", format!("fd {}", raw(top)), e))?;
-        rustix::mount::unmount(
+        match rustix::mount::unmount(
             ".",
             rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
-        )
-        .map_err(|e| Error::sys("umount2", "\".\", MNT_DETACH|UMOUNT_NOFOLLOW", e))
+        ) {
+            // Someone unmounted it first: the new mount is in place all the same.
+            Ok(()) | Err(Errno::INVAL) => Ok(()),
+            Err(e) => Err(Error::sys(
+                "umount2",
+                "\".\", MNT_DETACH|UMOUNT_NOFOLLOW",
+                e,
+            )),
+        }
     })
 }
 
