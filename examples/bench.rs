@@ -1050,8 +1050,8 @@ fn resolve_beneath(cfg: &Config, scratch: &Scratch) -> Res<Vec<Row>> {
     let deep = "a/b/c/d/e/f/g/h";
     fs::create_dir_all(root.join(deep)).ctx("resolve tree")?;
     std::os::unix::fs::symlink("/a/b/c", root.join("abs")).ctx("symlink")?;
-    std::os::unix::fs::symlink("../d", root.join("a/b/c/rel")).ctx("symlink")?;
-    // abs -> /a/b/c, then rel -> ../d, "..", and down to h: 10 components.
+    std::os::unix::fs::symlink("../c/d", root.join("a/b/c/rel")).ctx("symlink")?;
+    // abs -> /a/b/c, then rel -> ../c/d, "..", and down to h: 10 components.
     let path = "abs/rel/../d/e/f/g/h/../h";
     let src = scratch.path("resolve-src");
     fs::create_dir_all(&src).ctx("resolve source")?;
