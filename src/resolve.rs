@@ -456,6 +456,8 @@ fn walk(
 ) -> Result<Resolved> {
     let mut stack: Vec<Level> = Vec::new();
     let mut rest: VecDeque<OsString> = names(path.as_os_str().as_bytes()).collect();
+    // A trailing "/" asks for a directory, as in the kernel (ENOTDIR otherwise).
+    let mut must_dir = path.as_os_str().as_bytes().ends_with(b"/");
     let mut links = 0usize;
     let mut steps = 0usize;
     let mut created = false;
@@ -490,7 +492,7 @@ fn walk(
         let fd = match rustix::fs::openat(parent, name.as_os_str(), oflags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) if create.is_some() => {
-                let what = if last {
+                let what = if last && !must_dir {
                     create
                 } else {
                     Some(Create::Directory)
@@ -583,13 +585,16 @@ fn walk(
                 if target.starts_with(b"/") {
                     stack.clear();
                 }
+                if rest.is_empty() && target.ends_with(b"/") {
+                    must_dir = true;
+                }
                 let expanded: Vec<OsString> = names(target).collect();
                 for n in expanded.into_iter().rev() {
                     rest.push_front(n);
                 }
             }
             FileType::Directory => stack.push(Level { fd, name }),
-            _ if last => stack.push(Level { fd, name }),
+            _ if last && !must_dir => stack.push(Level { fd, name }),
             _ => {
                 return Err(unresolvable(
                     "openat",
@@ -700,6 +705,14 @@ mod tests {
                 matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::SymlinkLoop, component, .. } if component == Path::new("loop")),
                 "{e}"
             );
+            std::fs::write(root.join("a/file"), b"").unwrap();
+            assert!(resolve_in_root(&rootfd, "a/file", &o).is_ok());
+            let e = resolve_in_root(&rootfd, "a/file/", &o).unwrap_err();
+            assert!(
+                matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::NotADirectory, component, .. } if component == Path::new("a/file")),
+                "{resolver:?}: {e}"
+            );
+            std::fs::remove_file(root.join("a/file")).unwrap();
             let e = resolve_in_root(&rootfd, "a/missing/x", &o).unwrap_err();
             assert!(
                 matches!(e.kind(), ErrorKind::Unresolvable { reason: ResolveReason::Missing, component, .. } if component == Path::new("a/missing")),
