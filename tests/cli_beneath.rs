@@ -89,6 +89,13 @@ fn beneath_keeps_every_link_inside_root() {
             r.stdout
         );
         assert!(r.stdout.contains(r#""replaced":false"#), "{}", r.stdout);
+        // The probed resolver (IDMAPPED_FORCE_FALLBACK=openat2 reaches the
+        // program through the environment too).
+        let resolver = match features::features().openat2 {
+            Availability::Available => r#""resolver":"openat2""#,
+            _ => r#""resolver":"userspace""#,
+        };
+        assert!(r.stdout.contains(resolver), "{}", r.stdout);
         let root = format!(r#""beneath":"{}""#, s.root.display());
         assert!(r.stdout.contains(&root), "{}", r.stdout);
         s.assert_nothing_outside();
