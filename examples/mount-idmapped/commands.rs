@@ -2,7 +2,7 @@
 //! work), and `--check`.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
-use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
+use idmapped::strategy::{check_operands, mount_with_ownership, Outcome, Plan, Strategy};
 use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
@@ -18,7 +18,12 @@ use crate::output::{self, emit};
 use crate::Failure;
 
 pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
-    let (outcome, mapping) = give_ownership(request)?;
+    if request.json {
+        // Nothing to mount (or shift on disk) if the report cannot be written.
+        output::require_stdout()?;
+    }
+    let target = follow_target(&request.target)?;
+    let (outcome, mapping) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
         because: Some(why), ..
     } = &outcome
@@ -29,16 +34,38 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
         if let Err(failure) = emit(&output::mount_json(request, &outcome, mapping.as_ref())) {
-            let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
+            let _ = rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where to mount: TARGET, or where it points when its last component is a
+/// symlink. Like util-linux's mount(8), which canonicalizes TARGET; the
+/// library's `attach` does not follow it (inside a container's root, a
+/// symlink must be resolved there, not on the host).
+fn follow_target(target: &Path) -> Result<PathBuf, Failure> {
+    let is_symlink = std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_symlink {
+        return Ok(target.to_path_buf());
+    }
+    std::fs::canonicalize(target).map_err(|e| {
+        let points_to = std::fs::read_link(target).unwrap_or_default();
+        Failure::Failed(format!(
+            "{}: TARGET is a symlink to {}, which cannot be followed: {e}; give an existing directory (or file) as TARGET",
+            target.display(),
+            points_to.display()
+        ))
+    })
+}
+
 /// Run the library's strategy: everything that can fail happens before the
-/// mount is attached at TARGET. Returns the mapping used, when known.
-fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), Failure> {
+/// mount is attached at `target`. Returns the mapping used, when known.
+fn give_ownership(
+    request: &MountRequest,
+    target: &Path,
+) -> Result<(Outcome, Option<Mapping>), Failure> {
     let ns;
     let mapping = match &request.ids {
         IdSource::Mapping(mapping) => mapping.clone(),
@@ -48,6 +75,7 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
                 (Some(m), _) => m.clone(),
                 // Its maps cannot be read: only an idmapped mount can use it.
                 (None, Strategy::Idmap) => {
+                    check_operands(&request.source, target, Strategy::Idmap)?;
                     let (flags, attr) = if request.recursive {
                         (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
                     } else {
@@ -56,7 +84,7 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
                     let clone = DetachedMount::clone_with(&request.source, flags, &attr)
                         .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
                     let method = clone.method();
-                    clone.attach(&request.target)?;
+                    clone.attach(target)?;
                     return Ok((Outcome::Idmapped { method }, None));
                 }
                 (None, s) => {
@@ -81,7 +109,7 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
     }
-    let outcome = mount_with_ownership(&request.source, &request.target, &plan);
+    let outcome = mount_with_ownership(&request.source, target, &plan);
     if printed.load(Ordering::Relaxed) {
         eprintln!();
     }
