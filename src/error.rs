@@ -111,6 +111,10 @@ pub enum ErrorKind {
         /// Whether the operation needed a directory (a shift on disk).
         needs_directory: bool,
     },
+    /// The maps of a user namespace cannot be read (it was opened from an
+    /// fd, or from a path that is not `/proc/PID/ns/user`), so ownership
+    /// cannot be shifted on disk by them; idmapping with it still works.
+    UsernsMapsUnknown,
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
 }
@@ -282,6 +286,9 @@ impl fmt::Display for ErrorKind {
                 f,
                 "the source is {}: only a directory, or a regular file mounted onto a file, can be given new owners",
                 kind.a()
+            ),
+            ErrorKind::UsernsMapsUnknown => f.write_str(
+                "the maps of the user namespace cannot be read, so ownership cannot be shifted on disk by them: idmap with it (strategy idmap), or give the mapping itself",
             ),
             ErrorKind::Os => f.write_str("system call failed"),
         }

@@ -97,7 +97,8 @@ impl fmt::Display for Fallback {
 #[derive(Debug, Clone)]
 pub struct Plan<'a> {
     strategy: Strategy,
-    mapping: &'a Mapping,
+    /// `None` for a namespace whose maps cannot be read: idmapping only.
+    mapping: Option<&'a Mapping>,
     userns: Option<&'a UserNamespace>,
     recursive: bool,
     flags: MountAttrFlags,
@@ -110,13 +111,42 @@ impl<'a> Plan<'a> {
     pub fn new(strategy: Strategy, mapping: &'a Mapping) -> Plan<'a> {
         Plan {
             strategy,
-            mapping,
+            mapping: Some(mapping),
             userns: None,
             recursive: false,
             flags: MountAttrFlags::empty(),
             propagation: None,
             shift: ShiftOptions::default(),
         }
+    }
+
+    /// Give the tree the view of an existing user namespace (e.g. opened
+    /// from `/proc/PID/ns/user`), by `strategy`: idmap with `userns` itself;
+    /// shift on disk by its maps. A namespace whose maps cannot be read
+    /// ([`UserNamespace::mapping`] is `None`) can only idmap: a shift on disk
+    /// is refused with [`ErrorKind::UsernsMapsUnknown`] before anything changes.
+    pub fn with_userns(strategy: Strategy, userns: &'a UserNamespace) -> Plan<'a> {
+        Plan {
+            strategy,
+            mapping: userns.mapping(),
+            userns: Some(userns),
+            recursive: false,
+            flags: MountAttrFlags::empty(),
+            propagation: None,
+            shift: ShiftOptions::default(),
+        }
+    }
+
+    /// The mapping the view follows; `None` for a [`Plan::with_userns`]
+    /// namespace whose maps cannot be read.
+    pub fn mapping(&self) -> Option<&'a Mapping> {
+        self.mapping
+    }
+
+    /// The mapping to shift on disk by (or to make a namespace from).
+    fn shift_mapping(&self) -> Result<&'a Mapping> {
+        self.mapping
+            .ok_or_else(|| Error::new(ErrorKind::UsernsMapsUnknown))
     }
 
     /// Idmap with this namespace (whose maps must be `mapping`) instead of
@@ -185,6 +215,9 @@ impl<'a> Plan<'a> {
 /// do not fit together, if they do not.
 pub fn mount_with_ownership(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
     check_operands(source, target, plan.strategy)?;
+    if plan.strategy == Strategy::Chown {
+        plan.shift_mapping()?;
+    }
     match plan.strategy {
         Strategy::Idmap => idmap(source, target, plan),
         Strategy::Chown => chown(source, target, plan, None),
@@ -237,7 +270,7 @@ fn idmap(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
     let ns = match plan.userns {
         Some(ns) => ns,
         None => {
-            owned = UserNamespace::from_mapping(plan.mapping)?;
+            owned = UserNamespace::from_mapping(plan.shift_mapping()?)?;
             &owned
         }
     };
@@ -260,7 +293,7 @@ fn chown(
         cross_mounts: plan.recursive,
         ..plan.shift.clone()
     };
-    let report = shift_tree(source, plan.mapping, &options)?;
+    let report = shift_tree(source, plan.shift_mapping()?, &options)?;
     DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?.attach(target)?;
     Ok(Outcome::Chowned { report, because })
 }

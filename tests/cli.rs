@@ -926,3 +926,33 @@ fn the_install_script_installs_every_package_the_tests_name() {
     needed.dedup();
     assert_eq!(installed, needed);
 }
+
+/// A user namespace whose maps cannot be read (a bind mount of its ns file,
+/// not a `/proc/PID/ns/user` path) idmaps through the library's
+/// `Plan::with_userns`, also with `--strategy=auto`; a shift on disk by it
+/// is refused before anything changes.
+#[test]
+fn a_user_namespace_with_unknown_maps_idmaps_and_refuses_to_shift() {
+    privileged!();
+    needs_mount_setattr!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let holder = UsernsHolder::spawn("0 50000 2000\n");
+    let ns_file = fs.scratch("ns").join("user");
+    std::fs::write(&ns_file, b"").unwrap();
+    common::run("mount", &["--bind", s(&holder.ns_path()), s(&ns_file)]);
+    let map = format!("--map-mount={}", s(&ns_file));
+    for (strategy, n) in [("--strategy=idmap", 1), ("--strategy=auto", 2)] {
+        let target = fs.scratch(&format!("target{n}"));
+        let run = cli(&["--json", strategy, &map, s(&src), s(&target)]).expect(0);
+        assert_eq!(owner(&target.join("a")), (51000, 51000), "{strategy}");
+        let json = one_json_object(&run.stdout);
+        assert!(json.contains(r#""mapping":null"#), "{json}");
+        assert!(json.contains(r#""strategy":"idmap""#), "{json}");
+    }
+    let target = fs.scratch("target3");
+    let run = cli(&["--strategy=chown", &map, s(&src), s(&target)]).expect(2);
+    run.stderr_line_names(&["cannot be read", "shifted on disk"]);
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    assert!(mounts_below(&target).is_empty());
+}

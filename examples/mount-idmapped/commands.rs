@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
-use idmapped::strategy::{check_operands, mount_with_ownership, Outcome, Plan, Strategy};
-use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
+use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
+use idmapped::{Mapping, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::output::{self, emit};
@@ -67,38 +67,22 @@ fn give_ownership(
     target: &Path,
 ) -> Result<(Outcome, Option<Mapping>), Failure> {
     let ns;
-    let mapping = match &request.ids {
-        IdSource::Mapping(mapping) => mapping.clone(),
+    let plan = match &request.ids {
+        IdSource::Mapping(mapping) => Plan::new(request.strategy, mapping),
         IdSource::Userns(path) => {
             ns = UserNamespace::open(path)?;
-            match (ns.mapping(), request.strategy) {
-                (Some(m), _) => m.clone(),
-                // Its maps cannot be read: only an idmapped mount can use it.
-                (None, Strategy::Idmap) => {
-                    check_operands(&request.source, target, Strategy::Idmap)?;
-                    let (flags, attr) = if request.recursive {
-                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
-                    } else {
-                        (CloneFlags::empty(), attr(request).idmap(&ns))
-                    };
-                    let clone = DetachedMount::clone_with(&request.source, flags, &attr)
-                        .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
-                    let method = clone.method();
-                    clone.attach(target)?;
-                    return Ok((Outcome::Idmapped { method }, None));
-                }
-                (None, s) => {
-                    return Err(Failure::usage(format_args!(
-                        "--strategy={}: the maps of {} cannot be read, so ownership cannot be shifted on disk",
-                        s.name(),
-                        path.display()
-                    )))
-                }
+            if ns.mapping().is_none() && request.strategy == Strategy::Chown {
+                return Err(Failure::usage(format_args!(
+                    "--strategy=chown: the maps of {} cannot be read, so ownership cannot be shifted on disk by them",
+                    path.display()
+                )));
             }
+            Plan::with_userns(request.strategy, &ns)
         }
     };
+    let plan_mapping = plan.mapping().cloned();
     let printed = Arc::new(AtomicBool::new(false));
-    let mut plan = Plan::new(request.strategy, &mapping)
+    let mut plan = plan
         .recursive(request.recursive)
         .flags(request.flags)
         .shift_options(ShiftOptions {
@@ -114,17 +98,7 @@ fn give_ownership(
         eprintln!();
     }
     let outcome = outcome?;
-    Ok((outcome, Some(mapping)))
-}
-
-/// The mount attributes asked for, without an idmap; with --recursive they
-/// apply to every mount of the tree.
-fn attr(request: &MountRequest) -> MountAttr<'static> {
-    let attr = MountAttr::new().set_recursive(request.flags);
-    match request.propagation {
-        Some(p) => attr.propagation_recursive(p),
-        None => attr,
-    }
+    Ok((outcome, plan_mapping))
 }
 
 /// A progress line on stderr while a walk runs, when stderr is a terminal:
