@@ -87,11 +87,12 @@ pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, ResolveReason, Result};
+pub use error::{Errno, Error, ErrorKind, FileKind, ResolveReason, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping, OciIdMapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, AttachOptions, Attached, CloneFlags, CloneMethod,
-    DetachedMount, IdmapReadback, MountAttr, MountAttrFlags, MountNamespace, Propagation,
+    check_mount_point, read_idmap, set_attr_at_path, Atime, AttachOptions, Attached, CloneFlags,
+    CloneMethod, DetachedMount, IdmapReadback, MountAttr, MountAttrFlags, MountNamespace,
+    Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 

@@ -12,11 +12,11 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use crate::chown::{shift_tree, ShiftOptions, ShiftReport};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::map::Mapping;
 use crate::mount::{
-    AttachOptions, Attached, CloneFlags, CloneMethod, DetachedMount, MountAttr, MountAttrFlags,
-    Propagation,
+    check_mount_point, file_kind, AttachOptions, Attached, CloneFlags, CloneMethod, DetachedMount,
+    MountAttr, MountAttrFlags, Propagation,
 };
 use crate::probe::{self, Reason};
 use crate::userns::UserNamespace;
@@ -98,7 +98,8 @@ impl fmt::Display for Fallback {
 #[derive(Debug, Clone)]
 pub struct Plan<'a> {
     strategy: Strategy,
-    mapping: &'a Mapping,
+    /// `None` for a namespace whose maps cannot be read: idmapping only.
+    mapping: Option<&'a Mapping>,
     userns: Option<&'a UserNamespace>,
     recursive: bool,
     flags: MountAttrFlags,
@@ -111,13 +112,42 @@ impl<'a> Plan<'a> {
     pub fn new(strategy: Strategy, mapping: &'a Mapping) -> Plan<'a> {
         Plan {
             strategy,
-            mapping,
+            mapping: Some(mapping),
             userns: None,
             recursive: false,
             flags: MountAttrFlags::empty(),
             propagation: None,
             shift: ShiftOptions::default(),
         }
+    }
+
+    /// Give the tree the view of an existing user namespace (e.g. opened
+    /// from `/proc/PID/ns/user`), by `strategy`: idmap with `userns` itself;
+    /// shift on disk by its maps. A namespace whose maps cannot be read
+    /// ([`UserNamespace::mapping`] is `None`) can only idmap: a shift on disk
+    /// is refused with [`ErrorKind::UsernsMapsUnknown`] before anything changes.
+    pub fn with_userns(strategy: Strategy, userns: &'a UserNamespace) -> Plan<'a> {
+        Plan {
+            strategy,
+            mapping: userns.mapping(),
+            userns: Some(userns),
+            recursive: false,
+            flags: MountAttrFlags::empty(),
+            propagation: None,
+            shift: ShiftOptions::default(),
+        }
+    }
+
+    /// The mapping the view follows; `None` for a [`Plan::with_userns`]
+    /// namespace whose maps cannot be read.
+    pub fn mapping(&self) -> Option<&'a Mapping> {
+        self.mapping
+    }
+
+    /// The mapping to shift on disk by (or to make a namespace from).
+    fn shift_mapping(&self) -> Result<&'a Mapping> {
+        self.mapping
+            .ok_or_else(|| Error::new(ErrorKind::UsernsMapsUnknown))
     }
 
     /// Idmap with this namespace (whose maps must be `mapping`) instead of
@@ -181,6 +211,9 @@ impl<'a> Plan<'a> {
 /// Nothing is attached at `target` unless every step before succeeded. With
 /// [`Strategy::Chown`] (or `Auto` falling back), the *source* is changed on
 /// disk; undo it by shifting with [`Mapping::inverse`].
+///
+/// Before anything else, [`check_operands`] says why `source` and `target`
+/// do not fit together, if they do not.
 pub fn mount_with_ownership(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
     mount_with_ownership_at(source, Destination::Path(target), plan).map(|(outcome, _)| outcome)
 }
@@ -204,15 +237,26 @@ pub enum Destination<'a> {
     },
 }
 
-/// [`mount_with_ownership`] to any [`Destination`]. The target is resolved
-/// (and, if asked, created) **before** anything else is done, so a target
-/// that cannot be resolved fails the call with nothing shifted on disk and
-/// nothing mounted. Returns what the attach did for [`Destination::Beneath`].
+/// [`mount_with_ownership`] to any [`Destination`]. The operands are
+/// checked and the target is resolved (and, if asked, created) **before**
+/// anything else is done, so a target that cannot be resolved or does not
+/// fit the source fails the call with nothing shifted on disk and nothing
+/// mounted. Returns what the attach did for [`Destination::Beneath`].
 pub fn mount_with_ownership_at(
     source: &Path,
     destination: Destination<'_>,
     plan: &Plan<'_>,
 ) -> Result<(Outcome, Option<Attached>)> {
+    match destination {
+        Destination::Path(target) => check_operands(source, target, plan.strategy)?,
+        Destination::Beneath { .. } => {
+            let kind = file_kind(source, true)?;
+            require_source(source, kind, plan.strategy == Strategy::Chown)?;
+        }
+    }
+    if plan.strategy == Strategy::Chown {
+        plan.shift_mapping()?;
+    }
     let landing = Landing::prepare(source, destination)?;
     let (outcome, attached) = match plan.strategy {
         Strategy::Idmap => idmap(source, landing, plan)?,
@@ -238,6 +282,9 @@ enum Landing<'a> {
 }
 
 impl<'a> Landing<'a> {
+    /// Resolve (and create) a [`Destination::Beneath`] target, and check it
+    /// fits the source: a directory onto a directory, anything else onto a
+    /// non-directory ([`ErrorKind::MountPointMismatch`]).
     fn prepare(source: &Path, destination: Destination<'a>) -> Result<Landing<'a>> {
         use crate::resolve::{resolve_in_root, Create, ResolveOptions};
         match destination {
@@ -247,16 +294,10 @@ impl<'a> Landing<'a> {
                 path,
                 options,
             } => {
+                let source_kind = file_kind(source, true)?;
                 let mut ropts = ResolveOptions::new();
                 if options.creates() {
-                    let is_dir = std::fs::metadata(source)
-                        .map_err(|e| {
-                            let errno = rustix::io::Errno::from_io_error(&e)
-                                .unwrap_or(rustix::io::Errno::IO);
-                            Error::sys("stat", format!("{source:?}"), errno).with_path(source)
-                        })?
-                        .is_dir();
-                    ropts = ropts.create(if is_dir {
+                    ropts = ropts.create(if source_kind.is_dir() {
                         Create::Directory
                     } else {
                         Create::File
@@ -265,8 +306,29 @@ impl<'a> Landing<'a> {
                 if let Some(r) = options.forced_resolver() {
                     ropts = ropts.resolver(r);
                 }
+                let resolved = resolve_in_root(root, path, &ropts)?;
+                let st = rustix::fs::statx(
+                    &resolved,
+                    "",
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                    rustix::fs::StatxFlags::TYPE,
+                )
+                .map_err(|e| Error::sys("statx", "resolved target, \"\", AT_EMPTY_PATH", e))?;
+                let target_kind = FileKind::from_mode(st.stx_mode.into());
+                if source_kind.is_dir() != target_kind.is_dir() {
+                    let shown = match resolved.path() {
+                        p if p.as_os_str().is_empty() => Path::new("."),
+                        p => p,
+                    };
+                    return Err(Error::new(ErrorKind::MountPointMismatch {
+                        source: source.to_path_buf(),
+                        source_kind,
+                        target_kind,
+                    })
+                    .with_path(shown));
+                }
                 Ok(Landing::Fd {
-                    resolved: resolve_in_root(root, path, &ropts)?,
+                    resolved,
                     replace: options.replaces(),
                 })
             }
@@ -294,6 +356,40 @@ impl<'a> Landing<'a> {
     }
 }
 
+/// Check, with `stat` alone, that `source` can be given new owners at
+/// `target` by `strategy`: `source` is a directory, or a regular file to
+/// mount onto a non-directory; [`Strategy::Chown`] needs a directory
+/// ([`ErrorKind::UnsupportedSource`]); then [`check_mount_point`]: the two
+/// are both directories or both not, and `target` is not a symlink. A FIFO,
+/// socket or device node is refused: giving it new owners is not what this
+/// call is for (bind-mount it with [`DetachedMount`] if need be).
+///
+/// [`mount_with_ownership`] calls it first, so that a shift on disk never
+/// starts for a mount that cannot be attached.
+pub fn check_operands(source: &Path, target: &Path, strategy: Strategy) -> Result<()> {
+    let kind = file_kind(source, true)?;
+    require_source(source, kind, strategy == Strategy::Chown)?;
+    check_mount_point(source, CloneFlags::empty(), target).map(|_| ())
+}
+
+/// `kind`, the kind of `source`, is one a shift on disk (`chown`) or an
+/// idmapped mount can take.
+fn require_source(source: &Path, kind: FileKind, chown: bool) -> Result<()> {
+    let fits = match kind {
+        FileKind::Directory => true,
+        FileKind::RegularFile => !chown,
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(Error::new(ErrorKind::UnsupportedSource {
+        kind,
+        needs_directory: chown && kind == FileKind::RegularFile,
+    })
+    .with_path(source))
+}
+
 fn idmap(
     source: &Path,
     landing: Landing<'_>,
@@ -303,7 +399,7 @@ fn idmap(
     let ns = match plan.userns {
         Some(ns) => ns,
         None => {
-            owned = UserNamespace::from_mapping(plan.mapping)?;
+            owned = UserNamespace::from_mapping(plan.shift_mapping()?)?;
             &owned
         }
     };
@@ -320,12 +416,120 @@ fn chown(
     plan: &Plan<'_>,
     because: Option<Fallback>,
 ) -> Result<(Outcome, Option<Attached>)> {
+    // Auto may fall back here for a regular file, which only idmaps.
+    require_source(source, file_kind(source, true)?, true)?;
     let options = ShiftOptions {
         cross_mounts: plan.recursive,
         ..plan.shift.clone()
     };
-    let report = shift_tree(source, plan.mapping, &options)?;
+    let report = shift_tree(source, plan.shift_mapping()?, &options)?;
     let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?;
     let attached = landing.attach(clone)?;
     Ok((Outcome::Chowned { report, because }, attached))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch tree: `dir/`, `dir2/`, `file`, `fifo`, `link -> dir`.
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("dir")).unwrap();
+        std::fs::create_dir(t.path().join("dir2")).unwrap();
+        std::fs::write(t.path().join("file"), b"").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("dir", t.path().join("link")).unwrap();
+        t
+    }
+
+    #[test]
+    fn operands_are_checked_by_kind_before_any_mount_call() {
+        let t = tree();
+        let p = |n: &str| t.path().join(n);
+        let kind = |source: &str, target: &str, strategy: Strategy| {
+            check_operands(&p(source), &p(target), strategy).map_err(|e| e.kind().clone())
+        };
+        assert_eq!(kind("dir", "dir2", Strategy::Idmap), Ok(()));
+        assert_eq!(kind("file", "file", Strategy::Idmap), Ok(()));
+        assert_eq!(kind("dir", "dir2", Strategy::Chown), Ok(()));
+        assert_eq!(
+            kind("file", "dir", Strategy::Idmap),
+            Err(ErrorKind::MountPointMismatch {
+                source: p("file"),
+                source_kind: FileKind::RegularFile,
+                target_kind: FileKind::Directory,
+            })
+        );
+        assert_eq!(
+            kind("dir", "file", Strategy::Auto),
+            Err(ErrorKind::MountPointMismatch {
+                source: p("dir"),
+                source_kind: FileKind::Directory,
+                target_kind: FileKind::RegularFile,
+            })
+        );
+        assert_eq!(
+            kind("fifo", "file", Strategy::Idmap),
+            Err(ErrorKind::UnsupportedSource {
+                kind: FileKind::Fifo,
+                needs_directory: false,
+            })
+        );
+        assert_eq!(
+            kind("file", "file", Strategy::Chown),
+            Err(ErrorKind::UnsupportedSource {
+                kind: FileKind::RegularFile,
+                needs_directory: true,
+            })
+        );
+        assert_eq!(
+            kind("dir", "link", Strategy::Idmap),
+            Err(ErrorKind::TargetIsSymlink {
+                points_to: "dir".into()
+            })
+        );
+        // A symlinked SOURCE is followed, as open_tree follows it.
+        assert_eq!(kind("link", "dir2", Strategy::Idmap), Ok(()));
+        assert_eq!(
+            kind("missing", "dir", Strategy::Idmap),
+            Err(ErrorKind::NotFound)
+        );
+        assert_eq!(
+            kind("dir", "missing", Strategy::Idmap),
+            Err(ErrorKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn kind_errors_name_both_paths_and_what_would_work() {
+        let t = tree();
+        let p = |n: &str| t.path().join(n);
+        let e = check_operands(&p("file"), &p("dir"), Strategy::Idmap).unwrap_err();
+        assert_eq!(e.path(), Some(p("dir").as_path()));
+        let text = e.to_string();
+        for part in [
+            "the mount point is a directory",
+            "the source",
+            "/file is a regular file",
+            "mount a file onto a file",
+        ] {
+            assert!(text.contains(part), "{part:?} missing: {text}");
+        }
+        let text = check_operands(&p("fifo"), &p("dir"), Strategy::Idmap)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("fifo: the source is a FIFO"), "{text}");
+        assert!(
+            text.contains("only a directory, or a regular file"),
+            "{text}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! work), and `--check`.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,15 +11,17 @@ use std::time::{Duration, Instant};
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
 use idmapped::strategy::{mount_with_ownership_at, Destination, Outcome, Plan, Strategy};
-use idmapped::{
-    AttachOptions, Attached, CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace,
-};
+use idmapped::{AttachOptions, Attached, Mapping, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::output::{self, emit};
 use crate::Failure;
 
 pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
+    if request.json {
+        // Nothing to mount (or shift on disk) if the report cannot be written.
+        output::require_stdout()?;
+    }
     let target = Target::open(request)?;
     let (outcome, mapping, attached) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
@@ -33,9 +35,9 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // mount away again rather than exit 1 with something left mounted.
         let json = output::mount_json(request, &outcome, mapping.as_ref(), attached.as_ref());
         if let Err(failure) = emit(&json) {
-            let at = match (&request.beneath, &attached) {
-                (Some(root), Some(a)) => root.join(&a.target),
-                _ => request.target.clone(),
+            let at = match (&target, &attached) {
+                (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
+                (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
             };
             let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
@@ -44,13 +46,15 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where the mount goes: TARGET as a path of our namespace (no --beneath,
-/// --mkdir or --replace: `move_mount` to the path), or resolved to an fd
-/// inside ROOT (--beneath), or inside "/" (--mkdir or --replace alone).
+/// Where the mount goes: TARGET as a path of our namespace (followed when
+/// it is a symlink, see [`follow_target`]); or, with --beneath, resolved to
+/// an fd inside ROOT; or, with --mkdir or --replace alone, resolved to an fd
+/// inside "/".
 enum Target {
-    Path,
+    Path(PathBuf),
     Beneath {
         root: rustix::fd::OwnedFd,
+        root_path: PathBuf,
         path: PathBuf,
         options: AttachOptions,
     },
@@ -59,9 +63,9 @@ enum Target {
 impl Target {
     fn open(request: &MountRequest) -> Result<Target, Failure> {
         if request.beneath.is_none() && !request.mkdir && !request.replace {
-            return Ok(Target::Path);
+            return follow_target(&request.target).map(Target::Path);
         }
-        let (root, path) = match &request.beneath {
+        let (root_path, path) = match &request.beneath {
             Some(root) => (root.clone(), request.target.clone()),
             None => (
                 PathBuf::from("/"),
@@ -69,14 +73,15 @@ impl Target {
                     .map_err(Failure::io(format_args!("{}", request.target.display())))?,
             ),
         };
-        let fd = rustix::fs::open(
-            &root,
+        let root = rustix::fs::open(
+            &root_path,
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(|e| Failure::io(format_args!("--beneath {}", root.display()))(e.into()))?;
+        .map_err(|e| Failure::io(format_args!("--beneath {}", root_path.display()))(e.into()))?;
         Ok(Target::Beneath {
-            root: fd,
+            root,
+            root_path,
             path,
             options: AttachOptions::new()
                 .create(request.mkdir)
@@ -84,13 +89,14 @@ impl Target {
         })
     }
 
-    fn destination<'a>(&'a self, request: &'a MountRequest) -> Destination<'a> {
+    fn destination(&self) -> Destination<'_> {
         match self {
-            Target::Path => Destination::Path(&request.target),
+            Target::Path(p) => Destination::Path(p),
             Target::Beneath {
                 root,
                 path,
                 options,
+                ..
             } => Destination::Beneath {
                 root: rustix::fd::AsFd::as_fd(root),
                 path,
@@ -100,55 +106,49 @@ impl Target {
     }
 }
 
+/// Where to mount: TARGET, or where it points when its last component is a
+/// symlink. Like util-linux's mount(8), which canonicalizes TARGET; the
+/// library's `attach` does not follow it (inside a container's root, a
+/// symlink must be resolved there, not on the host).
+fn follow_target(target: &Path) -> Result<PathBuf, Failure> {
+    let is_symlink = std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_symlink {
+        return Ok(target.to_path_buf());
+    }
+    std::fs::canonicalize(target).map_err(|e| {
+        let points_to = std::fs::read_link(target).unwrap_or_default();
+        Failure::Failed(format!(
+            "{}: TARGET is a symlink to {}, which cannot be followed: {e}; give an existing directory (or file) as TARGET",
+            target.display(),
+            points_to.display()
+        ))
+    })
+}
+
 /// Run the library's strategy: everything that can fail happens before the
-/// mount is attached at TARGET. Returns the mapping used, when known, and
+/// mount is attached at `target`. Returns the mapping used, when known, and
 /// what the attach did with --beneath, --mkdir or --replace.
 fn give_ownership(
     request: &MountRequest,
     target: &Target,
 ) -> Result<(Outcome, Option<Mapping>, Option<Attached>), Failure> {
     let ns;
-    let mapping = match &request.ids {
-        IdSource::Mapping(mapping) => mapping.clone(),
+    let plan = match &request.ids {
+        IdSource::Mapping(mapping) => Plan::new(request.strategy, mapping),
         IdSource::Userns(path) => {
             ns = UserNamespace::open(path)?;
-            match (ns.mapping(), request.strategy) {
-                (Some(m), _) => m.clone(),
-                // Its maps cannot be read: only an idmapped mount can use it.
-                (None, Strategy::Idmap) => {
-                    let (flags, attr) = if request.recursive {
-                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
-                    } else {
-                        (CloneFlags::empty(), attr(request).idmap(&ns))
-                    };
-                    let clone = DetachedMount::clone_with(&request.source, flags, &attr)
-                        .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
-                    let method = clone.method();
-                    let attached = match target {
-                        Target::Path => {
-                            clone.attach(&request.target)?;
-                            None
-                        }
-                        Target::Beneath {
-                            root,
-                            path,
-                            options,
-                        } => Some(clone.attach_beneath(root, path, options)?),
-                    };
-                    return Ok((Outcome::Idmapped { method }, None, attached));
-                }
-                (None, s) => {
-                    return Err(Failure::usage(format_args!(
-                        "--strategy={}: the maps of {} cannot be read, so ownership cannot be shifted on disk",
-                        s.name(),
-                        path.display()
-                    )))
-                }
+            if ns.mapping().is_none() && request.strategy == Strategy::Chown {
+                return Err(Failure::usage(format_args!(
+                    "--strategy=chown: the maps of {} cannot be read, so ownership cannot be shifted on disk by them",
+                    path.display()
+                )));
             }
+            Plan::with_userns(request.strategy, &ns)
         }
     };
+    let plan_mapping = plan.mapping().cloned();
     let printed = Arc::new(AtomicBool::new(false));
-    let mut plan = Plan::new(request.strategy, &mapping)
+    let mut plan = plan
         .recursive(request.recursive)
         .flags(request.flags)
         .shift_options(ShiftOptions {
@@ -159,22 +159,12 @@ fn give_ownership(
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
     }
-    let done = mount_with_ownership_at(&request.source, target.destination(request), &plan);
+    let done = mount_with_ownership_at(&request.source, target.destination(), &plan);
     if printed.load(Ordering::Relaxed) {
         eprintln!();
     }
     let (outcome, attached) = done?;
-    Ok((outcome, Some(mapping), attached))
-}
-
-/// The mount attributes asked for, without an idmap; with --recursive they
-/// apply to every mount of the tree.
-fn attr(request: &MountRequest) -> MountAttr<'static> {
-    let attr = MountAttr::new().set_recursive(request.flags);
-    match request.propagation {
-        Some(p) => attr.propagation_recursive(p),
-        None => attr,
-    }
+    Ok((outcome, plan_mapping, attached))
 }
 
 /// A progress line on stderr while a walk runs, when stderr is a terminal:
