@@ -171,10 +171,21 @@ fn mkdir_through_symlinked_parents_stays_inside() {
     assert!(!s.outside.join("new").exists());
     s.assert_nothing_outside();
     s.clear();
-    // A file SOURCE gets an empty file as its mount point. (Only where the
-    // file can be idmapped: the chown fallback walks directories only.)
+    // A file SOURCE onto a directory: said before any mount call.
     let file = s.fs.path("srcfile");
     std::fs::write(&file, b"content").unwrap();
+    let beneath = format!("--beneath={}", s.root.display());
+    let r = cli(&[
+        "--map-mount=b:0:10000:10000",
+        beneath.as_str(),
+        file.to_str().unwrap(),
+        "/t",
+    ])
+    .expect(1);
+    r.stderr_line_names(&["mount point is a directory"]);
+    assert!(s.mounts().is_empty());
+    // A file SOURCE gets an empty file as its mount point. (Only where the
+    // file can be idmapped: the chown fallback walks directories only.)
     match idmapped::probe::idmap_support(&file) {
         Ok(idmapped::probe::Support::Supported) => {}
         other => {
@@ -185,7 +196,6 @@ fn mkdir_through_symlinked_parents_stays_inside() {
             return;
         }
     }
-    let beneath = format!("--beneath={}", s.root.display());
     cli(&[
         "--strategy=auto",
         "--map-mount=b:0:10000:10000",
