@@ -1082,9 +1082,10 @@ impl DetachedMount {
     /// `target` must be the root of the top mount, as a resolved fd of the
     /// mount point is. With a mount there and a kernel without
     /// `MOVE_MOUNT_BENEATH` (found by probing): [`ErrorKind::KernelTooOld`],
-    /// nothing changed. The kernel also refuses (`EINVAL`) beneath the
-    /// caller's root, and where propagation would put a copy of the new mount
-    /// on top; unlike systemd's `mount_exchange_graceful` this does not then
+    /// nothing changed. The kernel may refuse (`EINVAL`): where propagation
+    /// would put a copy of the new mount on top, and (Linux 6.18 and earlier
+    /// here; 7.3 allows it) beneath the caller's root. Unlike systemd's
+    /// `mount_exchange_graceful` this does not then
     /// mount on top (that would leave the old mount stacked under the new
     /// one, not replaced): it fails and changes nothing. The old top is
     /// detached through the fd (`fchdir` to it on a thread of its own, then
@@ -1129,7 +1130,7 @@ impl DetachedMount {
             .with_path(&self.source);
             if e == Errno::INVAL {
                 err.with_kind(ErrorKind::InvalidInput(
-                    "the kernel refused to mount beneath the target: it is the caller's root, or propagation would put the new mount on top".into(),
+                    "the kernel refused to mount beneath the target (propagation would put the new mount on top, or the target is the caller's root)".into(),
                 ))
             } else {
                 err
