@@ -73,6 +73,34 @@ pub enum ErrorKind {
     NotFound,
     /// A child process or namespace helper failed.
     Process(String),
+    /// Per-pod id ranges: the settings break a rule of the pool or block
+    /// size (see [`ranges`](crate::ranges)).
+    RangeRule(crate::ranges::RuleViolation),
+    /// Per-pod id ranges: a key is not 1 to 253 characters of `[A-Za-z0-9._-]`
+    /// (or is `.` or `..`).
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Per-pod id ranges: every usable block is allocated.
+    PoolExhausted {
+        /// How many blocks the pool can hand out.
+        usable: u64,
+        /// The pool.
+        pool: crate::ranges::Pool,
+    },
+    /// Per-pod id ranges: a file of the state directory is not a valid
+    /// record for the current settings; [`Error::path`] is the file.
+    InvalidState {
+        /// The file's name in the state directory (the key).
+        file: String,
+        /// What is wrong with it.
+        problem: crate::ranges::StateProblem,
+    },
+    /// Per-pod id ranges: a user's subordinate ids cannot be a pool.
+    Subids(crate::ranges::SubidProblem),
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
 }
@@ -114,6 +142,17 @@ impl fmt::Display for ErrorKind {
             }
             ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
+            ErrorKind::RangeRule(v) => write!(f, "id range settings break a rule: {v}"),
+            ErrorKind::InvalidKey { key, reason } => {
+                write!(f, "invalid key {key:?}: {reason}")
+            }
+            ErrorKind::PoolExhausted { usable, pool } => {
+                write!(f, "pool {pool} exhausted: all {usable} usable blocks are allocated")
+            }
+            ErrorKind::InvalidState { file, problem } => {
+                write!(f, "invalid id range state in {file:?}: {problem}")
+            }
+            ErrorKind::Subids(p) => write!(f, "{p}"),
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }

@@ -56,6 +56,7 @@ pub mod map;
 pub mod mount;
 mod mountinfo;
 pub mod probe;
+pub mod ranges;
 pub mod strategy;
 mod sys;
 pub mod userns;
