@@ -277,9 +277,13 @@ fn from_getsubids(program: &Path, user: &str, kind: &'static str) -> Result<Pool
     if kind == "gid" {
         cmd.arg("-g");
     }
-    // "--" so that a user name starting with '-' is not an option.
+    // getsubids takes no "--": a name starting with '-' would be an option.
+    if user.starts_with('-') || user.is_empty() {
+        return Err(Error::new(ErrorKind::InvalidInput(format!(
+            "user name {user:?} is empty or starts with '-'"
+        ))));
+    }
     let out = cmd
-        .arg("--")
         .arg(user)
         .stdin(Stdio::null())
         .output()
