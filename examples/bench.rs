@@ -35,8 +35,8 @@ use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use idmapped::probe::{self, Availability};
-use idmapped::{DetachedMount, Mapping, MountAttr, UserNamespace};
+use idmapped::features::{self, Availability};
+use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
 use rustix::mount::{MountPropagationFlags, UnmountFlags};
 
@@ -764,8 +764,8 @@ fn ownership(
             time(|| {
                 let userns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
                 let attr = MountAttr::new().idmap(&userns);
-                let mount =
-                    DetachedMount::clone_with(&tree.root, false, &attr).ctx("clone_with")?;
+                let mount = DetachedMount::clone_with(&tree.root, CloneFlags::empty(), &attr)
+                    .ctx("clone_with")?;
                 mount.attach(attach).ctx("attach")
             })
         },
@@ -980,12 +980,17 @@ fn mount_calls(cfg: &Config, fs_name: &str, path: &Path, userns: &UserNamespace)
     let attr = MountAttr::new().idmap(userns);
     let mut rows = Vec::new();
     let method = "open_tree_attr (one call)";
-    match probe::features().open_tree_attr {
+    match features::features().open_tree_attr {
         Availability::Available => {
             let stats = measure(
                 runs,
                 || Ok(()),
-                || time(|| DetachedMount::clone_with(path, false, &attr).ctx("clone_with")),
+                || {
+                    time(|| {
+                        DetachedMount::clone_with(path, CloneFlags::empty(), &attr)
+                            .ctx("clone_with")
+                    })
+                },
                 |m| {
                     drop(m);
                     Ok(())
@@ -1003,7 +1008,8 @@ fn mount_calls(cfg: &Config, fs_name: &str, path: &Path, userns: &UserNamespace)
         || Ok(()),
         || {
             time(|| {
-                let mut m = DetachedMount::clone_tree(path, false).ctx("clone_tree")?;
+                let mut m =
+                    DetachedMount::clone_tree(path, CloneFlags::empty()).ctx("clone_tree")?;
                 m.set_attr(&attr).ctx("set_attr")?;
                 Ok(m)
             })
@@ -1168,7 +1174,7 @@ fn run(cfg: &Config) -> Res<()> {
         cfg.repeats,
         cfg.repeats * MICRO_FACTOR
     );
-    println!("open_tree_attr: {:?}", probe::features().open_tree_attr);
+    println!("open_tree_attr: {:?}", features::features().open_tree_attr);
 
     let mut scratch = Scratch::new()?;
     let mut rows = Vec::new();

@@ -24,7 +24,8 @@ use idmapped::chown::{OutOfRange, Progress, ProgressFn, ShiftOptions, ShiftRepor
 use idmapped::probe;
 use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
 use idmapped::{
-    CloneMethod, DetachedMount, IdMap, Mapping, MountAttr, MountFlags, Propagation, UserNamespace,
+    CloneFlags, CloneMethod, DetachedMount, IdMap, Mapping, MountAttr, MountAttrFlags, Propagation,
+    UserNamespace,
 };
 
 const USAGE: &str = "\
@@ -168,7 +169,7 @@ fn emit(text: &str) -> Result<(), Failure> {
 struct Options {
     maps: Vec<String>,
     recursive: bool,
-    flags: MountFlags,
+    flags: MountAttrFlags,
     propagation: Option<Propagation>,
     strategy: Strategy,
     out_of_range: OutOfRange,
@@ -214,7 +215,7 @@ struct MountRequest {
     target: PathBuf,
     ids: IdSource,
     recursive: bool,
-    flags: MountFlags,
+    flags: MountAttrFlags,
     propagation: Option<Propagation>,
     strategy: Strategy,
     out_of_range: OutOfRange,
@@ -335,13 +336,13 @@ fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn mount_flag(name: &str) -> Result<MountFlags, Failure> {
+fn mount_flag(name: &str) -> Result<MountAttrFlags, Failure> {
     match name {
-        "--read-only" => Ok(MountFlags::RDONLY),
-        "--nosuid" => Ok(MountFlags::NOSUID),
-        "--nodev" => Ok(MountFlags::NODEV),
-        "--noexec" => Ok(MountFlags::NOEXEC),
-        "--nosymfollow" => Ok(MountFlags::NOSYMFOLLOW),
+        "--read-only" => Ok(MountAttrFlags::RDONLY),
+        "--nosuid" => Ok(MountAttrFlags::NOSUID),
+        "--nodev" => Ok(MountAttrFlags::NODEV),
+        "--noexec" => Ok(MountAttrFlags::NOEXEC),
+        "--nosymfollow" => Ok(MountAttrFlags::NOSYMFOLLOW),
         _ => Err(Failure::usage(format_args!("unknown option {name}"))),
     }
 }
@@ -477,11 +478,13 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
                 (Some(m), _) => m.clone(),
                 // Its maps cannot be read: only an idmapped mount can use it.
                 (None, Strategy::Idmap) => {
-                    let clone = DetachedMount::clone_with(
-                        &request.source,
-                        request.recursive,
-                        &attr(request).idmap(&ns),
-                    )?;
+                    let (flags, attr) = if request.recursive {
+                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
+                    } else {
+                        (CloneFlags::empty(), attr(request).idmap(&ns))
+                    };
+                    let clone = DetachedMount::clone_with(&request.source, flags, &attr)
+                        .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
                     let method = clone.method();
                     clone.attach(&request.target)?;
                     return Ok((Outcome::Idmapped { method }, None));
@@ -516,11 +519,12 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
     Ok((outcome, Some(mapping)))
 }
 
-/// The mount attributes asked for, without an idmap.
+/// The mount attributes asked for, without an idmap; with --recursive they
+/// apply to every mount of the tree.
 fn attr(request: &MountRequest) -> MountAttr<'static> {
-    let attr = MountAttr::new().set(request.flags);
+    let attr = MountAttr::new().set_recursive(request.flags);
     match request.propagation {
-        Some(p) => attr.propagation(p),
+        Some(p) => attr.propagation_recursive(p),
         None => attr,
     }
 }
@@ -637,13 +641,13 @@ fn extents_json(map: &IdMap) -> String {
 }
 
 fn attributes_json(request: &MountRequest) -> String {
-    let flag = |f: MountFlags| request.flags.contains(f).to_string();
+    let flag = |f: MountAttrFlags| request.flags.contains(f).to_string();
     json::Object::new()
-        .raw("read_only", flag(MountFlags::RDONLY))
-        .raw("nosuid", flag(MountFlags::NOSUID))
-        .raw("nodev", flag(MountFlags::NODEV))
-        .raw("noexec", flag(MountFlags::NOEXEC))
-        .raw("nosymfollow", flag(MountFlags::NOSYMFOLLOW))
+        .raw("read_only", flag(MountAttrFlags::RDONLY))
+        .raw("nosuid", flag(MountAttrFlags::NOSUID))
+        .raw("nodev", flag(MountAttrFlags::NODEV))
+        .raw("noexec", flag(MountAttrFlags::NOEXEC))
+        .raw("nosymfollow", flag(MountAttrFlags::NOSYMFOLLOW))
         .raw(
             "propagation",
             request
@@ -834,7 +838,11 @@ mod demo {
         let mapping =
             Mapping::parse_map_mount([MAP]).map_err(|e| Failure::Failed(e.to_string()))?;
         let ns = UserNamespace::from_mapping(&mapping)?;
-        let clone = DetachedMount::clone_with(&scratch.root, false, &MountAttr::new().idmap(&ns))?;
+        let clone = DetachedMount::clone_with(
+            &scratch.root,
+            CloneFlags::empty(),
+            &MountAttr::new().idmap(&ns),
+        )?;
         let method = clone.method();
         clone.attach(&target)?;
         let idmapped = Mounted::new(target);

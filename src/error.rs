@@ -73,6 +73,13 @@ pub enum ErrorKind {
     NotFound,
     /// A child process or namespace helper failed.
     Process(String),
+    /// The kernel refused an idmap with `EINVAL` although the namespace has
+    /// both maps and the mount is detached: a mount of the tree is on a
+    /// filesystem that cannot be idmapped on this kernel, or the namespace
+    /// owns the filesystem. [`crate::probe::diagnose`] finds out which (it
+    /// probes with clones of each mount); the mount calls themselves make no
+    /// such probe.
+    IdmapRefused,
     /// Per-pod id ranges: the settings break a rule of the pool or block
     /// size (see [`ranges`](crate::ranges)).
     RangeRule(crate::ranges::RuleViolation),
@@ -142,6 +149,9 @@ impl fmt::Display for ErrorKind {
             }
             ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
+            ErrorKind::IdmapRefused => f.write_str(
+                "the kernel refused to idmap the mount: a filesystem of the tree cannot be idmapped on this kernel, or the namespace owns it (probe::diagnose tells which)",
+            ),
             ErrorKind::RangeRule(v) => write!(f, "id range settings break a rule: {v}"),
             ErrorKind::InvalidKey { key, reason } => {
                 write!(f, "invalid key {key:?}: {reason}")
@@ -253,7 +263,9 @@ impl Error {
     pub fn is_unsupported(&self) -> bool {
         matches!(
             self.0.kind,
-            ErrorKind::NotSupported { .. } | ErrorKind::KernelTooOld { .. }
+            ErrorKind::NotSupported { .. }
+                | ErrorKind::KernelTooOld { .. }
+                | ErrorKind::IdmapRefused
         )
     }
 }
@@ -287,7 +299,11 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.0.kind {
             ErrorKind::InvalidMap(e) => Some(e),
-            _ => None,
+            _ => self
+                .0
+                .errno
+                .as_ref()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
         }
     }
 }

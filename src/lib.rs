@@ -27,12 +27,16 @@
 //! advance what the kernel and a given path support.
 //!
 //! ```no_run
-//! use idmapped::{DetachedMount, Mapping, MountAttr, UserNamespace};
+//! use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 //!
 //! // Files stored as 0..65535 on disk are seen as 100000..165535.
 //! let mapping = Mapping::parse_map_mount(["b:0:100000:65536"])?;
 //! let userns = UserNamespace::from_mapping(&mapping)?;
-//! let mount = DetachedMount::clone_with("/srv/volume", true, &MountAttr::new().idmap(&userns))?;
+//! let mount = DetachedMount::clone_with(
+//!     "/srv/volume",
+//!     CloneFlags::RECURSIVE,
+//!     &MountAttr::new().idmap_recursive(&userns),
+//! )?;
 //! mount.attach("/run/pod/volume")?;
 //! # Ok::<(), idmapped::Error>(())
 //! ```
@@ -52,6 +56,7 @@
 
 pub mod chown;
 pub mod error;
+pub mod features;
 pub mod map;
 pub mod mount;
 mod mountinfo;
@@ -64,8 +69,8 @@ pub mod userns;
 pub use error::{Errno, Error, ErrorKind, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, CloneMethod, DetachedMount, IdmapReadback, MountAttr,
-    MountFlags, Propagation,
+    read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
+    MountAttr, MountAttrFlags, Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 

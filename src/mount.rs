@@ -18,20 +18,22 @@ use rustix::io::Errno;
 use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::features::{self, Availability};
 use crate::map::Mapping;
 use crate::mountinfo;
-use crate::probe::{self, Availability};
 use crate::sys::{self, RawMountAttr};
 use crate::userns::UserNamespace;
 
 bitflags! {
     /// Mount attributes (`MOUNT_ATTR_*`), 64 bits wide like `struct mount_attr`.
     ///
-    /// The idmap and the atime mode have their own setters on [`MountAttr`]
-    /// because they are not plain on/off bits.
+    /// Named apart from `rustix::mount::MountFlags` (the `mount(2)` flags),
+    /// which the same callers import. The idmap and the atime mode have their
+    /// own setters on [`MountAttr`] because they are not plain on/off bits.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-    pub struct MountFlags: u64 {
-        /// `MOUNT_ATTR_RDONLY`: read-only.
+    #[doc(alias = "MOUNT_ATTR")]
+    pub struct MountAttrFlags: u64 {
+        /// `MOUNT_ATTR_RDONLY`: read-only (OCI `ro`, or `rro` recursively).
         const RDONLY = libc::MOUNT_ATTR_RDONLY;
         /// `MOUNT_ATTR_NOSUID`: ignore setuid/setgid bits and file capabilities.
         const NOSUID = libc::MOUNT_ATTR_NOSUID;
@@ -46,26 +48,67 @@ bitflags! {
     }
 }
 
-/// Bits a caller may not put in [`MountFlags`]: they have dedicated setters.
+/// Bits a caller may not put in [`MountAttrFlags`]: they have dedicated setters.
 const RESERVED_BITS: u64 = libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR__ATIME;
+
+bitflags! {
+    /// How [`DetachedMount::clone_tree`] looks up and copies its source
+    /// (`open_tree(2)` flags; `OPEN_TREE_CLONE|OPEN_TREE_CLOEXEC` are always
+    /// given).
+    ///
+    /// The clone's recursion is independent of the recursion of attribute
+    /// changes: OCI's `rbind` + `idmap` is [`CloneFlags::RECURSIVE`] with
+    /// [`MountAttr::idmap`] (top mount only), `rbind` + `ridmap` the same
+    /// clone with [`MountAttr::idmap_recursive`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct CloneFlags: u32 {
+        /// `AT_RECURSIVE`: copy the submounts too (OCI `rbind`; without it, `bind`).
+        const RECURSIVE = libc::AT_RECURSIVE as u32;
+        /// `AT_SYMLINK_NOFOLLOW`: a source that is a symlink is cloned as the
+        /// link itself, not what it points to (OCI `src-nofollow`).
+        const NO_FOLLOW = libc::AT_SYMLINK_NOFOLLOW as u32;
+        /// `AT_NO_AUTOMOUNT`: do not trigger an automount at the source's
+        /// last component.
+        const NO_AUTOMOUNT = libc::AT_NO_AUTOMOUNT as u32;
+    }
+}
+
+impl CloneFlags {
+    /// The `open_tree` flags, spelled as in C, for error messages.
+    fn names(self) -> String {
+        let mut s = String::from("OPEN_TREE_CLONE|OPEN_TREE_CLOEXEC");
+        for (flag, name) in [
+            (CloneFlags::RECURSIVE, "AT_RECURSIVE"),
+            (CloneFlags::NO_FOLLOW, "AT_SYMLINK_NOFOLLOW"),
+            (CloneFlags::NO_AUTOMOUNT, "AT_NO_AUTOMOUNT"),
+        ] {
+            if self.contains(flag) {
+                s.push('|');
+                s.push_str(name);
+            }
+        }
+        s
+    }
+}
 
 /// Access-time mode (`MOUNT_ATTR__ATIME` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Atime {
-    /// `MOUNT_ATTR_RELATIME`: update atime only when older than mtime/ctime.
-    Relative,
-    /// `MOUNT_ATTR_NOATIME`: never update atime.
-    None,
-    /// `MOUNT_ATTR_STRICTATIME`: always update atime.
-    Strict,
+    /// `MOUNT_ATTR_RELATIME`: update atime only when older than mtime/ctime
+    /// (OCI `relatime`).
+    Relatime,
+    /// `MOUNT_ATTR_NOATIME`: never update atime (OCI `noatime`).
+    NoAtime,
+    /// `MOUNT_ATTR_STRICTATIME`: always update atime (OCI `strictatime`).
+    StrictAtime,
 }
 
 impl Atime {
     fn bits(self) -> u64 {
         match self {
-            Atime::Relative => libc::MOUNT_ATTR_RELATIME,
-            Atime::None => libc::MOUNT_ATTR_NOATIME,
-            Atime::Strict => libc::MOUNT_ATTR_STRICTATIME,
+            Atime::Relatime => libc::MOUNT_ATTR_RELATIME,
+            Atime::NoAtime => libc::MOUNT_ATTR_NOATIME,
+            Atime::StrictAtime => libc::MOUNT_ATTR_STRICTATIME,
         }
     }
 }
@@ -130,73 +173,19 @@ enum IdmapChange<'a> {
     Clear,
 }
 
-/// The attributes to set on a mount: a builder over `struct mount_attr`.
-///
-/// ```
-/// use idmapped::{MountAttr, MountFlags, Propagation};
-/// let attr = MountAttr::new()
-///     .set(MountFlags::NOSUID | MountFlags::NODEV)
-///     .propagation(Propagation::Private);
-/// # let _ = attr;
-/// ```
+/// One `struct mount_attr` worth of change: what a single `mount_setattr`
+/// call applies.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct MountAttr<'a> {
-    set: MountFlags,
-    clear: MountFlags,
+struct AttrChange<'a> {
+    set: MountAttrFlags,
+    clear: MountAttrFlags,
     atime: Option<Atime>,
     propagation: Option<Propagation>,
     idmap: IdmapChange<'a>,
 }
 
-impl<'a> MountAttr<'a> {
-    /// No change.
-    pub fn new() -> MountAttr<'a> {
-        MountAttr::default()
-    }
-
-    /// Turn `flags` on.
-    pub fn set(mut self, flags: MountFlags) -> Self {
-        self.set |= flags;
-        self
-    }
-
-    /// Turn `flags` off.
-    pub fn clear(mut self, flags: MountFlags) -> Self {
-        self.clear |= flags;
-        self
-    }
-
-    /// Set the access-time mode.
-    pub fn atime(mut self, atime: Atime) -> Self {
-        self.atime = Some(atime);
-        self
-    }
-
-    /// Set the propagation type.
-    pub fn propagation(mut self, propagation: Propagation) -> Self {
-        self.propagation = Some(propagation);
-        self
-    }
-
-    /// Idmap the mount with `userns`'s mapping (`MOUNT_ATTR_IDMAP`): a file
-    /// stored as on-disk id A+n is seen as B+n for each line `A B N` of the
-    /// namespace's maps. On a source that is idmapped already this
-    /// *replaces* the idmap, which only [`DetachedMount::clone_with`] can do
-    /// (Linux 6.15).
-    pub fn idmap(mut self, userns: &'a UserNamespace) -> Self {
-        self.idmap = IdmapChange::Set(userns);
-        self
-    }
-
-    /// Remove the idmap of an idmapped source, so the clone shows on-disk
-    /// ids again. Only [`DetachedMount::clone_with`] can do this (Linux 6.15).
-    pub fn clear_idmap(mut self) -> Self {
-        self.idmap = IdmapChange::Clear;
-        self
-    }
-
-    /// True when applying this would change nothing.
-    pub fn is_empty(&self) -> bool {
+impl<'a> AttrChange<'a> {
+    fn is_empty(&self) -> bool {
         self.set.is_empty()
             && self.clear.is_empty()
             && self.atime.is_none()
@@ -204,10 +193,21 @@ impl<'a> MountAttr<'a> {
             && matches!(self.idmap, IdmapChange::Keep)
     }
 
-    fn userns(&self) -> Option<&'a UserNamespace> {
-        match self.idmap {
-            IdmapChange::Set(ns) => Some(ns),
-            _ => None,
+    fn changes_idmap(&self) -> bool {
+        !matches!(self.idmap, IdmapChange::Keep)
+    }
+
+    /// `self` then `later` on one mount: what `later` says wins.
+    fn then(self, later: AttrChange<'a>) -> AttrChange<'a> {
+        AttrChange {
+            set: (self.set - later.clear) | later.set,
+            clear: (self.clear - later.set) | later.clear,
+            atime: later.atime.or(self.atime),
+            propagation: later.propagation.or(self.propagation),
+            idmap: match later.idmap {
+                IdmapChange::Keep => self.idmap,
+                other => other,
+            },
         }
     }
 
@@ -243,6 +243,151 @@ impl<'a> MountAttr<'a> {
             IdmapChange::Clear => raw.attr_clr |= libc::MOUNT_ATTR_IDMAP,
         }
         Ok(raw)
+    }
+}
+
+/// The attributes to change on a mount tree: a builder over
+/// `struct mount_attr`, in two scopes.
+///
+/// Each setter applies to the **top mount** only (OCI `ro`, `idmap`,
+/// `nosuid`, ...); its `_recursive` twin applies to every mount of a
+/// recursive clone (OCI `rro`, `ridmap`, ...). The recursive part is applied
+/// first, then the top-mount part, so `set_recursive(RDONLY)` with
+/// `clear(RDONLY)` gives a writable top over read-only submounts. On a clone
+/// without submounts both scopes mean the same mount.
+///
+/// ```
+/// use idmapped::{MountAttr, MountAttrFlags, Propagation};
+/// // OCI ["rbind", "rro", "nosuid", "nodev"], propagation "rprivate":
+/// let attr = MountAttr::new()
+///     .set_recursive(MountAttrFlags::RDONLY)
+///     .set(MountAttrFlags::NOSUID | MountAttrFlags::NODEV)
+///     .propagation_recursive(Propagation::Private);
+/// # let _ = attr;
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MountAttr<'a> {
+    top: AttrChange<'a>,
+    tree: AttrChange<'a>,
+}
+
+impl<'a> MountAttr<'a> {
+    /// No change.
+    pub fn new() -> MountAttr<'a> {
+        MountAttr::default()
+    }
+
+    /// Turn `flags` on, on the top mount.
+    pub fn set(mut self, flags: MountAttrFlags) -> Self {
+        self.top.set |= flags;
+        self
+    }
+
+    /// Turn `flags` on, on every mount of the tree (`AT_RECURSIVE`).
+    pub fn set_recursive(mut self, flags: MountAttrFlags) -> Self {
+        self.tree.set |= flags;
+        self
+    }
+
+    /// Turn `flags` off, on the top mount.
+    pub fn clear(mut self, flags: MountAttrFlags) -> Self {
+        self.top.clear |= flags;
+        self
+    }
+
+    /// Turn `flags` off, on every mount of the tree.
+    pub fn clear_recursive(mut self, flags: MountAttrFlags) -> Self {
+        self.tree.clear |= flags;
+        self
+    }
+
+    /// Set the access-time mode of the top mount.
+    pub fn atime(mut self, atime: Atime) -> Self {
+        self.top.atime = Some(atime);
+        self
+    }
+
+    /// Set the access-time mode of every mount of the tree.
+    pub fn atime_recursive(mut self, atime: Atime) -> Self {
+        self.tree.atime = Some(atime);
+        self
+    }
+
+    /// Set the propagation type of the top mount (OCI `private`, `shared`, ...).
+    pub fn propagation(mut self, propagation: Propagation) -> Self {
+        self.top.propagation = Some(propagation);
+        self
+    }
+
+    /// Set the propagation type of every mount of the tree (OCI `rprivate`, ...).
+    pub fn propagation_recursive(mut self, propagation: Propagation) -> Self {
+        self.tree.propagation = Some(propagation);
+        self
+    }
+
+    /// Idmap the top mount with `userns`'s mapping (`MOUNT_ATTR_IDMAP`, OCI
+    /// `idmap`): a file stored as on-disk id A+n is seen as B+n for each
+    /// line `A B N` of the namespace's maps. Submounts of a recursive clone
+    /// keep showing their ids unmapped (as 65534 inside a container). On a
+    /// source that is idmapped already this *replaces* the idmap, which only
+    /// [`DetachedMount::clone_with`] can do (Linux 6.15), and for a recursive
+    /// clone only with [`idmap_recursive`](Self::idmap_recursive).
+    pub fn idmap(mut self, userns: &'a UserNamespace) -> Self {
+        self.top.idmap = IdmapChange::Set(userns);
+        self
+    }
+
+    /// Idmap every mount of the tree (OCI `ridmap`). The kernel does it all
+    /// or nothing: one submount that cannot be idmapped fails the call.
+    pub fn idmap_recursive(mut self, userns: &'a UserNamespace) -> Self {
+        self.tree.idmap = IdmapChange::Set(userns);
+        self
+    }
+
+    /// Remove the idmap of an idmapped source's top mount, so the clone
+    /// shows on-disk ids again. Only [`DetachedMount::clone_with`] can do
+    /// this (Linux 6.15), and only for a clone without submounts.
+    pub fn clear_idmap(mut self) -> Self {
+        self.top.idmap = IdmapChange::Clear;
+        self
+    }
+
+    /// Remove the idmap of every mount of the tree (Linux 6.15, through
+    /// [`DetachedMount::clone_with`]).
+    pub fn clear_idmap_recursive(mut self) -> Self {
+        self.tree.idmap = IdmapChange::Clear;
+        self
+    }
+
+    /// True when applying this would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.top.is_empty() && self.tree.is_empty()
+    }
+
+    /// True when this sets or clears an idmap (in either scope).
+    pub fn changes_idmap(&self) -> bool {
+        self.top.changes_idmap() || self.tree.changes_idmap()
+    }
+
+    /// The changes as `mount_setattr` calls, in order, each with whether it
+    /// takes `AT_RECURSIVE`; `recursive` says whether the tree has
+    /// submounts. Both raw structs are validated before any call is made.
+    fn calls(&self, recursive: bool) -> Result<Vec<(AttrChange<'a>, bool)>> {
+        if self.top.changes_idmap() && self.tree.changes_idmap() {
+            return Err(Error::new(ErrorKind::InvalidInput(
+                "an idmap change both for the top mount and recursively: the recursive one covers the top mount".into(),
+            )));
+        }
+        let calls = if !recursive {
+            vec![(self.tree.then(self.top), false)]
+        } else {
+            vec![(self.tree, true), (self.top, false)]
+        };
+        let calls: Vec<_> = calls.into_iter().filter(|(c, _)| !c.is_empty()).collect();
+        for (c, _) in &calls {
+            c.to_raw()?;
+        }
+        Ok(calls)
     }
 }
 
@@ -318,42 +463,33 @@ pub struct DetachedMount {
 
 impl DetachedMount {
     /// Clone the mount at `path` (`open_tree(OPEN_TREE_CLONE)`); with
-    /// `recursive`, submounts too (`AT_RECURSIVE`), and every later attribute
-    /// change applies to all of them.
+    /// [`CloneFlags::RECURSIVE`], its submounts too (`AT_RECURSIVE`).
     ///
     /// # References
     /// - [`open_tree(2)`](https://man7.org/linux/man-pages/man2/open_tree.2.html)
     #[doc(alias = "open_tree")]
-    pub fn clone_tree(path: impl AsRef<Path>, recursive: bool) -> Result<DetachedMount> {
-        Self::clone_tree_at(CWD, path, recursive)
+    pub fn clone_tree(path: impl AsRef<Path>, flags: CloneFlags) -> Result<DetachedMount> {
+        Self::clone_tree_at(CWD, path, flags)
     }
 
     /// [`clone_tree`](Self::clone_tree) relative to `dirfd`; an empty `path`
-    /// clones the mount `dirfd` itself refers to (`AT_EMPTY_PATH`).
+    /// clones the mount `dirfd` itself refers to (`AT_EMPTY_PATH`), which is
+    /// how a runtime clones a source it resolved safely itself.
     pub fn clone_tree_at(
         dirfd: impl AsFd,
         path: impl AsRef<Path>,
-        recursive: bool,
+        flags: CloneFlags,
     ) -> Result<DetachedMount> {
         let path = path.as_ref();
-        let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-        if recursive {
-            flags |= OpenTreeFlags::AT_RECURSIVE;
-        }
+        let mut raw = OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::from_bits_retain(flags.bits());
         if path.as_os_str().is_empty() {
-            flags |= OpenTreeFlags::AT_EMPTY_PATH;
+            raw |= OpenTreeFlags::AT_EMPTY_PATH;
         }
-        let fd = rustix::mount::open_tree(dirfd.as_fd(), path, flags).map_err(|e| {
-            let err = Error::sys(
-                "open_tree",
-                format!(
-                    "{:?}, {}",
-                    path,
-                    flag_names(recursive, "OPEN_TREE_CLONE|OPEN_TREE_CLOEXEC")
-                ),
-                e,
-            )
-            .with_path(path);
+        let fd = rustix::mount::open_tree(dirfd.as_fd(), path, raw).map_err(|e| {
+            let err = Error::sys("open_tree", format!("{:?}, {}", path, flags.names()), e)
+                .with_path(path);
             if e == Errno::NOSYS {
                 err.with_kind(ErrorKind::KernelTooOld {
                     feature: "open_tree",
@@ -366,7 +502,7 @@ impl DetachedMount {
         Ok(DetachedMount {
             fd,
             method: CloneMethod::OpenTree,
-            recursive,
+            recursive: flags.contains(CloneFlags::RECURSIVE),
             source: path.to_path_buf(),
         })
     }
@@ -376,89 +512,120 @@ impl DetachedMount {
     /// On Linux >= 6.15 this is one `open_tree_attr` call: the fd never exists
     /// without its attributes, and an idmap can *replace* or *clear* the idmap
     /// of a source that is idmapped already. Older kernels get `open_tree`
-    /// followed by `mount_setattr` (with `AT_RECURSIVE` in both calls when
-    /// `recursive`); which one is used is probed once and cached.
+    /// followed by `mount_setattr`; which one is used is probed once and
+    /// cached. For a recursive clone, `open_tree_attr` applies only the
+    /// recursive part of `attr` (the kernel applies its attributes to the
+    /// whole tree); the top-mount part follows by `mount_setattr`.
+    ///
+    /// A refusal is classified without side effects ([`ErrorKind`]); an
+    /// [`ErrorKind::IdmapRefused`] can be narrowed down to the mount and
+    /// filesystem that caused it with [`crate::probe::diagnose`].
     #[doc(alias = "open_tree_attr")]
     pub fn clone_with(
         path: impl AsRef<Path>,
-        recursive: bool,
+        flags: CloneFlags,
         attr: &MountAttr<'_>,
     ) -> Result<DetachedMount> {
         let path = path.as_ref();
-        let raw = attr.to_raw()?;
+        let recursive = flags.contains(CloneFlags::RECURSIVE);
+        let calls = attr.calls(recursive)?;
         // A plain bind-style clone needs neither newer call: Linux 5.2 suffices.
-        if attr.is_empty() {
-            return DetachedMount::clone_tree(path, recursive);
+        if calls.is_empty() {
+            return DetachedMount::clone_tree(path, flags);
         }
-        if probe::features().open_tree_attr == Availability::Available {
+        // The change open_tree_attr can carry: all of it without submounts,
+        // the recursive part with them.
+        let (first, rest) = match calls.split_first() {
+            Some(((c, rec), rest)) if *rec == recursive => (Some(*c), rest),
+            _ => (None, &calls[..]),
+        };
+        if let (Some(first), Availability::Available) = (first, features::features().open_tree_attr)
+        {
+            let raw = first.to_raw()?;
             let cp = cpath(path)?;
-            let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | at_flags(recursive);
-            return match sys::open_tree_attr(CWD, &cp, flags, Some(&raw)) {
-                Ok(fd) => Ok(DetachedMount {
-                    fd,
-                    method: CloneMethod::OpenTreeAttr,
-                    recursive,
-                    source: path.to_path_buf(),
-                }),
-                Err(e) => {
-                    let err = Error::sys(
-                        "open_tree_attr",
-                        format!(
-                            "{:?}, {}, {}",
-                            path,
-                            flag_names(recursive, "OPEN_TREE_CLONE|OPEN_TREE_CLOEXEC"),
-                            describe(&raw)
-                        ),
-                        e,
-                    )
-                    .with_path(path);
-                    Err(diagnose(err, e, path, recursive, attr, true))
-                }
+            let at = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | flags.bits();
+            let fd = sys::open_tree_attr(CWD, &cp, at, Some(&raw)).map_err(|e| {
+                let err = Error::sys(
+                    "open_tree_attr",
+                    format!("{:?}, {}, {}", path, flags.names(), describe(&raw)),
+                    e,
+                )
+                .with_path(path);
+                classify(err, e, path, &first, true)
+            })?;
+            let mut mount = DetachedMount {
+                fd,
+                method: CloneMethod::OpenTreeAttr,
+                recursive,
+                source: path.to_path_buf(),
             };
+            for (change, rec) in rest {
+                mount.apply(change, *rec)?;
+            }
+            return Ok(mount);
         }
-        if matches!(attr.idmap, IdmapChange::Clear) {
+        if calls
+            .iter()
+            .any(|(c, _)| matches!(c.idmap, IdmapChange::Clear))
+        {
+            if features::features().open_tree_attr == Availability::Available {
+                return Err(Error::new(ErrorKind::InvalidInput(
+                    "the idmap of only the top mount of a recursive clone cannot be cleared (open_tree_attr applies to the whole tree): use MountAttr::clear_idmap_recursive".into(),
+                ))
+                .with_path(path));
+            }
             return Err(Error::new(ErrorKind::KernelTooOld {
                 feature: "open_tree_attr (clearing an idmap)",
                 since: "6.15",
             })
             .with_path(path));
         }
-        let mut mount = DetachedMount::clone_tree(path, recursive)?;
-        mount.set_attr(attr)?;
+        let mut mount = DetachedMount::clone_tree(path, flags)?;
+        for (change, rec) in &calls {
+            mount.apply(change, *rec)?;
+        }
         Ok(mount)
     }
 
     /// Change the attributes of this detached tree (`mount_setattr` with
-    /// `AT_EMPTY_PATH`, plus `AT_RECURSIVE` when the tree was cloned recursively).
+    /// `AT_EMPTY_PATH`; the recursive part of `attr` with `AT_RECURSIVE`).
     ///
     /// # References
     /// - [`mount_setattr(2)`](https://man7.org/linux/man-pages/man2/mount_setattr.2.html)
     #[doc(alias = "mount_setattr")]
     pub fn set_attr(&mut self, attr: &MountAttr<'_>) -> Result<()> {
-        let raw = attr.to_raw()?;
-        if attr.is_empty() {
-            return Ok(());
+        for (change, rec) in attr.calls(self.recursive)? {
+            self.apply(&change, rec)?;
         }
-        let flags = libc::AT_EMPTY_PATH as u32 | at_flags(self.recursive);
+        Ok(())
+    }
+
+    fn apply(&mut self, change: &AttrChange<'_>, recursive: bool) -> Result<()> {
+        let raw = change.to_raw()?;
+        let flags = libc::AT_EMPTY_PATH as u32 | at_flags(recursive);
         sys::mount_setattr(self.fd.as_fd(), c"", flags, &raw).map_err(|e| {
             let err = Error::sys(
                 "mount_setattr",
                 format!(
                     "fd {}, \"\", {}, {}",
                     rustix::fd::AsRawFd::as_raw_fd(&self.fd),
-                    flag_names(self.recursive, "AT_EMPTY_PATH"),
+                    flag_names(recursive, "AT_EMPTY_PATH"),
                     describe(&raw)
                 ),
                 e,
             )
             .with_path(&self.source);
-            diagnose(err, e, &self.source, self.recursive, attr, true)
+            classify(err, e, &self.source, change, true)
         })
     }
 
     /// Attach the tree at `target` (`move_mount(MOVE_MOUNT_F_EMPTY_PATH)`).
     /// `target` must be a directory for a directory tree, a file for a file.
     /// On failure nothing is mounted: the tree is dropped and unmounted.
+    ///
+    /// `target` is resolved in the caller's mount namespace and symlinks in
+    /// its components are followed: never use it for a path inside a root
+    /// filesystem a container can write to.
     ///
     /// # References
     /// - [`move_mount(2)`](https://man7.org/linux/man-pages/man2/move_mount.2.html)
@@ -496,9 +663,14 @@ impl DetachedMount {
         self.method
     }
 
-    /// Whether submounts were cloned (and attribute changes are recursive).
+    /// Whether submounts were cloned.
     pub fn is_recursive(&self) -> bool {
         self.recursive
+    }
+
+    /// The path this was cloned from.
+    pub fn source(&self) -> &Path {
+        &self.source
     }
 }
 
@@ -514,32 +686,31 @@ impl From<DetachedMount> for OwnedFd {
     }
 }
 
-/// Apply `attr` to the mount attached at `path` (`mount_setattr` on a path).
-/// Useful for read-only/nosuid/propagation changes in place; an idmap is
-/// always refused here ([`ErrorKind::NotDetached`]): the kernel idmaps only
-/// detached mounts.
-pub fn set_attr_at_path(
-    path: impl AsRef<Path>,
-    recursive: bool,
-    attr: &MountAttr<'_>,
-) -> Result<()> {
+/// Apply `attr` to the mount attached at `path` (`mount_setattr` on a path;
+/// the recursive part of `attr` with `AT_RECURSIVE`). Useful for
+/// read-only/nosuid/propagation changes in place; an idmap is always refused
+/// here ([`ErrorKind::NotDetached`]): the kernel idmaps only detached mounts.
+pub fn set_attr_at_path(path: impl AsRef<Path>, attr: &MountAttr<'_>) -> Result<()> {
     let path = path.as_ref();
-    let raw = attr.to_raw()?;
     let cp = cpath(path)?;
-    sys::mount_setattr(CWD, &cp, at_flags(recursive), &raw).map_err(|e| {
-        let err = Error::sys(
-            "mount_setattr",
-            format!(
-                "AT_FDCWD, {:?}, {}, {}",
-                path,
-                if recursive { "AT_RECURSIVE" } else { "0" },
-                describe(&raw)
-            ),
-            e,
-        )
-        .with_path(path);
-        diagnose(err, e, path, recursive, attr, false)
-    })
+    for (change, recursive) in attr.calls(true)? {
+        let raw = change.to_raw()?;
+        sys::mount_setattr(CWD, &cp, at_flags(recursive), &raw).map_err(|e| {
+            let err = Error::sys(
+                "mount_setattr",
+                format!(
+                    "AT_FDCWD, {:?}, {}, {}",
+                    path,
+                    if recursive { "AT_RECURSIVE" } else { "0" },
+                    describe(&raw)
+                ),
+                e,
+            )
+            .with_path(path);
+            classify(err, e, path, &change, false)
+        })?;
+    }
+    Ok(())
 }
 
 /// What [`read_idmap`] found.
@@ -566,7 +737,7 @@ impl IdmapReadback {
 /// `/proc/self/mountinfo` tells only *whether* it is idmapped.
 pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
     let path = path.as_ref();
-    if probe::features().statmount_idmap == Availability::Available {
+    if features::features().statmount_idmap == Availability::Available {
         let st = rustix::fs::statx(
             CWD,
             path,
@@ -618,19 +789,23 @@ pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
 const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
 
 /// Turn a bare errno from an attribute change into the kernel rule that was
-/// hit. The kernel says EINVAL or EPERM for many reasons; we re-check the
-/// candidates in the kernel's own order (DESIGN: "When MOUNT_ATTR_IDMAP is
-/// refused").
-fn diagnose(
+/// hit, from what can be checked without side effects: the errno, the
+/// namespace given, and whether the source is idmapped already (read from
+/// the mount table, no mount made). The kernel's check order is in DESIGN
+/// ("When MOUNT_ATTR_IDMAP is refused"). What would take probing (which
+/// submount's filesystem refused) is left to [`crate::probe::diagnose`].
+fn classify(
     err: Error,
     errno: Errno,
     source: &Path,
-    recursive: bool,
-    attr: &MountAttr<'_>,
+    change: &AttrChange<'_>,
     detached: bool,
 ) -> Error {
-    let userns = attr.userns();
-    let idmapping = !matches!(attr.idmap, IdmapChange::Keep);
+    let userns = match change.idmap {
+        IdmapChange::Set(ns) => Some(ns),
+        _ => None,
+    };
+    let idmapping = change.changes_idmap();
     match errno {
         Errno::NOSYS => err.with_kind(ErrorKind::KernelTooOld {
             feature: "mount_setattr",
@@ -648,28 +823,11 @@ fn diagnose(
         }
         Errno::INVAL if idmapping => {
             if !detached {
-                return err.with_kind(ErrorKind::NotDetached);
-            }
-            if userns.is_some_and(UserNamespace::lacks_map) {
-                return err.with_kind(ErrorKind::UsernsMissingMap);
-            }
-            // Which mount of the tree cannot be idmapped? Probe each one on
-            // its own with a namespace known to be good.
-            if let Ok(Some((mount, probe::Reason::Filesystem { fs }))) =
-                probe::first_unsupported(source, recursive)
-            {
-                return err
-                    .with_path(mount)
-                    .with_kind(ErrorKind::NotSupported { fs });
-            }
-            match userns {
-                // Every mount can be idmapped with our namespace, so the
-                // caller's namespace is the problem.
-                Some(ns) if ns.mapping().is_some() => {
-                    err.with_kind(ErrorKind::UsernsOwnsFilesystem)
-                }
-                Some(_) => err.with_kind(ErrorKind::UsernsMissingMap),
-                None => err,
+                err.with_kind(ErrorKind::NotDetached)
+            } else if userns.is_some_and(UserNamespace::lacks_map) {
+                err.with_kind(ErrorKind::UsernsMissingMap)
+            } else {
+                err.with_kind(ErrorKind::IdmapRefused)
             }
         }
         _ => err,
@@ -679,4 +837,66 @@ fn diagnose(
 /// Whether the mount `path` is on is idmapped already.
 fn source_is_idmapped(path: &Path) -> bool {
     matches!(read_idmap(path), Ok(IdmapReadback::Idmapped(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(calls: &[(AttrChange<'_>, bool)]) -> Vec<(u64, u64, bool)> {
+        calls
+            .iter()
+            .map(|(c, rec)| {
+                let raw = c.to_raw().unwrap();
+                (raw.attr_set, raw.attr_clr, *rec)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scopes_become_calls_recursive_first() {
+        let ro = MountAttrFlags::RDONLY.bits();
+        let nosuid = MountAttrFlags::NOSUID.bits();
+        // OCI rbind + rro + nosuid: one recursive call, one for the top.
+        let attr = MountAttr::new()
+            .set_recursive(MountAttrFlags::RDONLY)
+            .set(MountAttrFlags::NOSUID);
+        assert_eq!(
+            bits(&attr.calls(true).unwrap()),
+            vec![(ro, 0, true), (nosuid, 0, false)]
+        );
+        // Without submounts both scopes are one mount: one call, top wins.
+        let attr = MountAttr::new()
+            .set_recursive(MountAttrFlags::RDONLY)
+            .clear(MountAttrFlags::RDONLY);
+        assert_eq!(bits(&attr.calls(false).unwrap()), vec![(0, ro, false)]);
+        // Only one scope used: only one call.
+        let attr = MountAttr::new().set(MountAttrFlags::RDONLY);
+        assert_eq!(bits(&attr.calls(true).unwrap()), vec![(ro, 0, false)]);
+        assert!(MountAttr::new().calls(true).unwrap().is_empty());
+    }
+
+    #[test]
+    fn idmap_twice_and_reserved_bits_are_refused_before_any_call() {
+        let attr = MountAttr::new().clear_idmap().clear_idmap_recursive();
+        assert!(matches!(
+            attr.calls(true).unwrap_err().kind(),
+            ErrorKind::InvalidInput(_)
+        ));
+        let bad = MountAttrFlags::from_bits_retain(libc::MOUNT_ATTR_IDMAP);
+        let attr = MountAttr::new().set_recursive(bad);
+        assert!(matches!(
+            attr.calls(true).unwrap_err().kind(),
+            ErrorKind::InvalidInput(_)
+        ));
+    }
+
+    #[test]
+    fn clone_flags_are_the_open_tree_bits() {
+        assert_eq!(CloneFlags::RECURSIVE.bits(), libc::AT_RECURSIVE as u32);
+        assert_eq!(
+            (CloneFlags::NO_FOLLOW | CloneFlags::NO_AUTOMOUNT).names(),
+            "OPEN_TREE_CLONE|OPEN_TREE_CLOEXEC|AT_SYMLINK_NOFOLLOW|AT_NO_AUTOMOUNT"
+        );
+    }
 }

@@ -18,122 +18,11 @@ use rustix::fs::{AtFlags, StatxFlags, CWD};
 use rustix::io::Errno;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::features::{features, Availability};
 use crate::map::{IdMap, Mapping};
-use crate::mount::DetachedMount;
+use crate::mount::{CloneFlags, DetachedMount};
 use crate::sys;
 use crate::userns::UserNamespace;
-
-/// Whether a kernel feature can be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Availability {
-    /// The call exists and is allowed.
-    Available,
-    /// The kernel lacks it (ENOSYS), or it was disabled for testing with
-    /// `IDMAPPED_FORCE_FALLBACK`.
-    Missing,
-    /// The call exists but a security policy refused it (EPERM/EACCES from seccomp).
-    Blocked(Errno),
-}
-
-/// Kernel features this crate uses, probed once per process.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Features {
-    /// `mount_setattr(2)`, Linux 5.12: idmapping at all.
-    pub mount_setattr: Availability,
-    /// `open_tree_attr(2)`, Linux 6.15: clone and idmap in one call; replace or clear an idmap.
-    pub open_tree_attr: Availability,
-    /// `statmount(2)` with `STATMOUNT_MNT_UIDMAP`, Linux 6.15: read a mount's idmap back.
-    pub statmount_idmap: Availability,
-}
-
-/// Whether `IDMAPPED_FORCE_FALLBACK` (a comma-separated list, read once per
-/// process) names `feature`: the way tests run the older-kernel rung of a
-/// fallback ladder on a new kernel.
-pub(crate) fn forced_fallback(feature: &str) -> bool {
-    static FORCED: OnceLock<String> = OnceLock::new();
-    FORCED
-        .get_or_init(|| std::env::var("IDMAPPED_FORCE_FALLBACK").unwrap_or_default())
-        .split(',')
-        .any(|f| f.trim() == feature)
-}
-
-/// The features of the running kernel (probed on first use, then cached).
-///
-/// Setting `IDMAPPED_FORCE_FALLBACK` to a comma-separated list of
-/// `open_tree_attr`, `statmount` makes those report [`Availability::Missing`],
-/// so the fallback paths can be tested on a new kernel (`openat2` does the
-/// same for the [`chown`](crate::chown) walker's directory opens).
-pub fn features() -> &'static Features {
-    static FEATURES: OnceLock<Features> = OnceLock::new();
-    FEATURES.get_or_init(|| {
-        let forced = forced_fallback;
-        // rustix's ABS is fd -EBADF: every *at() call rejects it with EBADF
-        // before looking at anything else, so "EBADF" means "the call exists".
-        let bad_fd = || rustix::fs::ABS;
-        let mount_setattr = availability(sys::mount_setattr(
-            bad_fd(),
-            c"",
-            libc::AT_EMPTY_PATH as u32,
-            &sys::RawMountAttr {
-                attr_set: 0,
-                attr_clr: 0,
-                propagation: 0,
-                userns_fd: 0,
-            },
-        ));
-        let open_tree_attr = if forced("open_tree_attr") {
-            Availability::Missing
-        } else {
-            availability(sys::open_tree_attr(bad_fd(), c"x", 0, None).map(drop))
-        };
-        let statmount_idmap = if forced("statmount") {
-            Availability::Missing
-        } else {
-            probe_statmount_idmap()
-        };
-        Features {
-            mount_setattr,
-            open_tree_attr,
-            statmount_idmap,
-        }
-    })
-}
-
-fn availability(r: std::result::Result<(), Errno>) -> Availability {
-    match r {
-        Err(Errno::NOSYS) => Availability::Missing,
-        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
-        _ => Availability::Available,
-    }
-}
-
-/// statmount exists (6.8) and knows `STATMOUNT_MNT_UIDMAP` (6.15).
-fn probe_statmount_idmap() -> Availability {
-    let Ok(st) = rustix::fs::statx(
-        CWD,
-        "/",
-        AtFlags::empty(),
-        StatxFlags::from_bits_retain(0x4000),
-    ) else {
-        return Availability::Missing;
-    };
-    if st.stx_mask & 0x4000 == 0 {
-        return Availability::Missing;
-    }
-    // A kernel that knows STATMOUNT_SUPPORTED_MASK says which fields it can fill.
-    match sys::statmount(st.stx_mnt_id, sys::STATMOUNT_SUPPORTED_MASK) {
-        Ok(sm)
-            if sm.mask & sys::STATMOUNT_SUPPORTED_MASK != 0
-                && sm.supported_mask & sys::STATMOUNT_MNT_UIDMAP != 0 =>
-        {
-            Availability::Available
-        }
-        Ok(_) => Availability::Missing,
-        // Any error but a policy refusal means "not usable" here.
-        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
-        Err(_) => Availability::Missing,
-    }
-}
 
 /// Whether a path can be idmapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,7 +169,7 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
         let r = sys::open_tree_attr(CWD, &cp, flags, Some(&raw)).map(drop);
         ("open_tree_attr", r)
     } else {
-        let clone = match DetachedMount::clone_tree(path, false) {
+        let clone = match DetachedMount::clone_tree(path, CloneFlags::empty()) {
             Ok(m) => m,
             Err(e) if e.errno() == Some(Errno::PERM) => {
                 return Ok(Support::Unsupported(Reason::PermissionDenied))
@@ -354,5 +243,30 @@ pub fn require_idmap_support(path: impl AsRef<Path>) -> Result<()> {
     match idmap_support(path)? {
         Support::Supported => Ok(()),
         Support::Unsupported(reason) => Err(Error::new(reason.into()).with_path(path)),
+    }
+}
+
+/// Narrow down a refusal from the mount calls: for
+/// [`ErrorKind::IdmapRefused`] (the kernel's bare `EINVAL`), find the first
+/// mount of the tree at `source` (with `recursive`, its submounts too) that
+/// cannot be idmapped and return [`ErrorKind::NotSupported`] naming it and
+/// its filesystem type; if every mount can be idmapped with a namespace of
+/// our own, the caller's namespace owns the filesystem
+/// ([`ErrorKind::UsernsOwnsFilesystem`]). Other errors are returned as they are.
+///
+/// Side effects, which is why the mount calls never do this themselves: it
+/// makes (once per process) a user namespace of its own for probing, and
+/// clones each mount of the tree, idmaps the clone and drops it — nothing is
+/// ever attached. Verdicts are cached per filesystem as in [`idmap_support`].
+pub fn diagnose(err: Error, source: impl AsRef<Path>, recursive: bool) -> Error {
+    if !matches!(err.kind(), ErrorKind::IdmapRefused) {
+        return err;
+    }
+    match first_unsupported(source.as_ref(), recursive) {
+        Ok(Some((mount, Reason::Filesystem { fs }))) => err
+            .with_path(mount)
+            .with_kind(ErrorKind::NotSupported { fs }),
+        Ok(None) => err.with_kind(ErrorKind::UsernsOwnsFilesystem),
+        _ => err,
     }
 }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use crate::chown::{shift_tree, ShiftOptions, ShiftReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::Mapping;
-use crate::mount::{CloneMethod, DetachedMount, MountAttr, MountFlags, Propagation};
+use crate::mount::{
+    CloneFlags, CloneMethod, DetachedMount, MountAttr, MountAttrFlags, Propagation,
+};
 use crate::probe::{self, Reason};
 use crate::userns::UserNamespace;
 
@@ -97,7 +99,7 @@ pub struct Plan<'a> {
     mapping: &'a Mapping,
     userns: Option<&'a UserNamespace>,
     recursive: bool,
-    flags: MountFlags,
+    flags: MountAttrFlags,
     propagation: Option<Propagation>,
     shift: ShiftOptions,
 }
@@ -110,7 +112,7 @@ impl<'a> Plan<'a> {
             mapping,
             userns: None,
             recursive: false,
-            flags: MountFlags::empty(),
+            flags: MountAttrFlags::empty(),
             propagation: None,
             shift: ShiftOptions::default(),
         }
@@ -130,7 +132,7 @@ impl<'a> Plan<'a> {
     }
 
     /// Mount flags for the target (read-only, nosuid, ...).
-    pub fn flags(mut self, flags: MountFlags) -> Self {
+    pub fn flags(mut self, flags: MountAttrFlags) -> Self {
         self.flags = flags;
         self
     }
@@ -148,13 +150,24 @@ impl<'a> Plan<'a> {
         self
     }
 
+    fn clone_flags(&self) -> CloneFlags {
+        if self.recursive {
+            CloneFlags::RECURSIVE
+        } else {
+            CloneFlags::empty()
+        }
+    }
+
+    /// With [`recursive`](Self::recursive) every attribute (the idmap
+    /// included) applies to every mount of the tree (OCI `rbind`, `ridmap`,
+    /// `rro`); without, the clone has no submounts.
     fn attr<'b>(&self, userns: Option<&'b UserNamespace>) -> MountAttr<'b> {
-        let mut attr = MountAttr::new().set(self.flags);
+        let mut attr = MountAttr::new().set_recursive(self.flags);
         if let Some(p) = self.propagation {
-            attr = attr.propagation(p);
+            attr = attr.propagation_recursive(p);
         }
         if let Some(ns) = userns {
-            attr = attr.idmap(ns);
+            attr = attr.idmap_recursive(ns);
         }
         attr
     }
@@ -189,7 +202,8 @@ fn idmap(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
             &owned
         }
     };
-    let clone = DetachedMount::clone_with(source, plan.recursive, &plan.attr(Some(ns)))?;
+    let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(Some(ns)))
+        .map_err(|e| probe::diagnose(e, source, plan.recursive))?;
     let method = clone.method();
     clone.attach(target)?;
     Ok(Outcome::Idmapped { method })
@@ -206,6 +220,6 @@ fn chown(
         ..plan.shift.clone()
     };
     let report = shift_tree(source, plan.mapping, &options)?;
-    DetachedMount::clone_with(source, plan.recursive, &plan.attr(None))?.attach(target)?;
+    DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?.attach(target)?;
     Ok(Outcome::Chowned { report, because })
 }

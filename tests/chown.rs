@@ -19,7 +19,7 @@ use common::TestFs;
 use idmapped::chown::{shift_tree, OutOfRange, ShiftOptions, ShiftReport};
 use idmapped::error::ErrorKind;
 use idmapped::map::Mapping;
-use idmapped::{DetachedMount, MountAttr, UserNamespace};
+use idmapped::{CloneFlags, DetachedMount, MountAttr, UserNamespace};
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, XattrFlags, CWD};
 
 // ---------------------------------------------------------------- harness
@@ -505,7 +505,7 @@ fn shifted_tree_equals_the_idmapped_mount_view() {
     random_tree(&root, 0x1D3A9, 4000, 0);
     let view = fs.scratch("view");
     let ns = UserNamespace::from_mapping(&map(MAP)).unwrap();
-    DetachedMount::clone_with(&root, false, &MountAttr::new().idmap(&ns))
+    DetachedMount::clone_with(&root, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
         .unwrap()
         .attach(&view)
         .unwrap();

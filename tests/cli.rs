@@ -376,8 +376,8 @@ fn json_says_what_was_done() {
     )
     .expect(0);
     let json = one_json_object(&run.stdout);
-    let kernel_path = match idmapped::probe::features().open_tree_attr {
-        idmapped::probe::Availability::Available => "open_tree_attr",
+    let kernel_path = match idmapped::features::features().open_tree_attr {
+        idmapped::features::Availability::Available => "open_tree_attr",
         _ => "open_tree+mount_setattr",
     };
     let expected = [

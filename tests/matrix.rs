@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use common::{as_fsid, cli, owner, touch_owned, TestFs};
 use idmapped::probe::{self, Reason, Support};
 use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
-use idmapped::{DetachedMount, ErrorKind, Mapping, MountAttr, UserNamespace};
+use idmapped::{CloneFlags, DetachedMount, ErrorKind, Mapping, MountAttr, UserNamespace};
 use serial_test::serial;
 
 const FILESYSTEMS: &[&str] = &["ext4", "xfs", "btrfs", "vfat", "tmpfs", "overlay"];
@@ -180,7 +180,7 @@ fn idmap_cell(cell: &Cell, release: &str) -> Result<&'static str, String> {
     let src = cell.source("lib", 15000);
     let target = cell.target("lib");
     let ns = UserNamespace::from_mapping(&mapping()).map_err(|e| e.to_string())?;
-    DetachedMount::clone_with(&src, false, &MountAttr::new().idmap(&ns))
+    DetachedMount::clone_with(&src, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
         .and_then(|m| m.attach(&target))
         .map_err(|e| format!("{}: probe said supported, idmap failed: {e}", cell.fs))?;
     check_view(cell, &target)?;
@@ -213,9 +213,11 @@ fn unsupported_cell(cell: &Cell, reason: &Reason) -> Result<&'static str, String
     // Library: the typed error names the cause.
     let src = cell.source("lib", 25000);
     let ns = UserNamespace::from_mapping(&mapping()).map_err(|e| e.to_string())?;
-    let err = DetachedMount::clone_with(&src, false, &MountAttr::new().idmap(&ns))
+    let err = DetachedMount::clone_with(&src, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
         .err()
         .ok_or_else(|| format!("{}: probe said unsupported, idmap succeeded", cell.fs))?;
+    // The mount call classifies without probing; diagnose narrows it down.
+    let err = probe::diagnose(err, &src, false);
     match (err.kind(), reason) {
         (ErrorKind::NotSupported { fs }, Reason::Filesystem { fs: probed }) if fs == probed => {
             if fs != cell.fs {

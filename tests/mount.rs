@@ -9,10 +9,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::{as_fsid, owner, touch_owned, TestFs};
-use idmapped::probe::{self, Availability, Support};
+use idmapped::features::{self, Availability};
+use idmapped::probe::{self, Support};
 use idmapped::{
-    read_idmap, set_attr_at_path, DetachedMount, ErrorKind, IdmapReadback, Mapping, MountAttr,
-    MountFlags, UserNamespace,
+    read_idmap, set_attr_at_path, CloneFlags, DetachedMount, ErrorKind, IdmapReadback, Mapping,
+    MountAttr, MountAttrFlags, UserNamespace,
 };
 use serial_test::serial;
 
@@ -27,7 +28,12 @@ fn example_mapping() -> Mapping {
 
 fn idmap_at(source: &Path, target: &Path, m: &Mapping, recursive: bool) {
     let ns = UserNamespace::from_mapping(m).unwrap();
-    let mnt = DetachedMount::clone_with(source, recursive, &MountAttr::new().idmap(&ns)).unwrap();
+    let (flags, attr) = if recursive {
+        (CloneFlags::RECURSIVE, MountAttr::new().idmap_recursive(&ns))
+    } else {
+        (CloneFlags::empty(), MountAttr::new().idmap(&ns))
+    };
+    let mnt = DetachedMount::clone_with(source, flags, &attr).unwrap();
     mnt.attach(target).unwrap();
 }
 
@@ -122,8 +128,8 @@ fn recursive_means_recursive_in_both_calls() {
 
     // Same through the two-call path explicitly.
     let ns = UserNamespace::from_mapping(&example_mapping()).unwrap();
-    let mut m = DetachedMount::clone_tree(&src, true).unwrap();
-    m.set_attr(&MountAttr::new().idmap(&ns)).unwrap();
+    let mut m = DetachedMount::clone_tree(&src, CloneFlags::RECURSIVE).unwrap();
+    m.set_attr(&MountAttr::new().idmap_recursive(&ns)).unwrap();
     let t3 = outer.scratch("t3");
     m.attach(&t3).unwrap();
     assert_eq!(owner(&t3.join("sub/deep")), (11000, 11000));
@@ -141,7 +147,15 @@ fn recursive_failure_names_the_submount_and_its_fs() {
     common::run("mount", &["-t", "proc", "proc", blocker.to_str().unwrap()]);
 
     let ns = UserNamespace::from_mapping(&example_mapping()).unwrap();
-    let err = DetachedMount::clone_with(&src, true, &MountAttr::new().idmap(&ns)).unwrap_err();
+    let err = DetachedMount::clone_with(
+        &src,
+        CloneFlags::RECURSIVE,
+        &MountAttr::new().idmap_recursive(&ns),
+    )
+    .unwrap_err();
+    // The mount call classifies without probing; diagnose names the submount.
+    assert_eq!(err.kind(), &ErrorKind::IdmapRefused, "{err}");
+    let err = probe::diagnose(err, &src, true);
     assert_eq!(
         err.kind(),
         &ErrorKind::NotSupported { fs: "proc".into() },
@@ -171,7 +185,9 @@ fn error_kinds_are_diagnosed() {
     // procfs and ramfs cannot be idmapped: NotSupported naming the type.
     for kind in ["proc", "ramfs"] {
         let vfs = TestFs::virtual_fs(kind);
-        let err = DetachedMount::clone_with(&vfs.root, false, &idmap).unwrap_err();
+        let err = DetachedMount::clone_with(&vfs.root, CloneFlags::empty(), &idmap).unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::IdmapRefused, "{err}");
+        let err = probe::diagnose(err, &vfs.root, false);
         assert_eq!(
             err.kind(),
             &ErrorKind::NotSupported { fs: kind.into() },
@@ -185,18 +201,18 @@ fn error_kinds_are_diagnosed() {
     }
 
     // An attached mount cannot be idmapped.
-    let err = set_attr_at_path(&fs.root, false, &idmap).unwrap_err();
+    let err = set_attr_at_path(&fs.root, &idmap).unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::NotDetached, "{err}");
 
     // Already idmapped: mount_setattr refuses to change an idmap.
     let first = fs.scratch("first");
     idmap_at(&fs.root, &first, &example_mapping(), false);
-    let mut again = DetachedMount::clone_tree(&first, false).unwrap();
+    let mut again = DetachedMount::clone_tree(&first, CloneFlags::empty()).unwrap();
     let err = again.set_attr(&idmap).unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::AlreadyIdmapped, "{err}");
     // The probe answers per mount: the idmapped mount and the plain one on
     // the same filesystem get their own answers, whichever is asked first.
-    let replace = probe::features().open_tree_attr == Availability::Available;
+    let replace = features::features().open_tree_attr == Availability::Available;
     let want = if replace {
         Support::Supported
     } else {
@@ -213,8 +229,12 @@ fn error_kinds_are_diagnosed() {
         init.is_initial(),
         "tests must run in the initial user namespace"
     );
-    let err =
-        DetachedMount::clone_with(&fs.root, false, &MountAttr::new().idmap(&init)).unwrap_err();
+    let err = DetachedMount::clone_with(
+        &fs.root,
+        CloneFlags::empty(),
+        &MountAttr::new().idmap(&init),
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::InitialUserns, "{err}");
 
     // Not a user namespace at all.
@@ -226,7 +246,7 @@ fn error_kinds_are_diagnosed() {
 
     // A file open for writing on the mount: EBUSY.
     let writer = std::fs::File::create(fs.path("busy")).unwrap();
-    let mut m = DetachedMount::clone_tree(&fs.root, false).unwrap();
+    let mut m = DetachedMount::clone_tree(&fs.root, CloneFlags::empty()).unwrap();
     let held = std::fs::OpenOptions::new()
         .write(true)
         .open(Path::new(&format!(
@@ -267,7 +287,8 @@ fn userns_without_maps_is_diagnosed() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(ns.lacks_map());
-    let result = DetachedMount::clone_with(&fs.root, false, &MountAttr::new().idmap(&ns));
+    let result =
+        DetachedMount::clone_with(&fs.root, CloneFlags::empty(), &MountAttr::new().idmap(&ns));
     if !common::kernel_at_least(6, 9) {
         // Before 6.9 the kernel idmapped with a namespace without maps
         // (every id then shows as the overflow id).
@@ -286,7 +307,7 @@ fn userns_without_maps_is_diagnosed() {
 fn replace_and_clear_an_idmap_and_read_it_back() {
     privileged!();
     needs_mount_setattr!();
-    let f = probe::features();
+    let f = features::features();
     if f.open_tree_attr != Availability::Available || f.statmount_idmap != Availability::Available {
         let forced = std::env::var_os("IDMAPPED_FORCE_FALLBACK").is_some();
         if forced || !common::kernel_at_least(6, 15) {
@@ -298,13 +319,15 @@ fn replace_and_clear_an_idmap_and_read_it_back() {
             let t = fs.scratch("t");
             idmap_at(&fs.root, &t, &example_mapping(), false);
             let err =
-                DetachedMount::clone_with(&t, false, &MountAttr::new().clear_idmap()).unwrap_err();
+                DetachedMount::clone_with(&t, CloneFlags::empty(), &MountAttr::new().clear_idmap())
+                    .unwrap_err();
             assert!(
                 matches!(err.kind(), ErrorKind::KernelTooOld { .. }),
                 "{err}"
             );
             let err =
-                DetachedMount::clone_with(&t, false, &MountAttr::new().idmap(&ns)).unwrap_err();
+                DetachedMount::clone_with(&t, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
+                    .unwrap_err();
             assert_eq!(err.kind(), &ErrorKind::AlreadyIdmapped, "{err}");
             return;
         }
@@ -330,7 +353,7 @@ fn privileged_replace_clear() {
     let m2 = mapping(&["u:0:20000:5000", "g:0:30000:5000"]);
     let ns2 = UserNamespace::from_mapping(&m2).unwrap();
     let second = fs.scratch("second");
-    DetachedMount::clone_with(&first, false, &MountAttr::new().idmap(&ns2))
+    DetachedMount::clone_with(&first, CloneFlags::empty(), &MountAttr::new().idmap(&ns2))
         .unwrap()
         .attach(&second)
         .unwrap();
@@ -342,7 +365,7 @@ fn privileged_replace_clear() {
 
     // Clear: the clone shows on-disk ids again.
     let third = fs.scratch("third");
-    DetachedMount::clone_with(&first, false, &MountAttr::new().clear_idmap())
+    DetachedMount::clone_with(&first, CloneFlags::empty(), &MountAttr::new().clear_idmap())
         .unwrap()
         .attach(&third)
         .unwrap();
@@ -361,10 +384,10 @@ fn attributes_apply_to_the_clone() {
     let ns = UserNamespace::from_mapping(&example_mapping()).unwrap();
     DetachedMount::clone_with(
         &fs.root,
-        false,
+        CloneFlags::empty(),
         &MountAttr::new()
             .idmap(&ns)
-            .set(MountFlags::RDONLY | MountFlags::NOSUID),
+            .set(MountAttrFlags::RDONLY | MountAttrFlags::NOSUID),
     )
     .unwrap()
     .attach(&t)
@@ -374,8 +397,9 @@ fn attributes_apply_to_the_clone() {
     let st = rustix::fs::statvfs(&t).unwrap();
     assert!(st.f_flag.contains(rustix::fs::StatVfsMountFlags::NOSUID));
     // Bits owned by dedicated setters are refused, naming them.
-    let bad = MountFlags::from_bits_retain(libc::MOUNT_ATTR_IDMAP);
-    let err = DetachedMount::clone_with(&fs.root, false, &MountAttr::new().set(bad)).unwrap_err();
+    let bad = MountAttrFlags::from_bits_retain(libc::MOUNT_ATTR_IDMAP);
+    let err = DetachedMount::clone_with(&fs.root, CloneFlags::empty(), &MountAttr::new().set(bad))
+        .unwrap_err();
     assert!(matches!(err.kind(), ErrorKind::InvalidInput(_)), "{err}");
 }
 
@@ -417,7 +441,8 @@ fn no_leaks_over_10000_cycles() {
 
 fn idmap_clone_and_drop(src: &Path, m: &Mapping) {
     let ns = UserNamespace::from_mapping(m).unwrap();
-    let clone = DetachedMount::clone_with(src, false, &MountAttr::new().idmap(&ns)).unwrap();
+    let clone =
+        DetachedMount::clone_with(src, CloneFlags::empty(), &MountAttr::new().idmap(&ns)).unwrap();
     drop(clone);
 }
 
@@ -439,9 +464,12 @@ fn eight_threads_at_once() {
                     let base = 100_000 + (t * 1000 + i) * 10_000;
                     let m = mapping(&[&format!("b:0:{base}:10000")]);
                     let ns = UserNamespace::from_mapping(&m).unwrap();
-                    let clone =
-                        DetachedMount::clone_with(&root, false, &MountAttr::new().idmap(&ns))
-                            .unwrap();
+                    let clone = DetachedMount::clone_with(
+                        &root,
+                        CloneFlags::empty(),
+                        &MountAttr::new().idmap(&ns),
+                    )
+                    .unwrap();
                     if i == 49 {
                         clone.attach(&target).unwrap();
                         assert_eq!(owner(&target.join("f")).0, base + 1000);

@@ -643,7 +643,7 @@ fn subids_discovery_in_a_private_mount_namespace() {
 fn an_allocated_range_idmaps_a_real_mount() {
     privileged!();
     needs_mount_setattr!();
-    use idmapped::{DetachedMount, MountAttr, UserNamespace};
+    use idmapped::{CloneFlags, DetachedMount, MountAttr, UserNamespace};
     let fs = common::TestFs::ext4();
     let vol = fs.path("vol");
     std::fs::create_dir(&vol).unwrap();
@@ -655,7 +655,9 @@ fn an_allocated_range_idmaps_a_real_mount() {
     let first = pod.first();
     let userns = UserNamespace::from_mapping(pod.mapping()).unwrap();
     let target = fs.scratch("target");
-    let mount = DetachedMount::clone_with(&vol, false, &MountAttr::new().idmap(&userns)).unwrap();
+    let mount =
+        DetachedMount::clone_with(&vol, CloneFlags::empty(), &MountAttr::new().idmap(&userns))
+            .unwrap();
     mount.attach(&target).unwrap();
     // On-disk 0 is seen as the pod's root on the host, 1000 as first + 1000.
     assert_eq!(common::owner(&target.join("root-file")), (first, first));

@@ -1437,7 +1437,7 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         visited: AtomicU64::new(0),
         changed: AtomicU64::new(0),
         // IDMAPPED_FORCE_FALLBACK=openat2 tests the pre-5.6 path.
-        openat2: AtomicU8::new(if crate::probe::forced_fallback("openat2") {
+        openat2: AtomicU8::new(if crate::features::forced_fallback("openat2") {
             2
         } else {
             0

@@ -46,10 +46,12 @@ macro_rules! privileged {
 #[macro_export]
 macro_rules! needs_mount_setattr {
     () => {
-        if idmapped::probe::features().mount_setattr != idmapped::probe::Availability::Available {
+        if idmapped::features::features().mount_setattr
+            != idmapped::features::Availability::Available
+        {
             let why = format!(
                 "the kernel lacks mount_setattr (Linux 5.12): {:?}",
-                idmapped::probe::features()
+                idmapped::features::features()
             );
             if std::env::var_os("CI").is_some() {
                 panic!("{why}");
