@@ -372,3 +372,48 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (a, b) >= (major, minor)
 }
+
+// ---------------------------------------------------------------------------
+// The id-ranges program
+
+/// The `id-ranges` example binary: `$ID_RANGES_BIN` (for the test VMs),
+/// else the one `cargo test` builds in `target/<profile>/examples`.
+pub fn id_ranges_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ID_RANGES_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join("id-ranges");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/id-ranges.rs");
+    let fresh = match (modified(&bin), modified(&source)) {
+        (Some(built), Some(src)) => built >= src,
+        _ => false,
+    };
+    assert!(
+        fresh,
+        "{} is missing or older than its source: run `cargo build --example id-ranges` \
+         (plain `cargo test` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// Run `id-ranges` with `args` and extra environment `env`.
+pub fn id_ranges<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(id_ranges_binary());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run id-ranges");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
