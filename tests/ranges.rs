@@ -186,6 +186,44 @@ fn released_and_reallocated_elsewhere_is_seen() {
 }
 
 #[test]
+fn views_kept_current_across_allocators() {
+    // b changes the state a few allocations at a time, then many, then by
+    // hand; a must see each change exactly (the paths through
+    // `~generation`: nothing new, a few recent records, a directory scan).
+    let (_t, dir) = state_dir();
+    let mut a = Allocator::open(&dir, &Config::new()).unwrap();
+    let mut b = Allocator::open(&dir, &Config::new()).unwrap();
+    for (round, n) in [1usize, 5, 31, 32, 33, 100].into_iter().enumerate() {
+        for i in 0..n {
+            b.allocate(&format!("b{round}-{i}")).unwrap();
+        }
+        let mine = a.allocate(&format!("a{round}")).unwrap();
+        assert_eq!(a.list().unwrap(), b.list().unwrap(), "after {n}");
+        assert_disjoint(&a.list().unwrap(), L);
+        assert_eq!(b.allocate(mine.key()).unwrap(), mine);
+    }
+    // A record removed by hand is noticed when its key is asked for.
+    let gone = a.allocate("by-hand").unwrap();
+    std::fs::remove_file(dir.join("by-hand")).unwrap();
+    let again = b.allocate("by-hand").unwrap();
+    assert!(dir.join("by-hand").exists());
+    assert_eq!(a.allocate("by-hand").unwrap(), again);
+    drop(gone);
+    // A damaged ~generation only costs a full read.
+    std::fs::write(dir.join("~generation"), "garbage").unwrap();
+    let x = a.allocate("after-damage").unwrap();
+    assert_eq!(b.allocate("after-damage").unwrap(), x);
+    assert_eq!(a.list().unwrap(), b.list().unwrap());
+    assert_eq!(
+        Allocator::open(&dir, &Config::new())
+            .unwrap()
+            .list()
+            .unwrap(),
+        a.list().unwrap()
+    );
+}
+
+#[test]
 fn exhaustion_and_the_last_block() {
     // A pool of the top 111 blocks: the last one contains 4294967295 and is
     // never handed out, so 110 pods fit, exactly.

@@ -9,15 +9,71 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use super::json::{self, Value};
-use super::{check_key, key_problem, Allocation, Config, Layout, Pool};
+use super::{check_key, key_problem, Allocation, Config, Layout, Pool, MAX_KEY_LEN};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Temporary files start with this; `~` is never part of a key, so no
 /// temporary file can be mistaken for a record.
 const TMP_PREFIX: &str = "~tmp-";
 
-/// Counts the removals ever made in the directory (see [`Allocator`]).
-const RELEASES: &str = "~releases";
+/// What changed last in the directory (see [`Allocator`] and [`Generation`]).
+const GENERATION: &str = "~generation";
+
+/// How many of the latest allocations `~generation` names.
+const RECENT: usize = 32;
+
+/// The first line of `~generation` starts with this.
+const GENERATION_MAGIC: &str = "idmapped-ranges-generation v1";
+
+/// The contents of `~generation`: counters every change bumps *before* it
+/// happens (under the exclusive lock), and the keys of the latest
+/// allocations, so that an allocator whose view is a few allocations old
+/// reads just those records instead of the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Generation {
+    /// Removals ever made: when it moved, every record is read again (a key
+    /// released and allocated elsewhere may have a new range under its old name).
+    removals: u64,
+    /// Changes ever made (allocations and removals).
+    changes: u64,
+    /// The keys of the latest allocations since the last removal, oldest
+    /// first, at most [`RECENT`].
+    recent: Vec<String>,
+}
+
+impl Generation {
+    fn parse(text: &[u8]) -> Option<Generation> {
+        let text = std::str::from_utf8(text).ok()?;
+        let body = text.strip_suffix("end\n")?;
+        let mut lines = body.lines();
+        let head = lines.next()?.strip_prefix(GENERATION_MAGIC)?;
+        let mut nums = head.split(' ').skip(1);
+        let removals = nums.next()?.parse().ok()?;
+        let changes = nums.next()?.parse().ok()?;
+        if nums.next().is_some() {
+            return None;
+        }
+        let recent: Vec<String> = lines.map(str::to_owned).collect();
+        if recent.len() > RECENT || recent.iter().any(|k| key_problem(k).is_some()) {
+            return None;
+        }
+        Some(Generation {
+            removals,
+            changes,
+            recent,
+        })
+    }
+
+    fn text(&self) -> String {
+        let mut t = format!("{GENERATION_MAGIC} {} {}\n", self.removals, self.changes);
+        for k in &self.recent {
+            t.push_str(k);
+            t.push('\n');
+        }
+        t.push_str("end\n");
+        t
+    }
+}
 
 /// Records are a few hundred bytes; anything larger is not one of ours.
 const MAX_RECORD: usize = 4096;
@@ -140,12 +196,15 @@ impl fmt::Display for StateProblem {
 /// Every operation holds `flock` on the directory (exclusive; shared for
 /// [`list`](Self::list)) while it reads and changes the state, so any
 /// number of processes and [`Allocator`]s may share one directory.
-/// [`open`](Self::open) reads and validates every record; later operations
-/// re-read the directory under the lock and read only records that
-/// appeared since. Removals bump a counter in `~releases` before they
-/// happen; when it moved, everything is read again (a key released and
-/// allocated again elsewhere may have a new range under the same name).
-/// The state must be changed only through this type.
+/// [`open`](Self::open) reads and validates every record. Later
+/// operations keep that view current without reading everything again:
+/// every change first bumps the counters in `~generation` (which also names
+/// the latest allocations); an unchanged generation means nothing to read,
+/// a few allocations behind means reading just their records, more means
+/// reading the directory for new names, and any removal means reading
+/// everything again (a key released and allocated elsewhere may have a new
+/// range under its old name). The state must be changed only through this
+/// type; a record removed by hand is noticed when its key is asked for.
 ///
 /// # Validation
 /// `open` refuses, with [`ErrorKind::InvalidState`] naming the file and the
@@ -162,8 +221,8 @@ pub struct Allocator {
     by_key: HashMap<String, Allocation>,
     /// The key holding each allocated block, by the block's first id.
     by_first: BTreeMap<u32, String>,
-    /// The `~releases` counter the cache matches, `None` before the first read.
-    releases: Option<u64>,
+    /// The `~generation` the cache matches; `None`: read everything next time.
+    generation: Option<Generation>,
     temp_serial: u64,
 }
 
@@ -203,7 +262,7 @@ impl Allocator {
             layout,
             by_key: HashMap::new(),
             by_first: BTreeMap::new(),
-            releases: None,
+            generation: None,
             temp_serial: 0,
         };
         let dir = alloc.dup_dir()?;
@@ -233,6 +292,11 @@ impl Allocator {
         let dir = self.dup_dir()?;
         let _lock = lock(dir.as_fd(), Lock::Exclusive, &self.path)?;
         self.refresh(Lock::Exclusive)?;
+        if self.by_key.contains_key(key) && !self.record_exists(key)? {
+            // Removed behind our back (by hand): believe the directory.
+            self.generation = None;
+            self.refresh(Lock::Exclusive)?;
+        }
         if let Some(a) = self.by_key.get(key) {
             return Ok(a.clone());
         }
@@ -259,9 +323,13 @@ impl Allocator {
                 "block {first}:{count} is not a valid mapping"
             )))
         })?;
+        let next = self.bump_generation(Some(key))?;
+        // Until the record is written and cached, our view is not `next`.
+        self.generation = None;
         self.write_record(key, first, count)?;
         self.by_first.insert(first, key.to_owned());
         self.by_key.insert(key.to_owned(), allocation.clone());
+        self.generation = Some(next);
         Ok(allocation)
     }
 
@@ -338,56 +406,124 @@ impl Allocator {
 
     /// Brings the cache up to date with the directory; the caller holds the lock.
     fn refresh(&mut self, lock: Lock) -> Result<()> {
-        let releases = self.read_releases()?;
-        let full = self.releases.is_none() || releases.is_none() || releases != self.releases;
-        let names = self.read_names(lock)?;
-        if full {
-            self.by_key.clear();
-            self.by_first.clear();
-        } else {
-            let present: HashSet<&str> = names.iter().map(String::as_str).collect();
-            let gone: Vec<String> = self
-                .by_key
-                .keys()
-                .filter(|k| !present.contains(k.as_str()))
-                .cloned()
-                .collect();
-            for key in gone {
-                if let Some(a) = self.by_key.remove(&key) {
-                    self.by_first.remove(&a.first());
+        let now = self.read_generation()?;
+        let result = match (&self.generation, &now) {
+            (Some(old), Some(new)) if old.removals == new.removals => {
+                let behind = new.changes.wrapping_sub(old.changes);
+                if behind == 0 {
+                    Ok(())
+                } else if behind <= new.recent.len() as u64 {
+                    let start = new.recent.len() - behind as usize;
+                    self.read_recent(lock, &new.recent[start..])
+                } else {
+                    self.read_new_names(lock)
                 }
             }
-        }
+            _ => self.read_all(lock),
+        };
+        // On failure, read everything next time.
+        self.generation = if result.is_ok() { now } else { None };
+        result
+    }
+
+    fn read_all(&mut self, lock: Lock) -> Result<()> {
+        self.by_key.clear();
+        self.by_first.clear();
+        let mut names = Vec::new();
+        self.scan(lock, |_, name| {
+            names.push(name.to_owned());
+            true
+        })?;
+        names.sort();
         for name in names {
-            if self.by_key.contains_key(&name) {
-                continue;
-            }
-            let allocation = self.read_record(&name)?;
-            if let Some(other) = self.by_first.get(&allocation.first()) {
-                return Err(self.invalid(
-                    &name,
-                    StateProblem::Overlap {
-                        first: allocation.first().into(),
-                        count: allocation.count().into(),
-                        other: other.clone(),
-                    },
-                ));
-            }
-            self.by_first.insert(allocation.first(), name.clone());
-            self.by_key.insert(name, allocation);
+            self.add_record(&name, false)?;
         }
-        self.releases = releases;
         Ok(())
     }
 
-    /// The keys in the directory, sorted (so that errors are reproducible);
-    /// temporary files are skipped, and removed under an exclusive lock.
-    fn read_names(&self, lock: Lock) -> Result<Vec<String>> {
+    /// Reads the records that appeared since the cache was made (the
+    /// directory changed by allocations only).
+    fn read_new_names(&mut self, lock: Lock) -> Result<()> {
+        let mut new = Vec::new();
+        let mut cached_present = 0;
+        self.scan(lock, |cache, name| {
+            if cache.contains_key(name) {
+                cached_present += 1;
+            } else {
+                new.push(name.to_owned());
+            }
+            true
+        })?;
+        if cached_present != self.by_key.len() {
+            // A record went without a removal being counted (by hand).
+            return self.read_all(lock);
+        }
+        new.sort();
+        for name in new {
+            self.add_record(&name, false)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the records of the latest allocations named by `~generation`.
+    fn read_recent(&mut self, lock: Lock, keys: &[String]) -> Result<()> {
+        let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
+        if !distinct || keys.iter().any(|k| self.by_key.contains_key(k)) {
+            // Allocated again without a removal being counted: its record
+            // was removed by hand. Believe the directory.
+            return self.read_all(lock);
+        }
+        for key in keys {
+            // A missing record: its writer was killed before the rename.
+            self.add_record(key, true)?;
+        }
+        Ok(())
+    }
+
+    /// Reads, validates and caches `name`'s record; `missing_ok`: a record
+    /// that does not exist is skipped.
+    fn add_record(&mut self, name: &str, missing_ok: bool) -> Result<()> {
+        let Some(allocation) = self.read_record(name, missing_ok)? else {
+            return Ok(());
+        };
+        if let Some(other) = self.by_first.get(&allocation.first()) {
+            return Err(self.invalid(
+                name,
+                StateProblem::Overlap {
+                    first: allocation.first().into(),
+                    count: allocation.count().into(),
+                    other: other.clone(),
+                },
+            ));
+        }
+        self.by_first.insert(allocation.first(), name.to_owned());
+        self.by_key.insert(name.to_owned(), allocation);
+        Ok(())
+    }
+
+    fn record_exists(&self, key: &str) -> Result<bool> {
+        match rustix::fs::statat(&self.dir, key, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(
+                Error::sys("fstatat", format!("{:?}, {key:?}", self.path), e)
+                    .with_path(self.path.join(key)),
+            ),
+        }
+    }
+
+    /// Calls `each(cache, key)` for every key in the directory; temporary
+    /// files are skipped, and removed under an exclusive lock; any other
+    /// name that is not a key is refused.
+    fn scan(
+        &self,
+        lock: Lock,
+        mut each: impl FnMut(&HashMap<String, Allocation>, &str) -> bool,
+    ) -> Result<()> {
         let dir = rustix::fs::Dir::read_from(&self.dir).map_err(|e| {
             Error::sys("openat", format!("{:?}, \".\", O_DIRECTORY", self.path), e)
                 .with_path(&self.path)
         })?;
-        let mut names = Vec::new();
         for entry in dir {
             let entry = entry.map_err(|e| {
                 Error::sys("getdents64", format!("{:?}", self.path), e).with_path(&self.path)
@@ -396,8 +532,8 @@ impl Allocator {
             if raw == b"." || raw == b".." {
                 continue;
             }
-            let name = String::from_utf8_lossy(raw).into_owned();
             if raw.starts_with(TMP_PREFIX.as_bytes()) {
+                let name = String::from_utf8_lossy(raw);
                 if lock == Lock::Exclusive {
                     // Only a process holding the exclusive lock writes a
                     // temporary file, and it removes or renames it before
@@ -410,16 +546,17 @@ impl Allocator {
                                 format!("{:?}, {name:?}", self.path),
                                 e,
                             )
-                            .with_path(self.path.join(&name)))
+                            .with_path(self.path.join(&*name)))
                         }
                     }
                 }
                 continue;
             }
-            if raw == RELEASES.as_bytes() {
+            if raw == GENERATION.as_bytes() {
                 continue;
             }
             let Ok(key) = std::str::from_utf8(raw) else {
+                let name = String::from_utf8_lossy(raw);
                 return Err(self.invalid(
                     &name,
                     StateProblem::NotAKey {
@@ -428,12 +565,13 @@ impl Allocator {
                 ));
             };
             if let Some(reason) = key_problem(key) {
-                return Err(self.invalid(&name, StateProblem::NotAKey { reason }));
+                return Err(self.invalid(key, StateProblem::NotAKey { reason }));
             }
-            names.push(name);
+            if !each(&self.by_key, key) {
+                break;
+            }
         }
-        names.sort();
-        Ok(names)
+        Ok(())
     }
 
     fn invalid(&self, file: &str, problem: StateProblem) -> Error {
@@ -444,7 +582,7 @@ impl Allocator {
         .with_path(self.path.join(file))
     }
 
-    fn read_record(&self, name: &str) -> Result<Allocation> {
+    fn read_record(&self, name: &str, missing_ok: bool) -> Result<Option<Allocation>> {
         let path = self.path.join(name);
         let fd = match rustix::fs::openat(
             &self.dir,
@@ -453,6 +591,7 @@ impl Allocator {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
+            Err(Errno::NOENT) if missing_ok => return Ok(None),
             Err(Errno::LOOP) => return Err(self.invalid(name, StateProblem::NotRegularFile)),
             Err(e) => {
                 return Err(Error::sys(
@@ -480,7 +619,7 @@ impl Allocator {
         }
         let (first, count) = parse_record(&text)
             .map_err(|detail| self.invalid(name, StateProblem::Malformed { detail }))?;
-        self.check_record(name, first, count)
+        self.check_record(name, first, count).map(Some)
     }
 
     fn check_record(&self, name: &str, first: u64, count: u64) -> Result<Allocation> {
@@ -517,59 +656,93 @@ impl Allocator {
         built.ok_or_else(|| self.invalid(name, StateProblem::UnusableBlock { first, count }))
     }
 
-    /// The `~releases` counter: 0 when absent, `None` when unreadable as a
-    /// number (which forces a full re-read every time).
-    fn read_releases(&self) -> Result<Option<u64>> {
+    /// `~generation`: all zero when absent, `None` when it is not one
+    /// (which makes everything be read again).
+    fn read_generation(&self) -> Result<Option<Generation>> {
         let fd = match rustix::fs::openat(
             &self.dir,
-            RELEASES,
+            GENERATION,
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(Some(0)),
+            Err(Errno::NOENT) => {
+                return Ok(Some(Generation {
+                    removals: 0,
+                    changes: 0,
+                    recent: Vec::new(),
+                }))
+            }
             Err(Errno::LOOP) => return Ok(None),
             Err(e) => {
                 return Err(
-                    Error::sys("openat", format!("{:?}, {RELEASES:?}", self.path), e)
-                        .with_path(self.path.join(RELEASES)),
+                    Error::sys("openat", format!("{:?}, {GENERATION:?}", self.path), e)
+                        .with_path(self.path.join(GENERATION)),
                 )
             }
         };
-        let text = read_limited(&fd, 64).unwrap_or_default();
-        Ok(std::str::from_utf8(&text)
+        let limit = (MAX_KEY_LEN + 1) * RECENT + 128;
+        Ok(read_limited(&fd, limit)
             .ok()
-            .and_then(|s| s.trim().parse().ok()))
+            .and_then(|t| Generation::parse(&t)))
     }
 
-    /// Bumps `~releases` (before a removal, so that other processes re-read
-    /// everything); returns the new value.
-    fn bump_releases(&self) -> Result<u64> {
-        let next = self.read_releases()?.unwrap_or(0).wrapping_add(1);
-        let path = self.path.join(RELEASES);
+    /// Records in `~generation`, before the change is made, that `allocated`
+    /// is being allocated (`None`: that records are being removed).
+    /// Returns the new generation.
+    fn bump_generation(&self, allocated: Option<&str>) -> Result<Generation> {
+        let mut next = match self.read_generation()? {
+            Some(g) => g,
+            // Unreadable: counters nobody can have seen, so that every
+            // allocator reads everything again.
+            None => Generation {
+                removals: random_below(u64::MAX)?,
+                changes: 0,
+                recent: Vec::new(),
+            },
+        };
+        next.changes = next.changes.wrapping_add(1);
+        match allocated {
+            Some(key) => {
+                if next.recent.len() == RECENT {
+                    next.recent.remove(0);
+                }
+                next.recent.push(key.to_owned());
+            }
+            None => {
+                next.removals = next.removals.wrapping_add(1);
+                next.recent.clear();
+            }
+        }
+        let path = self.path.join(GENERATION);
         let fd = rustix::fs::openat(
             &self.dir,
-            RELEASES,
+            GENERATION,
             OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| {
             Error::sys(
                 "openat",
-                format!("{:?}, {RELEASES:?}, O_WRONLY|O_CREAT", self.path),
+                format!("{:?}, {GENERATION:?}, O_WRONLY|O_CREAT", self.path),
                 e,
             )
             .with_path(&path)
         })?;
-        // Fixed width: the new text always covers the old one.
-        write_all_at(&fd, format!("{next:020}\n").as_bytes())
-            .map_err(|e| Error::sys("pwrite", format!("{RELEASES:?}"), e).with_path(&path))?;
+        // Readers hold the lock, so they never see it half written; a run
+        // killed half way leaves text that does not parse, and so makes
+        // everyone read everything again.
+        let text = next.text();
+        write_all_at(&fd, text.as_bytes())
+            .and_then(|()| rustix::fs::ftruncate(&fd, text.len() as u64))
+            .map_err(|e| Error::sys("pwrite", format!("{GENERATION:?}"), e).with_path(&path))?;
         Ok(next)
     }
 
     /// Removes the records of `keys` (all in the cache), durably.
     fn remove(&mut self, keys: &[String]) -> Result<Vec<Allocation>> {
-        let next = self.bump_releases()?;
+        let next = self.bump_generation(None)?;
+        self.generation = None;
         let mut released = Vec::new();
         let mut result = Ok(());
         for key in keys {
@@ -589,11 +762,11 @@ impl Allocator {
                 }
             }
         }
-        // What we removed is gone from the cache too: it matches `next`.
-        self.releases = Some(next);
         let synced = self.sync_dir();
         result?;
         synced?;
+        // What we removed is gone from the cache too: it matches `next`.
+        self.generation = Some(next);
         released.sort_by_key(Allocation::first);
         Ok(released)
     }
