@@ -228,11 +228,19 @@ fn invalid_state_or_other_settings_exit_1_and_change_nothing() {
 fn leftover_temporary_files_are_not_state() {
     let (_t, dir) = state_dir();
     run(&dir, &["allocate", "pod"]).expect(0);
-    std::fs::write(dir.join("~tmp-99999-1"), "{\"uidMap").unwrap();
+    std::fs::write(dir.join(".~tmp-99999-1"), "{\"uidMap").unwrap();
     let r = run(&dir, &["list"]).expect(0);
     assert_eq!(r.stdout.lines().count(), 1, "{r:#?}");
     run(&dir, &["allocate", "pod2"]).expect(0);
-    assert!(!dir.join("~tmp-99999-1").exists(), "cleaned up");
+    assert!(!dir.join(".~tmp-99999-1").exists(), "cleaned up");
+    // What `ls` shows is one file per key; the bookkeeping is hidden.
+    let mut visible: Vec<String> = snapshot(&dir)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    visible.sort();
+    assert_eq!(visible, ["pod", "pod2"]);
 }
 
 #[test]

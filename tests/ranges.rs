@@ -189,7 +189,7 @@ fn released_and_reallocated_elsewhere_is_seen() {
 fn views_kept_current_across_allocators() {
     // b changes the state a few allocations at a time, then many, then by
     // hand; a must see each change exactly (the paths through
-    // `~generation`: nothing new, a few recent records, a directory scan).
+    // `.~generation`: nothing new, a few recent records, a directory scan).
     let (_t, dir) = state_dir();
     let mut a = Allocator::open(&dir, &Config::new()).unwrap();
     let mut b = Allocator::open(&dir, &Config::new()).unwrap();
@@ -209,8 +209,8 @@ fn views_kept_current_across_allocators() {
     assert!(dir.join("by-hand").exists());
     assert_eq!(a.allocate("by-hand").unwrap(), again);
     drop(gone);
-    // A damaged ~generation only costs a full read.
-    std::fs::write(dir.join("~generation"), "garbage").unwrap();
+    // A damaged .~generation only costs a full read.
+    std::fs::write(dir.join(".~generation"), "garbage").unwrap();
     let x = a.allocate("after-damage").unwrap();
     assert_eq!(b.allocate("after-damage").unwrap(), x);
     assert_eq!(a.list().unwrap(), b.list().unwrap());
@@ -460,12 +460,12 @@ fn leftover_temporary_files_are_ignored_and_cleaned() {
     drop(a);
     // What a run killed between create and rename leaves: possibly empty,
     // possibly a complete record for a key that then has none.
-    std::fs::write(dir.join("~tmp-4242-1"), "").unwrap();
-    std::fs::write(dir.join("~tmp-4242-2"), record(3 * L, L)).unwrap();
+    std::fs::write(dir.join(".~tmp-4242-1"), "").unwrap();
+    std::fs::write(dir.join(".~tmp-4242-2"), record(3 * L, L)).unwrap();
     let mut a = Allocator::open(&dir, &Config::new()).unwrap();
     assert_eq!(a.list().unwrap(), vec![p]);
     assert!(
-        names_in(&dir).iter().all(|n| !n.starts_with("~tmp-")),
+        names_in(&dir).iter().all(|n| !n.starts_with(".~tmp-")),
         "{:?}",
         names_in(&dir)
     );
@@ -533,7 +533,7 @@ fn sigkill_at_random_points_then_reopen() {
         }
         temps_seen += names_in(&dir)
             .iter()
-            .filter(|n| n.starts_with("~tmp-"))
+            .filter(|n| n.starts_with(".~tmp-"))
             .count();
         // Reopen: valid, and everything a killed process printed is there,
         // with the range it printed.
@@ -544,7 +544,7 @@ fn sigkill_at_random_points_then_reopen() {
         for (k, f) in &promised {
             assert_eq!(listed.get(k.as_str()), Some(f), "{k} was handed out as {f}");
         }
-        assert!(names_in(&dir).iter().all(|n| !n.starts_with("~tmp-")));
+        assert!(names_in(&dir).iter().all(|n| !n.starts_with(".~tmp-")));
     }
     eprintln!(
         "sigkill: {} allocations promised, {temps_seen} temporary files left by killed runs and cleaned",

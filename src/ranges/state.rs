@@ -14,18 +14,18 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Temporary files start with this; `~` is never part of a key, so no
 /// temporary file can be mistaken for a record.
-const TMP_PREFIX: &str = "~tmp-";
+const TMP_PREFIX: &str = ".~tmp-";
 
 /// What changed last in the directory (see [`Allocator`] and [`Generation`]).
-const GENERATION: &str = "~generation";
+const GENERATION: &str = ".~generation";
 
-/// How many of the latest allocations `~generation` names.
+/// How many of the latest allocations `.~generation` names.
 const RECENT: usize = 32;
 
-/// The first line of `~generation` starts with this.
+/// The first line of `.~generation` starts with this.
 const GENERATION_MAGIC: &str = "idmapped-ranges-generation v1";
 
-/// The contents of `~generation`: counters every change bumps *before* it
+/// The contents of `.~generation`: counters every change bumps *before* it
 /// happens (under the exclusive lock), and the keys of the latest
 /// allocations, so that an allocator whose view is a few allocations old
 /// reads just those records instead of the directory.
@@ -185,7 +185,7 @@ impl fmt::Display for StateProblem {
 ///  "gidMappings":[{"hostId":FIRST,"containerId":0,"length":COUNT}]}
 /// ```
 ///
-/// A record is written as a temporary file (`~tmp-PID-N`), `fsync`ed,
+/// A record is written as a temporary file (`.~tmp-PID-N`), `fsync`ed,
 /// renamed to the key (`RENAME_NOREPLACE`) and the directory `fsync`ed
 /// before [`allocate`](Self::allocate) returns, so a returned range is on
 /// disk whatever happens next, and a range that is on disk was never
@@ -198,7 +198,7 @@ impl fmt::Display for StateProblem {
 /// number of processes and [`Allocator`]s may share one directory.
 /// [`open`](Self::open) reads and validates every record. Later
 /// operations keep that view current without reading everything again:
-/// every change first bumps the counters in `~generation` (which also names
+/// every change first bumps the counters in `.~generation` (which also names
 /// the latest allocations); an unchanged generation means nothing to read,
 /// a few allocations behind means reading just their records, more means
 /// reading the directory for new names, and any removal means reading
@@ -221,7 +221,7 @@ pub struct Allocator {
     by_key: HashMap<String, Allocation>,
     /// The key holding each allocated block, by the block's first id.
     by_first: BTreeMap<u32, String>,
-    /// The `~generation` the cache matches; `None`: read everything next time.
+    /// The `.~generation` the cache matches; `None`: read everything next time.
     generation: Option<Generation>,
     temp_serial: u64,
 }
@@ -465,7 +465,7 @@ impl Allocator {
         Ok(())
     }
 
-    /// Reads the records of the latest allocations named by `~generation`.
+    /// Reads the records of the latest allocations named by `.~generation`.
     fn read_recent(&mut self, lock: Lock, keys: &[String]) -> Result<()> {
         let distinct = keys.iter().collect::<HashSet<_>>().len() == keys.len();
         if !distinct || keys.iter().any(|k| self.by_key.contains_key(k)) {
@@ -656,7 +656,7 @@ impl Allocator {
         built.ok_or_else(|| self.invalid(name, StateProblem::UnusableBlock { first, count }))
     }
 
-    /// `~generation`: all zero when absent, `None` when it is not one
+    /// `.~generation`: all zero when absent, `None` when it is not one
     /// (which makes everything be read again).
     fn read_generation(&self) -> Result<Option<Generation>> {
         let fd = match rustix::fs::openat(
@@ -687,7 +687,7 @@ impl Allocator {
             .and_then(|t| Generation::parse(&t)))
     }
 
-    /// Records in `~generation`, before the change is made, that `allocated`
+    /// Records in `.~generation`, before the change is made, that `allocated`
     /// is being allocated (`None`: that records are being removed).
     /// Returns the new generation.
     fn bump_generation(&self, allocated: Option<&str>) -> Result<Generation> {
