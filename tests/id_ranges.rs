@@ -372,3 +372,57 @@ fn allocate_output_goes_into_mount_idmapped() {
     );
     let _ = rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH);
 }
+
+/// `mount-idmapped --demo`'s second part: two pods from an allocator, one
+/// volume idmapped for each, each pod's root writing a file.
+#[test]
+fn demo_tells_the_seed_story_and_cleans_up() {
+    privileged!();
+    needs_mount_setattr!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(common::cli_binary())
+        .arg("--demo")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let words = |first: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_else(|| panic!("no line for {first}: {stdout}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    // On disk both files are 0:0; both pods see both as root's.
+    for file in ["pod-a.txt", "pod-b.txt"] {
+        assert_eq!(words(file)[1..], ["0:0", "0:0", "0:0"], "{stdout}");
+    }
+    // On the host each pod's root runs as the first id of its range.
+    let mut firsts = HashSet::new();
+    for pod in ["pod-a", "pod-b"] {
+        let line = words(pod).join(" ");
+        let value = line.split("--map-mount=").nth(1).unwrap();
+        let (first, count) = parse_map_mount(value.split(' ').next().unwrap());
+        assert_eq!(count, 65536);
+        assert!(first >= 65536, "{line}");
+        assert!(
+            line.contains(&format!("uid {first}, gid {first}")),
+            "{line}"
+        );
+        firsts.insert(first);
+    }
+    assert_eq!(firsts.len(), 2, "two pods, two ranges: {stdout}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(
+        common::mounts_below(tmp.path()).is_empty(),
+        "mounts left behind"
+    );
+}
