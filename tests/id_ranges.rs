@@ -283,6 +283,50 @@ fn many_processes_at_once() {
     );
 }
 
+#[test]
+fn sigkill_at_random_points_then_every_command_works() {
+    let (_t, dir) = state_dir();
+    let bin = common::id_ranges_binary();
+    let state = format!("--state={}", dir.display());
+    let mut printed = Vec::new();
+    for i in 0..60 {
+        let key = format!("k{i}");
+        let mut child = Command::new(&bin)
+            .args([state.as_str(), "allocate", key.as_str()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut b = [0u8; 8];
+        rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(
+            u64::from_ne_bytes(b) % 3000,
+        ));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.is_empty() {
+            printed.push((key, parse_map_mount(&text).0));
+        }
+        // Whatever was killed when, the state is valid and holds every
+        // range that was printed.
+        let list = run(&dir, &["list"]).expect(0).stdout;
+        for (k, f) in &printed {
+            assert!(
+                list.contains(&format!("{k} {f} 65536\n")),
+                "{k} {f} lost: {list}"
+            );
+        }
+        let firsts: Vec<&str> = list.lines().map(|l| l.split(' ').nth(1).unwrap()).collect();
+        assert_eq!(
+            firsts.iter().collect::<HashSet<_>>().len(),
+            firsts.len(),
+            "{list}"
+        );
+    }
+    eprintln!("{} of 60 killed runs printed their range", printed.len());
+    assert!(snapshot(&dir).iter().all(|(n, _)| !n.starts_with(".~tmp-")));
+}
+
 // ------------------------------------------------------------------ root
 
 const USER: &str = "idmapped-cli-kubelet";
