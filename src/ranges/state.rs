@@ -656,8 +656,8 @@ impl Allocator {
         built.ok_or_else(|| self.invalid(name, StateProblem::UnusableBlock { first, count }))
     }
 
-    /// `.~generation`: all zero when absent, `None` when it is not one
-    /// (which makes everything be read again).
+    /// `.~generation`, or `None` when it is absent or not one (which makes
+    /// everything be read again).
     fn read_generation(&self) -> Result<Option<Generation>> {
         let fd = match rustix::fs::openat(
             &self.dir,
@@ -666,13 +666,9 @@ impl Allocator {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => {
-                return Ok(Some(Generation {
-                    removals: 0,
-                    changes: 0,
-                    recent: Vec::new(),
-                }))
-            }
+            // None yet (no change made), or removed by hand: either way
+            // nothing says the cache is current.
+            Err(Errno::NOENT) => return Ok(None),
             Err(Errno::LOOP) => return Ok(None),
             Err(e) => {
                 return Err(

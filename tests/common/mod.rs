@@ -283,10 +283,15 @@ fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
             let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
             name.starts_with("libidmapped-") && name.ends_with(".rlib")
         });
+    // One level of subdirectories too (the demo's parts live in demo/).
     let sources = std::fs::read_dir(root.join("examples/mount-idmapped"))
         .ok()?
         .flatten()
-        .map(|e| e.path());
+        .map(|e| e.path())
+        .flat_map(|p| match std::fs::read_dir(&p) {
+            Ok(sub) => sub.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+            Err(_) => vec![p],
+        });
     sources
         .chain(rlibs)
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -393,14 +398,28 @@ pub fn id_ranges_binary() -> PathBuf {
         .expect("test binary lives in target/<profile>/deps");
     let bin = profile_dir.join("examples").join("id-ranges");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Its source, or the library it links (rebuilt whenever a module changes).
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/id-ranges.rs");
-    let fresh = match (modified(&bin), modified(&source)) {
+    let rlibs = std::fs::read_dir(profile_dir.join("deps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            name.starts_with("libidmapped-") && name.ends_with(".rlib")
+        });
+    let newest = std::iter::once(source)
+        .chain(rlibs)
+        .filter_map(|p| modified(&p))
+        .max();
+    let fresh = match (modified(&bin), newest) {
         (Some(built), Some(src)) => built >= src,
         _ => false,
     };
     assert!(
         fresh,
-        "{} is missing or older than its source: run `cargo build --example id-ranges` \
+        "{} is missing or older than its sources: run `cargo build --example id-ranges` \
          (plain `cargo test` builds it)",
         bin.display()
     );
