@@ -23,8 +23,10 @@ const TOP: u64 = 1 << 32;
 /// print "ALLOC KEY FIRST" for each, flushed, as soon as it is durable).
 const WORKER_ENV: &str = "IDMAPPED_RANGES_WORKER";
 
-/// Not a test on its own: the body of the worker processes the tests start.
+/// Not a test on its own: the body of the worker processes the tests start
+/// (they run it with `--ignored`; without the environment it does nothing).
 #[test]
+#[ignore = "the worker process of the multi-process tests"]
 fn worker() {
     let Ok(spec) = std::env::var(WORKER_ENV) else {
         return;
@@ -45,7 +47,13 @@ fn worker() {
 
 fn spawn_worker(dir: &Path, prefix: &str, n: usize) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "worker", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "worker",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(WORKER_ENV, format!("{} {prefix} {n}", dir.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
