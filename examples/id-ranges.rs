@@ -49,7 +49,8 @@ Options:
 Defaults: --ids-per-pod=65536, --max-pods=110,
           --pool=IDS_PER_POD:(2^32-IDS_PER_POD). A block containing 4294967295
           is never handed out (the kernel cannot map it).
-KEY: 1-253 characters of [A-Za-z0-9._-], except \".\" and \"..\".
+KEY: 1-253 characters of [A-Za-z0-9._-], except \".\" and \"..\"; a KEY
+     that starts with '-' goes after \"--\" (id-ranges ... allocate -- -k).
 
 Every command opens and validates the whole state first.
 

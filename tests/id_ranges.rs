@@ -162,6 +162,14 @@ fn usage_errors_exit_2_and_create_nothing() {
     // The wrap case names the value.
     let r = run(&dir, &["--pool=327680:4294836224", "list"]);
     r.stderr_line_names(&["327680:4294836224", "4295163904"]);
+    // A key may start with '-', after "--".
+    let dash = run(&dir, &["allocate", "--", "-k"]).expect(0).stdout;
+    assert_eq!(
+        run(&dir, &["list"]).expect(0).stdout.split(' ').next(),
+        Some("-k")
+    );
+    run(&dir, &["release", "--", "-k"]).expect(0);
+    drop(dash);
     // 253 characters is a key.
     run(&dir, &["allocate", &"k".repeat(253)]).expect(0);
     assert!(id_ranges(&["--help"], &[])
