@@ -236,4 +236,24 @@ mod tests {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
+
+    #[test]
+    fn never_panics_on_arbitrary_input() {
+        // JSON-ish bytes in random order and lengths, from a fixed seed.
+        let alphabet = b"{}[]\":,0123456789 \\\nabcxyz-.e\xff";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|i| alphabet[((x >> (i % 48)) as usize + i) % alphabet.len()])
+                .collect();
+            let _ = parse(&text);
+        }
+        // Deep nesting is refused, not recursed into without bound.
+        let deep = "[".repeat(100_000);
+        assert!(parse(deep.as_bytes()).is_err());
+    }
 }

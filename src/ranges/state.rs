@@ -991,6 +991,28 @@ mod tests {
     }
 
     #[test]
+    fn generation_round_trips_and_refuses_damage() {
+        let g = Generation {
+            removals: 3,
+            changes: 41,
+            recent: vec!["pod-a".into(), "pod-b".into()],
+        };
+        assert_eq!(Generation::parse(g.text().as_bytes()), Some(g.clone()));
+        let text = g.text();
+        for bad in [
+            "",
+            "garbage",
+            &text[..text.len() - 1],
+            &text.replace("end\n", ""),
+            &format!("{text}x"),
+            &text.replace("pod-a", "bad key"),
+            &text.replace(" 41", " 41 7"),
+        ] {
+            assert_eq!(Generation::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn random_below_stays_below() {
         for n in [1, 2, 3, 65534] {
             for _ in 0..100 {
