@@ -26,6 +26,11 @@
 //! file, a missing privilege, or a kernel that is too old. [`probe`] tells in
 //! advance what the kernel and a given path support.
 //!
+//! Which host ids each pod gets is [`ranges`]' job: per-pod blocks the way
+//! the kubelet hands them out, in a state directory every runtime on a node
+//! can share; each allocation's [`Mapping`] goes straight into
+//! [`UserNamespace::from_mapping`].
+//!
 //! ```no_run
 //! use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 //!
