@@ -189,8 +189,12 @@ impl fmt::Display for StateProblem {
 /// renamed to the key (`RENAME_NOREPLACE`) and the directory `fsync`ed
 /// before [`allocate`](Self::allocate) returns, so a returned range is on
 /// disk whatever happens next, and a range that is on disk was never
-/// returned twice. A temporary file left by a killed process is not an
-/// allocation: it is ignored and removed.
+/// returned twice. (The directory is synced after the lock is released:
+/// the record is complete and visible by then, and concurrent allocators
+/// share their syncs.) A temporary file left by a killed process is not an
+/// allocation: it is ignored and removed. A release is synced the same way;
+/// one lost to a power cut leaves the block allocated to a key that is
+/// gone, which the next `reconcile` releases.
 ///
 /// # Many processes
 /// Every operation holds `flock` on the directory (exclusive; shared for
@@ -330,6 +334,11 @@ impl Allocator {
         self.by_first.insert(first, key.to_owned());
         self.by_key.insert(key.to_owned(), allocation.clone());
         self.generation = Some(next);
+        // The record is complete on disk (fsynced before the rename) and
+        // visible to every allocator, so the lock can go before the
+        // directory is synced: concurrent allocators then sync together.
+        drop(_lock);
+        self.sync_dir()?;
         Ok(allocation)
     }
 
@@ -343,7 +352,11 @@ impl Allocator {
         if !self.by_key.contains_key(key) {
             return Ok(None);
         }
-        let mut released = self.remove(&[key.to_owned()])?;
+        let removed = self.remove(&[key.to_owned()]);
+        drop(_lock);
+        let synced = self.sync_dir();
+        let mut released = removed?;
+        synced?;
         Ok(released.pop())
     }
 
@@ -370,7 +383,12 @@ impl Allocator {
         if gone.is_empty() {
             return Ok(Vec::new());
         }
-        self.remove(&gone)
+        let removed = self.remove(&gone);
+        drop(_lock);
+        let synced = self.sync_dir();
+        let released = removed?;
+        synced?;
+        Ok(released)
     }
 
     /// Every allocation, sorted by first id, as the directory holds it now.
@@ -735,7 +753,8 @@ impl Allocator {
         Ok(next)
     }
 
-    /// Removes the records of `keys` (all in the cache), durably.
+    /// Removes the records of `keys` (all in the cache); the caller syncs
+    /// the directory.
     fn remove(&mut self, keys: &[String]) -> Result<Vec<Allocation>> {
         let next = self.bump_generation(None)?;
         self.generation = None;
@@ -758,9 +777,7 @@ impl Allocator {
                 }
             }
         }
-        let synced = self.sync_dir();
         result?;
-        synced?;
         // What we removed is gone from the cache too: it matches `next`.
         self.generation = Some(next);
         released.sort_by_key(Allocation::first);
@@ -772,8 +789,8 @@ impl Allocator {
             .map_err(|e| Error::sys("fsync", format!("{:?}", self.path), e).with_path(&self.path))
     }
 
-    /// Writes `key`'s record: temporary file, fsync, rename, fsync of the
-    /// directory. On failure the temporary file is removed.
+    /// Writes `key`'s record: temporary file, fsync, rename (the caller
+    /// fsyncs the directory). On failure the temporary file is removed.
     fn write_record(&mut self, key: &str, first: u32, count: u32) -> Result<()> {
         self.temp_serial += 1;
         let temp = format!("{TMP_PREFIX}{}-{}", std::process::id(), self.temp_serial);
@@ -804,7 +821,7 @@ impl Allocator {
             let _ = rustix::fs::unlinkat(&self.dir, temp.as_str(), AtFlags::empty());
             return Err(e.with_path(&temp_path));
         }
-        self.sync_dir()
+        Ok(())
     }
 
     /// Renames `temp` to `key`, refusing to replace an existing file.
