@@ -124,7 +124,12 @@ fn probe_userns() -> Result<Arc<UserNamespace>> {
 ///
 /// Errors only when `path` itself cannot be looked up.
 pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
-    let path = path.as_ref();
+    support_of(path.as_ref(), None)
+}
+
+/// [`idmap_support`], with whether the mount is idmapped already when the
+/// caller read it from the mount table (so it is not looked up again).
+fn support_of(path: &Path, known_idmapped: Option<bool>) -> Result<Support> {
     let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
         .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
     let magic = rustix::fs::statfs(path)
@@ -135,8 +140,15 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     // Whether the mount is idmapped already is a property of the mount, not
     // of the filesystem: checked every time, never cached. Only
     // `open_tree_attr` can give an idmapped source a new idmap.
-    if !replace_idmap && crate::mount::read_idmap(path).is_ok_and(|r| r.is_idmapped()) {
-        return Ok(Support::Unsupported(Reason::AlreadyIdmapped));
+    // A mount table that cannot be read is an error, not "not idmapped".
+    if !replace_idmap {
+        let idmapped = match known_idmapped {
+            Some(b) => b,
+            None => crate::mount::read_idmap(path)?.is_idmapped(),
+        };
+        if idmapped {
+            return Ok(Support::Unsupported(Reason::AlreadyIdmapped));
+        }
     }
     if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
@@ -206,31 +218,44 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     Ok(verdict)
 }
 
-/// The filesystem type of the mount `path` is on, as mountinfo names it
-/// (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be found.
+/// The filesystem type of the mount `path` is on, as the mount table names
+/// it (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be
+/// found. A label for messages: decisions never rest on it.
 pub fn fs_type(path: impl AsRef<Path>) -> String {
-    crate::mountinfo::entry_of(path.as_ref())
+    crate::mounttable::mount_of(path.as_ref())
         .map(|e| e.fs_type)
-        .unwrap_or_else(|| "unknown".to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// The first mount of the tree at `path` that cannot be idmapped, with the
 /// reason: `path`'s own mount, then (with `recursive`) every submount below
 /// `path`, parents first — what a recursive idmap would trip over, since the
 /// kernel idmaps a tree all or nothing. `None` when every mount can be.
+///
+/// With `recursive`, the submounts come from one listing of the subtree
+/// (`listmount`/`statmount` on Linux >= 6.8, else mountinfo); a table that
+/// cannot be read is an error, never "no submounts".
 pub fn first_unsupported(
     path: impl AsRef<Path>,
     recursive: bool,
 ) -> Result<Option<(PathBuf, Reason)>> {
     let path = path.as_ref();
-    if let Support::Unsupported(reason) = idmap_support(path)? {
-        return Ok(Some((path.to_path_buf(), reason)));
+    if !recursive {
+        return Ok(match idmap_support(path)? {
+            Support::Unsupported(reason) => Some((path.to_path_buf(), reason)),
+            Support::Supported => None,
+        });
     }
-    if recursive {
-        for m in crate::mountinfo::tree_of(path).into_iter().skip(1) {
-            if let Support::Unsupported(reason) = idmap_support(&m.mount_point)? {
-                return Ok(Some((m.mount_point, reason)));
-            }
+    let tree = crate::mounttable::subtree(path)?;
+    for (i, m) in tree.into_iter().enumerate() {
+        // The top is probed at `path` itself (it may be a directory inside its mount).
+        let at = if i == 0 {
+            path.to_path_buf()
+        } else {
+            m.mount_point
+        };
+        if let Support::Unsupported(reason) = support_of(&at, Some(m.idmapped))? {
+            return Ok(Some((at, reason)));
         }
     }
     Ok(None)
