@@ -79,7 +79,8 @@ pub(crate) struct Procfs {
 pub(crate) enum Base {
     /// `/proc/PID` of the given process.
     Pid(u32),
-    /// Our own `/proc/TGID`.
+    /// Our own `/proc/TGID` (for the walker's and other callers' use).
+    #[allow(dead_code)]
     SelfProcess,
     /// Our thread's `/proc/TGID/task/TID` (what `thread-self` names).
     ThreadSelf,
@@ -217,6 +218,7 @@ impl Procfs {
     }
 
     /// Where this handle came from.
+    #[allow(dead_code)]
     pub(crate) fn kind(&self) -> ProcfsKind {
         self.kind
     }

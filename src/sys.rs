@@ -143,10 +143,7 @@ struct MntIdReq {
 mod statmount_off {
     pub const SIZE: usize = 0;
     pub const MASK: usize = 8;
-    pub const SB_MAGIC: usize = 24;
     pub const FS_TYPE: usize = 36;
-    pub const MNT_ID: usize = 40;
-    pub const MNT_PARENT_ID: usize = 48;
     pub const MNT_ATTR: usize = 64;
     pub const MNT_POINT: usize = 108;
     pub const FS_SUBTYPE: usize = 120;
@@ -159,7 +156,6 @@ mod statmount_off {
     pub const STR: usize = 512;
 }
 
-pub(crate) const STATMOUNT_SB_BASIC: u64 = 0x1;
 pub(crate) const STATMOUNT_MNT_BASIC: u64 = 0x2;
 pub(crate) const STATMOUNT_MNT_POINT: u64 = 0x10;
 pub(crate) const STATMOUNT_FS_TYPE: u64 = 0x20;
@@ -173,11 +169,6 @@ pub(crate) const STATMOUNT_MNT_GIDMAP: u64 = 0x4000;
 pub(crate) struct Statmount {
     /// The `mask` of fields the kernel filled in.
     pub mask: u64,
-    /// `sb_magic` (`STATMOUNT_SB_BASIC`).
-    pub sb_magic: u64,
-    /// `mnt_id`, `mnt_parent_id` (unique ids, `STATMOUNT_MNT_BASIC`).
-    pub mnt_id: u64,
-    pub mnt_parent_id: u64,
     pub mnt_attr: u64,
     /// `STATMOUNT_FS_TYPE`, `STATMOUNT_FS_SUBTYPE` (6.11), `STATMOUNT_MNT_POINT`.
     pub fs_type: Option<String>,
@@ -278,9 +269,6 @@ fn parse_statmount(b: &[u8]) -> Statmount {
     let text = |v: Option<Vec<u8>>| v.map(|v| String::from_utf8_lossy(&v).into_owned());
     Statmount {
         mask,
-        sb_magic: read_u64(b, o::SB_MAGIC),
-        mnt_id: read_u64(b, o::MNT_ID),
-        mnt_parent_id: read_u64(b, o::MNT_PARENT_ID),
         fs_type: text(string_at(STATMOUNT_FS_TYPE, o::FS_TYPE)),
         fs_subtype: text(string_at(STATMOUNT_FS_SUBTYPE, o::FS_SUBTYPE)),
         mnt_point: string_at(STATMOUNT_MNT_POINT, o::MNT_POINT),

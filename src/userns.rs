@@ -174,7 +174,13 @@ impl UserNamespace {
         let pid = pidfd_pid(proc, pidfd)?;
         let fd = if features::features().pidfd_get_user_namespace == Availability::Available {
             sys::pidfd_get_user_namespace(pidfd).map_err(|e| {
-                Error::sys("ioctl", format!("pidfd {raw}, PIDFD_GET_USER_NAMESPACE"), e)
+                let err = Error::sys("ioctl", format!("pidfd {raw}, PIDFD_GET_USER_NAMESPACE"), e);
+                if e == Errno::SRCH {
+                    // The process has exited (even if not yet reaped).
+                    err.with_kind(ErrorKind::NotFound)
+                } else {
+                    err
+                }
             })?
         } else {
             let fd = proc.open_ns(Base::Pid(pid), "user")?;
