@@ -39,19 +39,22 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
 /// Run the library's strategy: everything that can fail happens before the
 /// mount is attached at TARGET. Returns the mapping used, when known.
 fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), Failure> {
-    let ns;
+    // The namespace named on the command line is the one the mount gets
+    // (its fd), never one rebuilt from its maps: the kernel's checks on it
+    // (the initial namespace, one without maps, ...) must run on it.
+    let mut named: Option<UserNamespace> = None;
     let mapping = match &request.ids {
         IdSource::Mapping(mapping) => mapping.clone(),
         IdSource::Userns(path) => {
-            ns = UserNamespace::open(path)?;
+            let ns = named.insert(UserNamespace::open(path)?);
             match (ns.mapping(), request.strategy) {
                 (Some(m), _) => m.clone(),
                 // Its maps cannot be read: only an idmapped mount can use it.
                 (None, Strategy::Idmap) => {
                     let (flags, attr) = if request.recursive {
-                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
+                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(ns))
                     } else {
-                        (CloneFlags::empty(), attr(request).idmap(&ns))
+                        (CloneFlags::empty(), attr(request).idmap(ns))
                     };
                     let clone = DetachedMount::clone_with(&request.source, flags, &attr)
                         .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
@@ -80,6 +83,9 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
         });
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
+    }
+    if let Some(ns) = &named {
+        plan = plan.userns(ns);
     }
     let outcome = mount_with_ownership(&request.source, &request.target, &plan);
     if printed.load(Ordering::Relaxed) {
