@@ -80,6 +80,8 @@ enum Scenario {
     Ownership,
     Userns,
     MountCalls,
+    MountTable,
+    NodeScale,
 }
 
 struct Config {
@@ -92,7 +94,8 @@ struct Config {
 
 const USAGE: &str = "usage: bench [--quick] [--repeats K] [--csv FILE]
   --quick        trees up to 100k files only (under a minute)
-  --only S       run one scenario: ownership, userns or mount-calls
+  --only S       run one scenario: ownership, userns, mount-calls, mount-table
+                 or node-scale
   --repeats K    timed runs per figure, K >= 5 (default 5); microsecond-scale
                  figures take 20*K calls
   --csv FILE     also write the rows as CSV: scenario,fs,n,method,median_s,min_s,max_s
@@ -115,9 +118,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
                     "ownership" => Scenario::Ownership,
                     "userns" => Scenario::Userns,
                     "mount-calls" => Scenario::MountCalls,
+                    "mount-table" => Scenario::MountTable,
+                    "node-scale" => Scenario::NodeScale,
                     _ => {
                         return Err(format!(
-                            "--only {v:?}: expected ownership, userns or mount-calls"
+                            "--only {v:?}: expected ownership, userns, mount-calls, mount-table or node-scale"
                         ))
                     }
                 });
@@ -1144,6 +1149,29 @@ fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
             target: (who == "ours").then_some((Target::AtMost, 2.0)),
         });
     }
+    for method in [
+        "check --recursive (library",
+        "auto --recursive (library",
+        "mount-idmapped --check --recursive",
+        "mount-idmapped --strategy=auto --recursive",
+        "baseline: read the whole mountinfo",
+    ] {
+        let (few, many) = (format!("{} mounts", fmt_n(UNRELATED[0])), format!("{} mounts", fmt_n(UNRELATED[1])));
+        out.push(Ratio {
+            what: format!("{method}...): {many} / {few}"),
+            value: ratio(
+                r.get("mount table", &many, None, method),
+                r.get("mount table", &few, None, method),
+            ),
+            target: (!method.starts_with("baseline")).then_some((Target::AtMost, 2.0)),
+        });
+    }
+    let bucket = |label: &str| r.get("node scale", label, None, "per volume");
+    out.push(Ratio {
+        what: "node scale: per-volume cost, volumes 19,001..20,000 / 1..1,000".into(),
+        value: ratio(bucket("volumes 19001..20k"), bucket("volumes 1..1k")),
+        target: Some((Target::AtMost, 2.0)),
+    });
     for &fs in fss {
         out.push(Ratio {
             what: format!("{fs}: open_tree + mount_setattr / open_tree_attr"),
@@ -1187,7 +1215,10 @@ fn run(cfg: &Config) -> Res<()> {
         rows.extend(userns_creation(cfg, &mapping)?);
     }
 
-    let fss = if cfg.runs(Scenario::Ownership) || cfg.runs(Scenario::MountCalls) {
+    let fss = if cfg.runs(Scenario::Ownership)
+        || cfg.runs(Scenario::MountCalls)
+        || cfg.runs(Scenario::NodeScale)
+    {
         vec![
             ("ext4", scratch.mount_ext4(inodes)?),
             ("tmpfs", scratch.mount_tmpfs(inodes)?),
@@ -1219,6 +1250,20 @@ fn run(cfg: &Config) -> Res<()> {
     }
     drop(userns);
 
+    if cfg.runs(Scenario::MountTable) {
+        progress("mount table: 20 vs 20,000 unrelated mounts".into());
+        rows.extend(mount_table(cfg, &scratch, &mapping)?);
+    }
+    if cfg.runs(Scenario::NodeScale) {
+        progress(format!("node scale: {PODS} pods x {VOLUMES_PER_POD} volumes"));
+        let ext4 = fss
+            .iter()
+            .find(|(n, _)| *n == "ext4")
+            .map(|(_, p)| p.clone())
+            .ok_or("no ext4 scratch filesystem")?;
+        rows.extend(node_scale(&ext4.join("node-volumes"), &scratch)?);
+    }
+
     println!();
     print_table(&rows);
     println!();
@@ -1238,4 +1283,258 @@ fn run(cfg: &Config) -> Res<()> {
         load_average()
     );
     Ok(())
+}
+
+// ------------------------------------------- mount table and node scale
+
+/// Unrelated mounts in the namespace for scenario 4: few, then node-sized.
+const UNRELATED: [usize; 2] = [20, 20_000];
+/// Scenario 5: pods × volumes per pod.
+const PODS: usize = 1000;
+const VOLUMES_PER_POD: usize = 20;
+
+/// `count` bind mounts of one directory, below a tmpfs of their own at
+/// `root` (so that one detach takes them all away again).
+fn mount_unrelated(root: &Path, count: usize) -> Res<()> {
+    fs::create_dir_all(root).ctx("mkdir unrelated")?;
+    rustix::mount::mount("unrelated", root, "tmpfs", rustix::mount::MountFlags::empty(), c"mode=0755")
+        .ctx("mount tmpfs for the unrelated mounts")?;
+    let src = root.join("src");
+    fs::create_dir(&src).ctx("mkdir unrelated/src")?;
+    for i in 0..count {
+        let p = root.join(format!("m{i}"));
+        fs::create_dir(&p).ctx("mkdir unrelated mount point")?;
+        rustix::mount::mount_bind(&src, &p).ctx(format_args!("bind mount {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn mounts_in_namespace() -> usize {
+    fs::read_to_string("/proc/thread-self/mountinfo")
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Scenario 4: `--check --recursive` and `--strategy=auto --recursive` of a
+/// small tree (a mount with two submounts) with 20 and with 20,000
+/// unrelated mounts in the namespace, through the library (in-process, the
+/// probe's verdicts cached after the first call) and through the CLI (a
+/// fresh process per call, nothing cached), plus what one listing of the
+/// whole table costs each way, for scale.
+fn mount_table(cfg: &Config, scratch: &Scratch, mapping: &Mapping) -> Res<Vec<Row>> {
+    use idmapped::strategy::{mount_with_ownership, Plan, Strategy};
+    let runs = cfg.repeats * MICRO_FACTOR;
+    let mut rows = Vec::new();
+    // The small tree: its own tmpfs with two ext4... no: two tmpfs submounts.
+    let tree = scratch.path("small-tree");
+    fs::create_dir(&tree).ctx("mkdir small-tree")?;
+    rustix::mount::mount("small-tree", &tree, "tmpfs", rustix::mount::MountFlags::empty(), c"mode=0755")
+        .ctx("mount small tree")?;
+    for sub in ["a", "b"] {
+        let p = tree.join(sub);
+        fs::create_dir(&p).ctx("mkdir submount")?;
+        rustix::mount::mount(sub, &p, "tmpfs", rustix::mount::MountFlags::empty(), c"mode=0755")
+            .ctx("mount submount")?;
+        fs::write(p.join("file"), b"x").ctx("file in submount")?;
+    }
+    let target = scratch.path("small-tree-target");
+    fs::create_dir(&target).ctx("mkdir target")?;
+    let unrelated = scratch.path("unrelated");
+    let cli = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join("mount-idmapped")))
+        .filter(|p| p.exists());
+    let base = mounts_in_namespace();
+    let mut first = true;
+    for &n in &UNRELATED {
+        let extra = n.saturating_sub(base);
+        if first {
+            mount_unrelated(&unrelated, extra)?;
+            first = false;
+        } else {
+            // Grow to n: unmount the small set, mount the large one.
+            rustix::mount::unmount(&unrelated, UnmountFlags::DETACH).ctx("unmount unrelated")?;
+            fs::remove_dir_all(&unrelated).ok();
+            mount_unrelated(&unrelated, extra)?;
+        }
+        let label = format!("{} mounts", fmt_n(n));
+        let actual = format!("{} mounts in the namespace", mounts_in_namespace());
+        let check = measure(
+            runs,
+            || Ok(()),
+            || time(|| idmapped::probe::first_unsupported(&tree, true).ctx("first_unsupported")),
+            |verdict| match verdict {
+                None => Ok(()),
+                Some(b) => Err(format!("the small tree cannot be idmapped: {b:?}")),
+            },
+        )?;
+        rows.push(
+            Row::new("mount table", &label, None, "check --recursive (library, warm)")
+                .measured(check).note(actual.clone()),
+        );
+        let auto = measure(
+            runs,
+            || Ok(()),
+            || {
+                time(|| {
+                    let plan = Plan::new(Strategy::Auto, mapping).recursive(true);
+                    mount_with_ownership(&tree, &target, &plan).ctx("auto --recursive")
+                })
+            },
+            |outcome| {
+                if !matches!(outcome, idmapped::strategy::Outcome::Idmapped { .. }) {
+                    return Err(format!("auto did not idmap: {outcome:?}"));
+                }
+                rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount target")
+            },
+        )?;
+        rows.push(
+            Row::new("mount table", &label, None, "auto --recursive (library)").measured(auto).note(actual.clone()),
+        );
+        if let Some(cli) = &cli {
+            let spawn = |args: &[&std::ffi::OsStr]| -> Res<()> {
+                let out = Command::new(cli).args(args).output().ctx("running mount-idmapped")?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("mount-idmapped {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+                }
+            };
+            let check = measure(
+                cfg.repeats * 4,
+                || Ok(()),
+                || time(|| spawn(&["--check".as_ref(), "--recursive".as_ref(), tree.as_os_str()])),
+                |()| Ok(()),
+            )?;
+            rows.push(
+                Row::new("mount table", &label, None, "mount-idmapped --check --recursive (CLI)")
+                    .measured(check).note(actual.clone()),
+            );
+            let map = format!("--map-mount={MAP}");
+            let auto = measure(
+                cfg.repeats * 4,
+                || Ok(()),
+                || {
+                    time(|| {
+                        spawn(&[
+                            map.as_ref(),
+                            "--strategy=auto".as_ref(),
+                            "--recursive".as_ref(),
+                            tree.as_os_str(),
+                            target.as_os_str(),
+                        ])
+                    })
+                },
+                |()| rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount target"),
+            )?;
+            rows.push(
+                Row::new("mount table", &label, None, "mount-idmapped --strategy=auto --recursive (CLI)")
+                    .measured(auto).note(actual.clone()),
+            );
+        }
+        let whole = measure(
+            cfg.repeats * 4,
+            || Ok(()),
+            || time(|| fs::read("/proc/thread-self/mountinfo").ctx("read mountinfo")),
+            |_| Ok(()),
+        )?;
+        rows.push(
+            Row::new("mount table", &label, None, "baseline: read the whole mountinfo").measured(whole).note(actual.clone()),
+        );
+    }
+    rustix::mount::unmount(&unrelated, UnmountFlags::DETACH).ctx("unmount unrelated")?;
+    rustix::mount::unmount(&tree, UnmountFlags::DETACH | UnmountFlags::empty()).ok();
+    let _ = rustix::mount::unmount(&tree, UnmountFlags::DETACH);
+    if cli.is_none() {
+        rows.push(Row::new("mount table", "-", None, "CLI").note(
+            "mount-idmapped not built next to the bench (cargo build --release --examples)",
+        ));
+    }
+    Ok(rows)
+}
+
+/// Scenario 5: a node. 1,000 pods × 20 volumes: per pod one user namespace
+/// (its own mapping), per volume one idmapped clone attached at the pod's
+/// volume directory — 20,000 idmapped mounts, all through the library.
+/// Per-volume cost in buckets as the mount count grows, per-pod namespace
+/// cost, and the teardown (every pod's volumes unmounted).
+fn node_scale(vol_root: &Path, scratch: &Scratch) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let sources: Vec<PathBuf> = (0..VOLUMES_PER_POD)
+        .map(|v| vol_root.join(format!("volume-{v}")))
+        .collect();
+    for s in &sources {
+        fs::create_dir_all(s).ctx("mkdir volume")?;
+        fs::write(s.join("data"), b"x").ctx("volume file")?;
+    }
+    let pods_dir = scratch.path("pods");
+    fs::create_dir(&pods_dir).ctx("mkdir pods")?;
+    rustix::mount::mount("pods", &pods_dir, "tmpfs", rustix::mount::MountFlags::empty(), c"mode=0755")
+        .ctx("mount pods tmpfs")?;
+    let mut ns_times = Vec::with_capacity(PODS);
+    const BUCKET: usize = 1000;
+    let mut bucket: Vec<Duration> = Vec::with_capacity(BUCKET);
+    let mut buckets: Vec<(usize, Stats)> = Vec::new();
+    let mut volumes = 0usize;
+    let mut targets = Vec::with_capacity(PODS * VOLUMES_PER_POD);
+    for pod in 0..PODS {
+        let base = 100_000 + pod as u64 * 65_536;
+        let m = Mapping::parse_map_mount([format!("b:0:{base}:65536").as_str()]).ctx("pod mapping")?;
+        let (d, ns) = time(|| UserNamespace::from_mapping(&m).ctx("pod namespace"))?;
+        ns_times.push(d);
+        let attr = MountAttr::new().idmap(&ns);
+        for (v, src) in sources.iter().enumerate() {
+            let t = pods_dir.join(format!("pod-{pod}-vol-{v}"));
+            fs::create_dir(&t).ctx("mkdir volume target")?;
+            let (d, ()) = time(|| {
+                DetachedMount::clone_with(src, CloneFlags::empty(), &attr)
+                    .ctx("clone_with")?
+                    .attach(&t)
+                    .ctx("attach")
+            })?;
+            targets.push(t);
+            bucket.push(d);
+            volumes += 1;
+            if bucket.len() == BUCKET {
+                buckets.push((volumes, Stats::of(std::mem::take(&mut bucket))));
+            }
+        }
+    }
+    let mounted = mounts_in_namespace();
+    for (upto, st) in &buckets {
+        let i = *upto / BUCKET;
+        if i == 1 || i % 5 == 0 {
+            rows.push(
+                Row::new("node scale", &format!("volumes {}..{}", fmt_n(upto - BUCKET + 1), fmt_n(*upto)), None,
+                    "per volume: clone_with(idmap) + attach")
+                    .measured(*st),
+            );
+        }
+    }
+    rows.push(
+        Row::new("node scale", "per pod", None, "user namespace: from_mapping")
+            .measured(Stats::of(ns_times))
+            .note(format!("{PODS} pods × {VOLUMES_PER_POD} volumes; {mounted} mounts in the namespace at the end")),
+    );
+    // Teardown: half the volumes with umount(2), half with MNT_DETACH.
+    let half = targets.len() / 2;
+    for (label, flags, range) in [
+        ("umount of every volume, one by one", UnmountFlags::empty(), 0..half),
+        ("umount(MNT_DETACH) of every volume, one by one", UnmountFlags::DETACH, half..targets.len()),
+    ] {
+        let count = range.len();
+        let (d, ()) = time(|| {
+            for t in &targets[range] {
+                rustix::mount::unmount(t, flags).ctx("unmount volume")?;
+            }
+            Ok(())
+        })?;
+        rows.push(
+            Row::new("node scale", "teardown", None, label)
+                .measured(Stats::of(vec![d]))
+                .note(format!("{count} volumes, {} per volume", fmt_dur(d / count.max(1) as u32))),
+        );
+    }
+    rustix::mount::unmount(&pods_dir, UnmountFlags::DETACH).ctx("unmount pods")?;
+    Ok(rows)
 }

@@ -232,33 +232,63 @@ pub fn fs_type(path: impl AsRef<Path>) -> String {
 /// `path`, parents first — what a recursive idmap would trip over, since the
 /// kernel idmaps a tree all or nothing. `None` when every mount can be.
 ///
-/// With `recursive`, the submounts come from one listing of the subtree
-/// (`listmount`/`statmount` on Linux >= 6.8, else mountinfo); a table that
-/// cannot be read is an error, never "no submounts".
+/// With `recursive`, the whole tree is probed first with one recursive
+/// clone, idmapped recursively (what the real call does; the kernel copies
+/// only the subtree, so this costs the same however many other mounts the
+/// namespace holds). Only if that is refused is the subtree listed
+/// (`listmount`/`statmount` on Linux >= 6.8, else mountinfo) to name the
+/// mount that blocks it; a table that cannot be read is then an error,
+/// never "no submounts".
 pub fn first_unsupported(
     path: impl AsRef<Path>,
     recursive: bool,
 ) -> Result<Option<(PathBuf, Reason)>> {
     let path = path.as_ref();
-    if !recursive {
-        return Ok(match idmap_support(path)? {
-            Support::Unsupported(reason) => Some((path.to_path_buf(), reason)),
-            Support::Supported => None,
-        });
+    if let Support::Unsupported(reason) = idmap_support(path)? {
+        return Ok(Some((path.to_path_buf(), reason)));
+    }
+    if !recursive || whole_tree_idmaps(path)? {
+        return Ok(None);
     }
     let tree = crate::mounttable::subtree(path)?;
-    for (i, m) in tree.into_iter().enumerate() {
-        // The top is probed at `path` itself (it may be a directory inside its mount).
-        let at = if i == 0 {
-            path.to_path_buf()
-        } else {
-            m.mount_point
-        };
-        if let Support::Unsupported(reason) = support_of(&at, Some(m.idmapped))? {
-            return Ok(Some((at, reason)));
+    for m in tree.into_iter().skip(1) {
+        if let Support::Unsupported(reason) = support_of(&m.mount_point, Some(m.idmapped))? {
+            return Ok(Some((m.mount_point, reason)));
         }
     }
     Ok(None)
+}
+
+/// One probe of the whole tree at `path`: a recursive clone idmapped
+/// recursively with the probe namespace, never attached, dropped at once.
+/// `false` when the kernel refused (the caller then finds out which mount).
+fn whole_tree_idmaps(path: &Path) -> Result<bool> {
+    let ns = match probe_userns() {
+        Ok(ns) => ns,
+        Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let raw = sys::RawMountAttr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: rustix::fd::AsRawFd::as_raw_fd(&rustix::fd::AsFd::as_fd(&*ns)) as u64,
+    };
+    let result = if features().open_tree_attr == Availability::Available {
+        let cp = crate::mount::cpath(path)?;
+        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
+        sys::open_tree_attr(CWD, &cp, flags, Some(&raw)).map(drop)
+    } else {
+        let clone = match DetachedMount::clone_tree(path, CloneFlags::RECURSIVE) {
+            Ok(m) => m,
+            Err(e) if e.errno() == Some(Errno::PERM) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let fd = rustix::fd::AsFd::as_fd(&clone);
+        let flags = libc::AT_EMPTY_PATH as u32 | libc::AT_RECURSIVE as u32;
+        sys::mount_setattr(fd, c"", flags, &raw)
+    };
+    Ok(result.is_ok())
 }
 
 /// Whether the idmap attribute can be set on `path`'s mount, as an

@@ -456,3 +456,43 @@ fn fake_proc_child(tmpfs: bool) {
         let _ = rustix::mount::unmount("/proc", rustix::mount::UnmountFlags::DETACH);
     }
 }
+
+/// The subtree listing (listmount on Linux >= 6.8, else mountinfo) finds
+/// mounts nested below submounts, only below the path asked about, and the
+/// probe names the deepest blocker.
+#[test]
+#[serial]
+fn recursive_probe_sees_nested_submounts_only_below_the_path() {
+    privileged!();
+    needs_mount_setattr!();
+    eprintln!("listmount: {:?}", features::features().listmount);
+    let fs = common::TestFs::ext4();
+    let tree = fs.path("tree");
+    let deep = tree.join("a/b/c");
+    std::fs::create_dir_all(&deep).unwrap();
+    let beside = fs.path("beside");
+    std::fs::create_dir_all(&beside).unwrap();
+    // A proc mount beside the tree must not count.
+    common::run("mount", &["-t", "proc", "proc", beside.to_str().unwrap()]);
+    assert_eq!(idmapped::probe::first_unsupported(&tree, true).unwrap(), None);
+    let ext4 = common::TestFs::ext4();
+    common::run(
+        "mount",
+        &["--bind", ext4.root.to_str().unwrap(), tree.join("a").to_str().unwrap()],
+    );
+    std::fs::create_dir_all(&deep).unwrap();
+    common::run("mount", &["-t", "proc", "proc", deep.to_str().unwrap()]);
+    let (at, reason) = idmapped::probe::first_unsupported(&tree, true)
+        .unwrap()
+        .expect("the proc mount two levels down blocks the tree");
+    assert_eq!(at, deep);
+    assert!(
+        matches!(&reason, idmapped::probe::Reason::Filesystem { fs } if fs == "proc"),
+        "{reason:?}"
+    );
+    // Without recursion only the tree's own mount counts.
+    assert_eq!(idmapped::probe::first_unsupported(&tree, false).unwrap(), None);
+    for m in [deep.as_path(), tree.join("a").as_path(), beside.as_path()] {
+        rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH).unwrap();
+    }
+}
