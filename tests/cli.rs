@@ -389,7 +389,14 @@ fn map_mount_path_uses_that_namespace_and_opens_nothing_else() {
     }
     // A FIFO would block an open(2) forever; a device's driver would run.
     let fifo = fs.scratch("ns").join("fifo");
-    common::run("mkfifo", &[s(&fifo)]);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
     for (path, what) in [(s(&fifo), "a FIFO"), ("/dev/null", "a character device")] {
         let start = std::time::Instant::now();
         let run = cli(&[&format!("--map-mount={path}"), s(&src), s(&target)]).expect(1);

@@ -474,11 +474,18 @@ fn recursive_probe_sees_nested_submounts_only_below_the_path() {
     std::fs::create_dir_all(&beside).unwrap();
     // A proc mount beside the tree must not count.
     common::run("mount", &["-t", "proc", "proc", beside.to_str().unwrap()]);
-    assert_eq!(idmapped::probe::first_unsupported(&tree, true).unwrap(), None);
+    assert_eq!(
+        idmapped::probe::first_unsupported(&tree, true).unwrap(),
+        None
+    );
     let ext4 = common::TestFs::ext4();
     common::run(
         "mount",
-        &["--bind", ext4.root.to_str().unwrap(), tree.join("a").to_str().unwrap()],
+        &[
+            "--bind",
+            ext4.root.to_str().unwrap(),
+            tree.join("a").to_str().unwrap(),
+        ],
     );
     std::fs::create_dir_all(&deep).unwrap();
     common::run("mount", &["-t", "proc", "proc", deep.to_str().unwrap()]);
@@ -491,7 +498,10 @@ fn recursive_probe_sees_nested_submounts_only_below_the_path() {
         "{reason:?}"
     );
     // Without recursion only the tree's own mount counts.
-    assert_eq!(idmapped::probe::first_unsupported(&tree, false).unwrap(), None);
+    assert_eq!(
+        idmapped::probe::first_unsupported(&tree, false).unwrap(),
+        None
+    );
     for m in [deep.as_path(), tree.join("a").as_path(), beside.as_path()] {
         rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH).unwrap();
     }
