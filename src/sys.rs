@@ -319,6 +319,8 @@ const CLONE_PIDFD: libc::c_int = 0x1000;
 pub(crate) struct ParkedChild {
     pid: libc::pid_t,
     pidfd: Option<OwnedFd>,
+    /// Reap with `waitid(P_PIDFD)` (Linux 5.4) rather than by pid.
+    waitid_pidfd: bool,
     /// The child's stack; must outlive the child, so it is freed only after reaping.
     _stack: Vec<u128>,
 }
@@ -366,10 +368,14 @@ impl ParkedChild {
     /// The child must not outlive the calling thread (its parent-death signal
     /// is tied to this thread): keep the handle within one call.
     ///
+    /// `use_pidfd` asks for `CLONE_PIDFD` (the caller knows from probing
+    /// whether `pidfd_send_signal` exists; a kernel without `CLONE_PIDFD`
+    /// ignores the flag); `waitid_pidfd` whether `waitid(P_PIDFD)` does.
+    ///
     /// # References
     /// - [`clone(2)`](https://man7.org/linux/man-pages/man2/clone.2.html)
     /// - [`PR_SET_PDEATHSIG`](https://man7.org/linux/man-pages/man2/PR_SET_PDEATHSIG.2const.html)
-    pub(crate) fn spawn() -> Result<ParkedChild, Errno> {
+    pub(crate) fn spawn(use_pidfd: bool, waitid_pidfd: bool) -> Result<ParkedChild, Errno> {
         let mut stack: Vec<u128> = vec![0; CHILD_STACK_BYTES / 16];
         // The stack grows down: hand the kernel its (16-byte aligned) top.
         let top = stack.as_mut_ptr_range().end as *mut libc::c_void;
@@ -387,7 +393,7 @@ impl ParkedChild {
         // No exit signal: no SIGCHLD reaches an application's handler.
         // (That does not hide the child from every waiter: `__WALL` and
         // `__WCLONE` waits see it, which is why we use its pidfd.)
-        let flags = libc::CLONE_NEWUSER | libc::CLONE_VM | CLONE_PIDFD;
+        let flags = libc::CLONE_NEWUSER | libc::CLONE_VM | if use_pidfd { CLONE_PIDFD } else { 0 };
         let mut pidfd: libc::c_int = -1;
         // SAFETY: `parked_child_main` never returns and touches no shared
         // memory; `top` is the end of a live stack that outlives the child
@@ -417,6 +423,7 @@ impl ParkedChild {
         Ok(ParkedChild {
             pid,
             pidfd,
+            waitid_pidfd,
             _stack: stack,
         })
     }
@@ -456,6 +463,10 @@ impl Drop for ParkedChild {
         };
         // ESRCH here means it is gone already: nothing else is hit.
         let _ = pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+        if !self.waitid_pidfd {
+            wait_pid(self.pid);
+            return;
+        }
         loop {
             match waitid_pidfd(fd.as_fd()) {
                 Err(Errno::INTR) => continue,

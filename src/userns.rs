@@ -71,7 +71,12 @@ impl UserNamespace {
     #[doc(alias = "CLONE_NEWUSER")]
     pub fn from_mapping(mapping: &Mapping) -> Result<UserNamespace> {
         let proc = procfs::handle()?;
-        let child = sys::ParkedChild::spawn().map_err(|e| {
+        let f = features::features();
+        let child = sys::ParkedChild::spawn(
+            f.pidfd_send_signal == Availability::Available,
+            f.waitid_pidfd == Availability::Available,
+        )
+        .map_err(|e| {
             Error::sys("clone", "CLONE_NEWUSER|CLONE_VM|CLONE_PIDFD", e).with_kind(match e {
                 Errno::PERM | Errno::ACCESS => ErrorKind::PermissionDenied,
                 _ => ErrorKind::Process(format!("cannot create a user namespace: {e}")),
