@@ -115,13 +115,7 @@ pub fn features() -> &'static Features {
                 // fd -1: EBADF when the call exists.
                 availability(sys::pidfd_send_signal(bad_fd_raw(), 0))
             }),
-            waitid_pidfd: gate("pidfd", || {
-                // EBADF when P_PIDFD is known, EINVAL before 5.4.
-                match sys::waitid_pidfd(bad_fd_raw()) {
-                    Err(Errno::INVAL) => Availability::Missing,
-                    r => availability(r),
-                }
-            }),
+            waitid_pidfd: gate("pidfd", probe_waitid_pidfd),
             pidfd_get_user_namespace: gate("pidfd_get_user_namespace", probe_pidfd_userns),
             listmount: gate("listmount", || {
                 availability(sys::listmount(sys::LSMT_ROOT, 0, &mut [0u64; 1]).map(drop))
@@ -147,6 +141,23 @@ fn probe_openat2() -> Availability {
         )
         .map(drop),
     )
+}
+
+/// `waitid(P_PIDFD)` on a pidfd of our own process: ECHILD (we are not our
+/// own child) where P_PIDFD is known, EINVAL before 5.4. (A negative fd
+/// would not do: the kernel rejects it with EINVAL before looking at it.)
+fn probe_waitid_pidfd() -> Availability {
+    let Some(me) = rustix::process::Pid::from_raw(std::process::id() as i32) else {
+        return Availability::Missing;
+    };
+    let Ok(pidfd) = rustix::process::pidfd_open(me, rustix::process::PidfdFlags::empty()) else {
+        return Availability::Missing;
+    };
+    match sys::waitid_pidfd(rustix::fd::AsFd::as_fd(&pidfd)) {
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => Availability::Missing,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        _ => Availability::Available,
+    }
 }
 
 /// The ioctl on a pidfd of our own: ENOTTY (or EINVAL) before 6.11.
