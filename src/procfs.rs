@@ -72,6 +72,8 @@ pub(crate) struct Procfs {
     mnt_id: Option<u64>,
     /// The device number of `root`.
     dev: u64,
+    /// Our pid when the handle was checked.
+    pid: u32,
 }
 
 /// Which procfs directory a lookup starts from.
@@ -101,12 +103,16 @@ impl Base {
 }
 
 /// The process's verified procfs handle, made on first use. A failure is
-/// not cached (it may be transient, e.g. `EMFILE`).
+/// not cached (it may be transient, e.g. `EMFILE`). A process forked into
+/// another pid namespace (its pid changed) checks the inherited handle's
+/// `self` again and makes a new one if that procfs no longer shows it.
 pub(crate) fn handle() -> Result<&'static Procfs> {
     static HANDLE: Mutex<Option<&'static Procfs>> = Mutex::new(None);
     let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(h) = *slot {
-        return Ok(h);
+        if h.pid == std::process::id() || h.shows_us() {
+            return Ok(h);
+        }
     }
     let h: &'static Procfs = Box::leak(Box::new(Procfs::new()?));
     *slot = Some(h);
@@ -203,6 +209,7 @@ impl Procfs {
             kind,
             mnt_id,
             dev,
+            pid: std::process::id(),
         };
         // A procfs of another pid namespace names other processes.
         let link = rustix::fs::readlinkat(&p.root, "self", Vec::new())
@@ -215,6 +222,12 @@ impl Procfs {
             )));
         }
         Ok(p)
+    }
+
+    /// This procfs's `self` is our pid (it shows our pid namespace).
+    fn shows_us(&self) -> bool {
+        rustix::fs::readlinkat(&self.root, "self", Vec::new())
+            .is_ok_and(|l| l.as_bytes() == std::process::id().to_string().as_bytes())
     }
 
     /// Where this handle came from.

@@ -398,8 +398,9 @@ impl ParkedChild {
         // SAFETY: `parked_child_main` never returns and touches no shared
         // memory; `top` is the end of a live stack that outlives the child
         // (dropped only after the child is reaped, see `Drop`); `pidfd` is a
-        // valid `int` the kernel writes the pidfd to (CLONE_PIDFD), before
-        // clone returns.
+        // valid `int` the kernel writes the pidfd to (CLONE_PIDFD) before
+        // clone returns. The tls and child_tid arguments are null and unused
+        // (no CLONE_SETTLS, no CLONE_CHILD_*TID).
         let pid = unsafe {
             libc::clone(
                 parked_child_main,
@@ -407,6 +408,8 @@ impl ParkedChild {
                 flags,
                 parent as *mut libc::c_void,
                 &mut pidfd as *mut libc::c_int,
+                std::ptr::null_mut::<libc::c_void>(),
+                std::ptr::null_mut::<libc::pid_t>(),
             )
         };
         let clone_errno = errno();
