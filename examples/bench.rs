@@ -1289,6 +1289,11 @@ fn run(cfg: &Config) -> Res<()> {
         rows.extend(userns_creation(cfg, &mapping)?);
     }
 
+    // Scenario 4 next, while the process is still single-threaded (it forks).
+    if cfg.runs(Scenario::MountTable) {
+        progress("mount table: 20 vs 20,000 unrelated mounts".into());
+        rows.extend(mount_table(cfg, &scratch, &mapping)?);
+    }
     let fss = if cfg.runs(Scenario::Ownership)
         || cfg.runs(Scenario::MountCalls)
         || cfg.runs(Scenario::NodeScale)
@@ -1324,10 +1329,6 @@ fn run(cfg: &Config) -> Res<()> {
     }
     drop(userns);
 
-    if cfg.runs(Scenario::MountTable) {
-        progress("mount table: 20 vs 20,000 unrelated mounts".into());
-        rows.extend(mount_table(cfg, &scratch, &mapping)?);
-    }
     if cfg.runs(Scenario::NodeScale) {
         progress(format!(
             "node scale: {PODS} pods x {VOLUMES_PER_POD} volumes"
@@ -1400,14 +1401,17 @@ fn mounts_in_namespace() -> usize {
 /// Scenario 4: `--check --recursive` and `--strategy=auto --recursive` of a
 /// small tree (a mount with two submounts) with 20 and with 20,000
 /// unrelated mounts in the namespace, through the library (in-process, the
-/// probe's verdicts cached after the first call) and through the CLI (a
-/// fresh process per call, nothing cached), plus what one listing of the
-/// whole table costs each way, for scale.
+/// probe's per-filesystem verdicts cached after the first call) and through
+/// the CLI (a fresh process per call), plus one read of the whole mountinfo
+/// for scale.
+///
+/// Both namespaces exist at once and take turns call by call: a forked copy
+/// of this (single-threaded) process unshares a mount namespace, adds the
+/// 20,000 mounts there and runs each operation when asked, while we run it
+/// here with 20; so load on the machine falls on both alike.
 fn mount_table(cfg: &Config, scratch: &Scratch, mapping: &Mapping) -> Res<Vec<Row>> {
-    use idmapped::strategy::{mount_with_ownership, Plan, Strategy};
     let runs = cfg.repeats * MICRO_FACTOR;
-    let mut rows = Vec::new();
-    // The small tree: its own tmpfs with two ext4... no: two tmpfs submounts.
+    let cli_runs = cfg.repeats * 4;
     let tree = scratch.path("small-tree");
     fs::create_dir(&tree).ctx("mkdir small-tree")?;
     rustix::mount::mount(
@@ -1439,147 +1443,188 @@ fn mount_table(cfg: &Config, scratch: &Scratch, mapping: &Mapping) -> Res<Vec<Ro
         .and_then(|p| Some(p.parent()?.join("mount-idmapped")))
         .filter(|p| p.exists());
     let base = mounts_in_namespace();
-    let mut first = true;
-    for &n in &UNRELATED {
-        let extra = n.saturating_sub(base);
-        if first {
-            mount_unrelated(&unrelated, extra)?;
-            first = false;
-        } else {
-            // Grow to n: unmount the small set, mount the large one.
-            rustix::mount::unmount(&unrelated, UnmountFlags::DETACH).ctx("unmount unrelated")?;
-            fs::remove_dir_all(&unrelated).ok();
-            mount_unrelated(&unrelated, extra)?;
-        }
-        let label = format!("{} mounts", fmt_n(n));
-        let actual = format!("{} mounts in the namespace", mounts_in_namespace());
-        let check = measure(
-            runs,
-            || Ok(()),
-            || time(|| idmapped::probe::first_unsupported(&tree, true).ctx("first_unsupported")),
-            |verdict| match verdict {
-                None => Ok(()),
-                Some(b) => Err(format!("the small tree cannot be idmapped: {b:?}")),
-            },
-        )?;
-        rows.push(
-            Row::new(
-                "mount table",
-                &label,
-                None,
-                "check --recursive (library, warm)",
-            )
-            .measured(check)
-            .note(actual.clone()),
-        );
-        let auto = measure(
-            runs,
-            || Ok(()),
-            || {
-                time(|| {
-                    let plan = Plan::new(Strategy::Auto, mapping).recursive(true);
-                    mount_with_ownership(&tree, &target, &plan).ctx("auto --recursive")
-                })
-            },
-            |outcome| {
-                if !matches!(outcome, idmapped::strategy::Outcome::Idmapped { .. }) {
-                    return Err(format!("auto did not idmap: {outcome:?}"));
+    // The operations, by letter.
+    let op = |code: u8| -> Res<Duration> {
+        use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
+        let spawn = |args: &[&std::ffi::OsStr]| -> Res<()> {
+            let cli = cli.as_ref().ok_or("no CLI")?;
+            let out = Command::new(cli)
+                .args(args)
+                .output()
+                .ctx("running mount-idmapped")?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mount-idmapped {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let unmount =
+            || rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount target");
+        let map = format!("--map-mount={MAP}");
+        match code {
+            b'c' => {
+                let (d, v) = time(|| {
+                    idmapped::probe::first_unsupported(&tree, true).ctx("first_unsupported")
+                })?;
+                match v {
+                    None => Ok(d),
+                    Some(b) => Err(format!("the small tree cannot be idmapped: {b:?}")),
                 }
-                rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount target")
-            },
-        )?;
-        rows.push(
-            Row::new("mount table", &label, None, "auto --recursive (library)")
-                .measured(auto)
-                .note(actual.clone()),
-        );
-        if let Some(cli) = &cli {
-            let spawn = |args: &[&std::ffi::OsStr]| -> Res<()> {
-                let out = Command::new(cli)
-                    .args(args)
-                    .output()
-                    .ctx("running mount-idmapped")?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "mount-idmapped {args:?}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ))
+            }
+            b'a' => {
+                let plan = Plan::new(Strategy::Auto, mapping).recursive(true);
+                let (d, o) =
+                    time(|| mount_with_ownership(&tree, &target, &plan).ctx("auto --recursive"))?;
+                unmount()?;
+                match o {
+                    Outcome::Idmapped { .. } => Ok(d),
+                    o => Err(format!("auto did not idmap: {o:?}")),
                 }
-            };
-            let check = measure(
-                cfg.repeats * 4,
-                || Ok(()),
-                || time(|| spawn(&["--check".as_ref(), "--recursive".as_ref(), tree.as_os_str()])),
-                |()| Ok(()),
-            )?;
-            rows.push(
-                Row::new(
-                    "mount table",
-                    &label,
-                    None,
-                    "mount-idmapped --check --recursive (CLI)",
-                )
-                .measured(check)
-                .note(actual.clone()),
-            );
-            let map = format!("--map-mount={MAP}");
-            let auto = measure(
-                cfg.repeats * 4,
-                || Ok(()),
-                || {
+            }
+            b'C' => {
+                Ok(
                     time(|| {
-                        spawn(&[
-                            map.as_ref(),
-                            "--strategy=auto".as_ref(),
-                            "--recursive".as_ref(),
-                            tree.as_os_str(),
-                            target.as_os_str(),
-                        ])
-                    })
-                },
-                |()| rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount target"),
-            )?;
-            rows.push(
-                Row::new(
-                    "mount table",
-                    &label,
-                    None,
-                    "mount-idmapped --strategy=auto --recursive (CLI)",
+                        spawn(&["--check".as_ref(), "--recursive".as_ref(), tree.as_os_str()])
+                    })?
+                    .0,
                 )
-                .measured(auto)
-                .note(actual.clone()),
-            );
+            }
+            b'A' => {
+                let args: [&std::ffi::OsStr; 5] = [
+                    map.as_ref(),
+                    "--strategy=auto".as_ref(),
+                    "--recursive".as_ref(),
+                    tree.as_os_str(),
+                    target.as_os_str(),
+                ];
+                let d = time(|| spawn(&args))?.0;
+                unmount()?;
+                Ok(d)
+            }
+            b'm' => Ok(time(|| fs::read("/proc/thread-self/mountinfo").ctx("read mountinfo"))?.0),
+            _ => Err("unknown operation".into()),
         }
-        let whole = measure(
-            cfg.repeats * 4,
-            || Ok(()),
-            || time(|| fs::read("/proc/thread-self/mountinfo").ctx("read mountinfo")),
-            |_| Ok(()),
-        )?;
-        rows.push(
-            Row::new(
-                "mount table",
-                &label,
-                None,
-                "baseline: read the whole mountinfo",
-            )
-            .measured(whole)
-            .note(actual.clone()),
-        );
+    };
+    let flags = rustix::pipe::PipeFlags::CLOEXEC;
+    let (req_r, req_w) = rustix::pipe::pipe_with(flags).ctx("pipe")?;
+    let (resp_r, resp_w) = rustix::pipe::pipe_with(flags).ctx("pipe")?;
+    // SAFETY: the bench is single-threaded here (no walker has run yet), so
+    // the child may go on running ordinary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
-    rustix::mount::unmount(&unrelated, UnmountFlags::DETACH).ctx("unmount unrelated")?;
-    rustix::mount::unmount(&tree, UnmountFlags::DETACH | UnmountFlags::empty()).ok();
-    let _ = rustix::mount::unmount(&tree, UnmountFlags::DETACH);
-    if cli.is_none() {
-        rows.push(
-            Row::new("mount table", "-", None, "CLI").note(
+    if pid == 0 {
+        drop((req_w, resp_r));
+        let setup = (|| -> Res<u64> {
+            isolate()?;
+            mount_unrelated(&unrelated, UNRELATED[1].saturating_sub(base))?;
+            Ok(mounts_in_namespace() as u64)
+        })();
+        let reply = |v: u64| rustix::io::write(&resp_w, &v.to_ne_bytes()).is_ok();
+        match setup {
+            Ok(n) => {
+                reply(n);
+                let mut cmd = [0u8];
+                while rustix::io::read(&req_r, &mut cmd).unwrap_or(0) == 1 {
+                    let v = match op(cmd[0]) {
+                        Ok(d) => d.as_nanos() as u64,
+                        Err(e) => {
+                            eprintln!("bench (20k mounts): {e}");
+                            u64::MAX
+                        }
+                    };
+                    if !reply(v) {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("bench (20k mounts): {e}");
+                reply(u64::MAX);
+            }
+        }
+        // SAFETY: leaves the forked copy without running the parent's exit code.
+        unsafe { libc::_exit(0) };
+    }
+    drop((req_r, resp_w));
+    let read_u64 = || -> Res<u64> {
+        let mut b = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            let n =
+                rustix::io::read(&resp_r, &mut b[got..]).ctx("reading from the 20k-mount copy")?;
+            if n == 0 {
+                return Err("the 20k-mount copy exited".into());
+            }
+            got += n;
+        }
+        Ok(u64::from_ne_bytes(b))
+    };
+    let result = (|| -> Res<Vec<Row>> {
+        let many = match read_u64()? {
+            u64::MAX => return Err("the 20k-mount copy could not set up".into()),
+            n => n,
+        };
+        let few = mounts_in_namespace();
+        let mut ops: Vec<(u8, &str, usize)> = vec![
+            (b'c', "check --recursive (library, warm)", runs),
+            (b'a', "auto --recursive (library)", runs),
+        ];
+        if cli.is_some() {
+            ops.push((b'C', "mount-idmapped --check --recursive (CLI)", cli_runs));
+            ops.push((
+                b'A',
+                "mount-idmapped --strategy=auto --recursive (CLI)",
+                cli_runs,
+            ));
+        }
+        ops.push((b'm', "baseline: read the whole mountinfo", cli_runs));
+        let mut rows = Vec::new();
+        for (code, method, n) in ops {
+            let (mut here, mut there) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for _ in 0..n {
+                here.push(op(code)?);
+                rustix::io::write(&req_w, &[code]).ctx("asking the 20k-mount copy")?;
+                match read_u64()? {
+                    u64::MAX => return Err(format!("{method} failed with 20k mounts")),
+                    v => there.push(Duration::from_nanos(v)),
+                }
+            }
+            for (label, count, samples) in [
+                (UNRELATED[0], few as u64, here),
+                (UNRELATED[1], many, there),
+            ] {
+                rows.push(
+                    Row::new(
+                        "mount table",
+                        &format!("{} mounts", fmt_n(label)),
+                        None,
+                        method,
+                    )
+                    .measured(Stats::of(samples))
+                    .note(format!(
+                        "{count} mounts in the namespace; both namespaces take turns, call by call"
+                    )),
+                );
+            }
+        }
+        if cli.is_none() {
+            rows.push(Row::new("mount table", "-", None, "CLI").note(
                 "mount-idmapped not built next to the bench (cargo build --release --examples)",
-            ),
-        );
-    }
-    Ok(rows)
+            ));
+        }
+        Ok(rows)
+    })();
+    let _ = rustix::io::write(&req_w, b"q");
+    drop(req_w);
+    let child = rustix::process::Pid::from_raw(pid);
+    rustix::process::waitpid(child, rustix::process::WaitOptions::empty()).ctx("waitpid")?;
+    let _ = rustix::mount::unmount(&tree, UnmountFlags::DETACH);
+    result
 }
 
 /// Scenario 5: a node. 1,000 pods × 20 volumes: per pod one user namespace
