@@ -30,7 +30,8 @@
 #
 # Exits 0 when every test program passed on every kernel. Kernels and
 # modules are cached in target/vm/<kernel>/ (delete it to fetch again);
-# console logs are written to target/vm/<kernel>/console.log.
+# console logs are written to target/vm-console/<kernel>.log (not under
+# target/vm/, which may be a kernel cache shared by several checkouts).
 #
 # Lines "matrix: <release> <fs> <idmap|chown|unsupported> <pass|fail>" in
 # the guest's output are collected and printed together at the end (libtest
@@ -47,6 +48,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 vmdir=$root/ci/vm
 cache=$root/target/vm
+consoles=$root/target/vm-console
+mkdir -p "$consoles"
 ALL_KERNELS=(5.10 6.1 6.12 7.3)
 
 usage() {
@@ -249,7 +252,7 @@ progress() { # the console lines to show while a VM runs
 	fi
 }
 run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
-	local k=$1 log=$cache/$1/console.log t rc marker status note
+	local k=$1 log=$consoles/$1.log t rc marker status note
 	t=$(now)
 	set +e
 	timeout -k 10 "$timeout" qemu-system-x86_64 \
@@ -297,14 +300,14 @@ for k in "${kernels[@]}"; do
 	# Anywhere in a line: libtest prints "test name ... " before a test's
 	# own output, and kernel messages may interleave.
 	grep -a -o -E 'matrix: [^ ]+ [^ ]+ (idmap|chown|unsupported) (pass|fail)' \
-		"$cache/$k/console.log" || echo "[$k] (no matrix lines)"
+		"$consoles/$k.log" || echo "[$k] (no matrix lines)"
 done
 echo
 echo "=== results ==="
 failed=0
 for k in "${kernels[@]}"; do
 	read -r status secs note <"$work/$k.result" || { status=1 secs="?" note="no result"; }
-	boot=$(grep -a -o 'init: started at [0-9.]*s' "$cache/$k/console.log" | head -n 1 || true)
+	boot=$(grep -a -o 'init: started at [0-9.]*s' "$consoles/$k.log" | head -n 1 || true)
 	printf '%-5s %-28s %6ss (kernel boot %6s)  %s\n' "$k" "$(cat "$cache/$k/release")" "$secs" \
 		"${boot#init: started at }" "$([[ "$status" == 0 ]] && echo PASS || echo "FAIL ($note)")"
 	[[ "$status" == 0 ]] || failed=1
@@ -315,7 +318,7 @@ if ((quiet)); then
 		[[ "$status" == 0 ]] && continue
 		echo
 		echo "=== console of $k (failed) ==="
-		sed "s/^/[$k] /" "$cache/$k/console.log"
+		sed "s/^/[$k] /" "$consoles/$k.log"
 	done
 fi
 echo "total: $(elapsed "$t_start")s"

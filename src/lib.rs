@@ -66,11 +66,11 @@ pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, Result};
+pub use error::{Errno, Error, ErrorKind, FileKind, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
-    MountAttr, MountAttrFlags, Propagation,
+    check_mount_point, read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount,
+    IdmapReadback, MountAttr, MountAttrFlags, Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 

@@ -76,12 +76,61 @@ pub fn private_mount_namespace() {
     .expect("make / rprivate");
 }
 
+/// The Debian package of each program the tests run. `ci/packages.sh`
+/// installs these (`ci/test.sh` calls it when run as root); a test
+/// (`tests/cli.rs`) checks that the two lists agree.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mount", "mount"),
+    ("losetup", "mount"),
+    ("unshare", "util-linux"),
+    ("setfacl", "acl"),
+    ("getfacl", "acl"),
+    ("getcap", "libcap2-bin"),
+    ("chown", "coreutils"),
+    ("sleep", "coreutils"),
+];
+
+/// Why `program` could not be started, for a panic message: a program that
+/// is not installed is named with the package that has it.
+pub fn spawn_failure(program: &OsStr, e: &std::io::Error) -> String {
+    let name = program.to_string_lossy();
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return format!("cannot run {name}: {e}");
+    }
+    let base = Path::new(program)
+        .file_name()
+        .map_or_else(|| name.clone(), |b| b.to_string_lossy());
+    match TOOLS.iter().find(|(tool, _)| *tool == base) {
+        Some((_, package)) => format!(
+            "{name} is not installed (not found on PATH): the tests need the Debian package \
+             {package}; `apt-get install {package}`, or run `ci/test.sh` as root, which \
+             installs every missing package"
+        ),
+        None => format!("{name} is not installed (not found on PATH): {e}"),
+    }
+}
+
+/// `cmd.output()`, panicking with [`spawn_failure`]'s message when the
+/// program cannot be started.
+pub fn output(cmd: &mut Command) -> std::process::Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("{}", spawn_failure(cmd.get_program(), &e)))
+}
+
+/// `cmd.spawn()`, panicking with [`spawn_failure`]'s message when the
+/// program cannot be started.
+pub fn spawn(cmd: &mut Command) -> std::process::Child {
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("{}", spawn_failure(cmd.get_program(), &e)))
+}
+
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = output(Command::new(cmd).args(args));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
