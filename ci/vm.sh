@@ -22,8 +22,8 @@
 # (named after it), bin/mount-idmapped, ARGS "--nocapture --test-threads=1"
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
-# VM_TEST_TARGETS (space separated), or "matrix mount userns cli resolve
-# runtime cli_beneath".
+# VM_TEST_TARGETS (space separated), or "matrix mount userns cli helper ranges
+# id_ranges resolve runtime cli_beneath".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -60,7 +60,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli resolve runtime cli_beneath}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath}"
 cli_test_targets=()
 selftest=0
 quiet=0
@@ -177,15 +177,15 @@ build_tests() {
 		echo "vm.sh: building the test binaries failed" >&2
 		return 1
 	}
-	"${cargo[@]}" build "${cargo_opts[@]}" --example mount-idmapped >"$work/build-example.json" || {
-		echo "vm.sh: building the mount-idmapped example failed" >&2
+	"${cargo[@]}" build "${cargo_opts[@]}" --example mount-idmapped --example id-ranges >"$work/build-example.json" || {
+		echo "vm.sh: building the mount-idmapped and id-ranges examples failed" >&2
 		return 1
 	}
 	while read -r name path; do exe[$name]=$path; done < <(
 		artifacts test "${test_targets[@]}" <"$work/build-tests.json"
-		artifacts example mount-idmapped <"$work/build-example.json" | sed 's/^/example:/'
+		artifacts example mount-idmapped id-ranges <"$work/build-example.json" | sed 's/^/example:/'
 	)
-	for name in "${test_targets[@]}" example:mount-idmapped; do
+	for name in "${test_targets[@]}" example:mount-idmapped example:id-ranges; do
 		[[ -n "${exe[$name]:-}" ]] || missing+=("$name")
 	done
 	if ((${#missing[@]})); then
@@ -196,8 +196,10 @@ build_tests() {
 	mkdir -p "$tests/bin"
 	for name in "${test_targets[@]}"; do cp "${exe[$name]}" "$tests/$name"; done
 	cp "${exe[example:mount-idmapped]}" "$tests/bin/mount-idmapped"
+	cp "${exe[example:id-ranges]}" "$tests/bin/id-ranges"
 	echo "--nocapture --test-threads=1" >"$tests/ARGS"
-	echo "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" >"$tests/ENV"
+	printf '%s\n' "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" \
+		"ID_RANGES_BIN=/tests/bin/id-ranges" >"$tests/ENV"
 }
 build_failed=0
 if ((build)); then

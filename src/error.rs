@@ -130,6 +130,34 @@ pub enum ErrorKind {
     /// fd, or from a path that is not `/proc/PID/ns/user`), so ownership
     /// cannot be shifted on disk by them; idmapping with it still works.
     UsernsMapsUnknown,
+    /// Per-pod id ranges: the settings break a rule of the pool or block
+    /// size (see [`ranges`](crate::ranges)).
+    RangeRule(crate::ranges::RuleViolation),
+    /// Per-pod id ranges: a key is not 1 to 253 characters of `[A-Za-z0-9._-]`
+    /// (or is `.` or `..`).
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Per-pod id ranges: every usable block is allocated.
+    PoolExhausted {
+        /// How many blocks the pool can hand out.
+        usable: u64,
+        /// The pool.
+        pool: crate::ranges::Pool,
+    },
+    /// Per-pod id ranges: a file of the state directory is not a valid
+    /// record for the current settings; [`Error::path`] is the file.
+    InvalidState {
+        /// The file's name in the state directory (the key).
+        file: String,
+        /// What is wrong with it.
+        problem: crate::ranges::StateProblem,
+    },
+    /// Per-pod id ranges: a user's subordinate ids cannot be a pool.
+    Subids(crate::ranges::SubidProblem),
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
 }
@@ -270,7 +298,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InitialUserns => {
                 f.write_str("the initial user namespace cannot be used to idmap a mount")
             }
-            ErrorKind::NotUserns => f.write_str("the file descriptor is not a user namespace"),
+            ErrorKind::NotUserns => f.write_str("not a user namespace"),
             ErrorKind::UsernsMissingMap => {
                 f.write_str("the user namespace lacks a uid map or a gid map")
             }
@@ -348,6 +376,17 @@ impl fmt::Display for ErrorKind {
             ErrorKind::UsernsMapsUnknown => f.write_str(
                 "the maps of the user namespace cannot be read, so ownership cannot be shifted on disk by them: idmap with it (strategy idmap), or give the mapping itself",
             ),
+            ErrorKind::RangeRule(v) => write!(f, "id range settings break a rule: {v}"),
+            ErrorKind::InvalidKey { key, reason } => {
+                write!(f, "invalid key {key:?}: {reason}")
+            }
+            ErrorKind::PoolExhausted { usable, pool } => {
+                write!(f, "pool {pool} exhausted: all {usable} usable blocks are allocated")
+            }
+            ErrorKind::InvalidState { file, problem } => {
+                write!(f, "invalid id range state in {file:?}: {problem}")
+            }
+            ErrorKind::Subids(p) => write!(f, "{p}"),
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }
@@ -431,6 +470,16 @@ impl Error {
     /// namespace of pid 42").
     pub fn context(&self) -> Option<&str> {
         self.0.context.as_deref()
+    }
+
+    /// Record the check that failed when no system call did (the call that
+    /// revealed the problem, with what it found), without an errno.
+    pub(crate) fn with_call(mut self, name: &'static str, args: impl Into<String>) -> Error {
+        self.0.syscall = Some(Syscall {
+            name,
+            args: args.into(),
+        });
+        self
     }
 
     /// Replace the diagnosis.

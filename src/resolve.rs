@@ -41,6 +41,10 @@
 //! (`EEXIST`, perhaps a symlink) is simply resolved like any other. Creation
 //! always walks component by component (both resolvers).
 //!
+//! The path reported for an `openat2` result ([`Resolved::path`]) comes
+//! from a second, userspace walk when it reaches the same file, else from
+//! the fd's name read through the crate's verified procfs handle.
+//!
 //! Failures name the component ([`ErrorKind::Unresolvable`]); with
 //! `openat2`, which does not say which component failed, the userspace
 //! resolver is run once more, without creating anything, to find it.
@@ -346,23 +350,12 @@ fn relative_path(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<PathBuf> {
     Some(rel.to_path_buf())
 }
 
-/// The kernel's name of an fd, read from `/proc/thread-self/fd/N` after
-/// checking (`fstatfs`) that the directory is on procfs.
-///
-/// The one place this module reads procfs, and only for a report; meant to
-/// move to the crate's verified procfs handle once there is one.
+/// The kernel's name of an fd: `readlinkat` of its `fd/N` link in our
+/// thread's `fd/` directory, through the crate's verified procfs handle
+/// ([`crate::procfs`]), so neither the mount namespace the call runs in nor
+/// what is mounted at `/proc` there matters. Used only for a report.
 fn fd_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
-    let dir = rustix::fs::open(
-        "/proc/thread-self/fd",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let st = rustix::fs::fstatfs(&dir).ok()?;
-    // `f_type` is signed or unsigned, 32 or 64 bits, by architecture.
-    if st.f_type as u64 != PROC_SUPER_MAGIC {
-        return None;
-    }
+    let dir = crate::procfs::handle().ok()?.fd_dir().ok()?;
     let target = rustix::fs::readlinkat(&dir, fd.as_raw_fd().to_string(), Vec::new()).ok()?;
     let bytes = target.as_bytes();
     if !bytes.starts_with(b"/") || bytes.ends_with(b" (deleted)") {

@@ -73,7 +73,11 @@ Output:
   --check           say whether SOURCE can be idmapped and, if not, why;
                     mount nothing; takes SOURCE only
   --demo            idmap a small tree on a scratch filesystem in a private
-                    mount namespace, print on-disk and seen owners, clean up
+                    mount namespace, print on-disk and seen owners; then two
+                    pods with ranges from an allocator, each with its own
+                    user namespace and idmapped mount of one volume, write
+                    a file each: print who owns what, on disk, in each pod
+                    and on the host; clean up
   -h, --help        print this help
   --version         print the version
 
