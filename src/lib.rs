@@ -61,6 +61,7 @@ pub mod map;
 pub mod mount;
 mod mountinfo;
 pub mod probe;
+pub mod rootfs;
 pub mod strategy;
 mod sys;
 pub mod userns;
@@ -71,6 +72,7 @@ pub use mount::{
     read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
     MountAttr, MountAttrFlags, Propagation,
 };
+pub use mount::{FsContext, NewFilesystem};
 pub use userns::{UserNamespace, UsernsCache};
 
 // The README's examples are compiled as doc tests.
