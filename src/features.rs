@@ -162,13 +162,18 @@ pub fn overlay_features() -> &'static OverlayFeatures {
         };
         let (lowerdir_plus, layer_fds) = match ctx {
             Ok(fd) => {
+                // Before Linux 6.5 overlay has no parameter table: the legacy
+                // context accepts *any* string option and fails only at
+                // FSCONFIG_CMD_CREATE. Only a context that refuses an unknown
+                // option (EINVAL) tells by accepting `lowerdir+` that it knows it.
+                let validates =
+                    rustix::mount::fsconfig_set_flag(&fd, "idmapped-probe-no-such-option").is_err();
                 // "/" is a valid directory everywhere; the context is dropped
                 // unused. A kernel without the parameter answers EINVAL.
-                let plus = availability_of_option(rustix::mount::fsconfig_set_string(
-                    &fd,
-                    "lowerdir+",
-                    "/",
-                ));
+                let plus = match rustix::mount::fsconfig_set_string(&fd, "lowerdir+", "/") {
+                    Ok(()) if !validates => Availability::Missing,
+                    r => availability_of_option(r),
+                };
                 let fds = match rustix::fs::open(
                     "/",
                     rustix::fs::OFlags::PATH
@@ -176,6 +181,7 @@ pub fn overlay_features() -> &'static OverlayFeatures {
                         | rustix::fs::OFlags::CLOEXEC,
                     rustix::fs::Mode::empty(),
                 ) {
+                    Ok(_) if !validates => Availability::Missing,
                     Ok(dir) => availability_of_option(rustix::mount::fsconfig_set_fd(
                         &fd,
                         "lowerdir+",

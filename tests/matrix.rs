@@ -7,7 +7,9 @@
 //!   `mount-idmapped --strategy=idmap` succeeds;
 //! - not supported: the library's typed error names the filesystem (or the
 //!   missing system call), `--check` says why and exits 1, and
-//!   `--strategy=auto` falls back to shifting on disk and gives the same view.
+//!   `--strategy=auto` falls back to shifting on disk and gives the same view
+//!   — except on overlay, where shifting would copy every file up: there
+//!   auto is refused and nothing changes (`unsupported`).
 //!
 //! Each cell prints `matrix: <kernel release> <fs> <idmap|chown|unsupported> <pass|fail>`
 //! (`unsupported`: neither idmapping nor shifting on disk can work there,
@@ -241,6 +243,33 @@ fn unsupported_cell(cell: &Cell, reason: &Reason) -> Result<&'static str, String
     };
     if run.code != Some(1) || !why_named {
         return Err(format!("{}: --check: {run:?}", cell.fs));
+    }
+    // Shifting through overlayfs would copy every file up: auto (library
+    // and CLI) refuses it, and nothing changes. The overlay helper
+    // (tests/rootfs.rs and the matrix-rootfs columns) is the way there.
+    if cell.fs == "overlay" {
+        let src = cell.source("auto-lib", 25000);
+        let target = cell.target("auto-lib");
+        let m = mapping();
+        let err = mount_with_ownership(&src, &target, &Plan::new(Strategy::Auto, &m))
+            .err()
+            .ok_or_else(|| "overlay: auto did not refuse".to_string())?;
+        if err.kind() != &ErrorKind::ShiftThroughOverlay {
+            return Err(format!("overlay: auto: {err}"));
+        }
+        let run = cli(&[
+            "--strategy=auto",
+            &format!("--map-mount={MAP}"),
+            src.to_str().unwrap(),
+            target.to_str().unwrap(),
+        ]);
+        if run.code != Some(1) || !run.stderr.contains("copy every file up") {
+            return Err(format!("overlay: CLI --strategy=auto: {run:?}"));
+        }
+        if owner(&src.join("a")) != (1000, 1000) || owner(&src.join("b")) != (25000, 25000) {
+            return Err("overlay: the source changed".into());
+        }
+        return Ok("unsupported");
     }
     // Library auto and CLI auto fall back to shifting on disk: same view.
     let src = cell.source("auto-lib", 25000);
