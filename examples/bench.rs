@@ -22,6 +22,16 @@
 //!    one with 2 GiB resident.
 //! 3. **Mount calls**: one idmapped clone with `open_tree_attr` against
 //!    `open_tree` + `mount_setattr` (the library's fallback path).
+//! 4. **Root filesystems** (on ext4): (a) a pod's root filesystem — an
+//!    overlay of a lower layer of N files (N = 1k, 10k, 100k) plus an upper,
+//!    seen through the mapping — by every rung of [`idmapped::rootfs`] this
+//!    kernel has (namespace from the mapping + overlay + attach), against
+//!    the O(N) ways: copy the image and `chown -R` the copy, or shift it with
+//!    the walker (all cores); with the mounts each pod adds to the caller's
+//!    namespace. (b) "Mount Mayhem": 100 pods x 50 shared layers, ours
+//!    against staging one idmapped mount per layer in the caller's own
+//!    namespace (containerd's first approach): total time, mount operations
+//!    and the peak number of mounts in the caller's namespace.
 //!
 //! Each figure is the median of the runs, with min and max. It prints a
 //! markdown table and the ratios that matter; `--csv FILE` writes the rows.
@@ -36,6 +46,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use idmapped::features::{self, Availability};
+use idmapped::rootfs::{Overlay, OverlayMethod};
 use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
 use rustix::mount::{MountPropagationFlags, UnmountFlags};
@@ -80,6 +91,7 @@ enum Scenario {
     Ownership,
     Userns,
     MountCalls,
+    Rootfs,
 }
 
 struct Config {
@@ -92,7 +104,7 @@ struct Config {
 
 const USAGE: &str = "usage: bench [--quick] [--repeats K] [--csv FILE]
   --quick        trees up to 100k files only (under a minute)
-  --only S       run one scenario: ownership, userns or mount-calls
+  --only S       run one scenario: ownership, userns, mount-calls or rootfs
   --repeats K    timed runs per figure, K >= 5 (default 5); microsecond-scale
                  figures take 20*K calls
   --csv FILE     also write the rows as CSV: scenario,fs,n,method,median_s,min_s,max_s
@@ -115,9 +127,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
                     "ownership" => Scenario::Ownership,
                     "userns" => Scenario::Userns,
                     "mount-calls" => Scenario::MountCalls,
+                    "rootfs" => Scenario::Rootfs,
                     _ => {
                         return Err(format!(
-                            "--only {v:?}: expected ownership, userns or mount-calls"
+                            "--only {v:?}: expected ownership, userns, mount-calls or rootfs"
                         ))
                     }
                 });
@@ -1101,7 +1114,7 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
 
 fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
     let r = Results::new(rows);
-    let mut out = Vec::new();
+    let mut out = rootfs_ratios(&r);
     let idmap = |fs, n| r.get("ownership", fs, Some(n), "idmapped mount");
     let walk1 = |fs, n| r.get("ownership", fs, Some(n), "walker, 1 thread");
     let walk_all = |fs, n| r.get("ownership", fs, Some(n), "walker, all cores");
@@ -1164,7 +1177,9 @@ fn run(cfg: &Config) -> Res<()> {
     isolate()?;
     let sizes: &[usize] = if cfg.quick { &SIZES_QUICK } else { &SIZES_FULL };
     let total: usize = sizes.iter().sum();
-    let inodes = total + total / FILES_PER_DIR + 10_000;
+    // Room for the root-filesystem scenario too: an image per size, a copy, pods.
+    let inodes =
+        total + total / FILES_PER_DIR + 10_000 + ROOTFS_SIZES.iter().sum::<usize>() * 3 + 100_000;
     let mapping = Mapping::parse_map_mount([MAP]).ctx("mapping")?;
     println!("{}", machine_line());
     println!(
@@ -1218,6 +1233,16 @@ fn run(cfg: &Config) -> Res<()> {
         }
     }
     drop(userns);
+    if cfg.runs(Scenario::Rootfs) {
+        let ext4 = match fss.iter().find(|(n, _)| *n == "ext4") {
+            Some((_, m)) => m.clone(),
+            None => scratch.mount_ext4(ROOTFS_SIZES.iter().sum::<usize>() * 3 + 200_000)?,
+        };
+        progress("root filesystems".into());
+        rows.extend(rootfs_setup(cfg, &ext4, &attach, &mapping, &progress)?);
+        progress("mount mayhem: 100 pods x 50 layers".into());
+        rows.extend(mount_mayhem(&ext4)?);
+    }
 
     println!();
     print_table(&rows);
@@ -1238,4 +1263,318 @@ fn run(cfg: &Config) -> Res<()> {
         load_average()
     );
     Ok(())
+}
+
+// --------------------------------------------------------- root filesystems
+
+/// Lower-layer sizes of scenario 4.
+const ROOTFS_SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+/// The "Mount Mayhem" shape.
+const MAYHEM_PODS: usize = 100;
+const MAYHEM_LAYERS: usize = 50;
+
+/// Lines in this thread's mountinfo: the caller's mount namespace.
+fn mount_count() -> Res<usize> {
+    Ok(fs::read_to_string("/proc/thread-self/mountinfo")
+        .ctx("reading mountinfo")?
+        .lines()
+        .count())
+}
+
+/// The rung this kernel has and every older one (a newer kernel runs them all).
+fn overlay_rungs() -> Res<Vec<OverlayMethod>> {
+    let best = OverlayMethod::for_this_kernel().ctx("overlay of idmapped layers")?;
+    let all = [
+        OverlayMethod::LayerFds,
+        OverlayMethod::StagedStrings,
+        OverlayMethod::StagedMountData,
+    ];
+    let at = all.iter().position(|m| *m == best).unwrap_or(0);
+    Ok(all[at..].to_vec())
+}
+
+fn rung_label(m: OverlayMethod) -> String {
+    format!("overlay, {} ({})", m.name(), m.layer_options())
+}
+
+/// Scenario 4a: a pod's root filesystem over a lower layer of N files.
+fn rootfs_setup(
+    cfg: &Config,
+    mnt: &Path,
+    attach: &Path,
+    mapping: &Mapping,
+    progress: &dyn Fn(String),
+) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let rungs = match overlay_rungs() {
+        Ok(r) => r,
+        Err(e) => {
+            rows.push(Row::new("rootfs setup", "ext4", None, "overlay").note(e));
+            Vec::new()
+        }
+    };
+    let shifted = |start: u32| start + SHIFT;
+    // The one-time probes (overlay features, module load) are not part of a pod's setup.
+    let _ = idmapped::features::overlay_features();
+    let pods = mnt.join("pods");
+    fs::create_dir_all(&pods).ctx("mkdir pods")?;
+    let pod = std::cell::Cell::new(0usize);
+    let pod_dir = |k: usize| pods.join(format!("pod-{k}"));
+    for &n in &ROOTFS_SIZES {
+        progress(format!("rootfs: image layer of {} files", fmt_n(n)));
+        let image = Tree::create(mnt.join(format!("image-{n}")), n)?;
+        image.check("freshly created image", |s| s)?;
+        for &method in &rungs {
+            let mut added = Vec::new();
+            let mut staged = 0;
+            let stats = measure(
+                cfg.repeats,
+                || {
+                    pod.set(pod.get() + 1);
+                    let dir = pod_dir(pod.get());
+                    fs::create_dir_all(dir.join("upper")).ctx("mkdir upper")?;
+                    fs::create_dir_all(dir.join("work")).ctx("mkdir work")
+                },
+                || {
+                    let before = mount_count()?;
+                    let (upper, work) = (
+                        pod_dir(pod.get()).join("upper"),
+                        pod_dir(pod.get()).join("work"),
+                    );
+                    time(|| {
+                        let ns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
+                        let ov = Overlay::new([&image.root])
+                            .upper(&upper, &work)
+                            .userns(&ns)
+                            .create_by(method)
+                            .ctx("overlay")?;
+                        staged = ov.staged_mounts();
+                        ov.attach(attach).ctx("attach")
+                    })
+                    .map(|(d, ())| (d, before))
+                },
+                |before| {
+                    added.push(mount_count()? - before);
+                    image.check_at(attach, "through the overlay", shifted)?;
+                    rustix::mount::unmount(attach, UnmountFlags::DETACH).ctx("unmount overlay")
+                },
+            )?;
+            added.sort_unstable();
+            added.dedup();
+            rows.push(
+                Row::new("rootfs setup", "ext4", Some(n), &rung_label(method))
+                    .measured(stats)
+                    .note(format!(
+                        "mounts added to the caller's namespace per pod: {added:?}; idmapped clones staged in a private namespace: {staged}"
+                    )),
+            );
+        }
+        // The O(N) ways. (b) copy the image for the pod and chown -R the copy.
+        let copy = mnt.join(format!("copy-{n}"));
+        let stats = measure(
+            cfg.repeats,
+            || Ok(()),
+            || {
+                time(|| {
+                    run_cmd(Command::new("cp").arg("-a").arg(&image.root).arg(&copy))?;
+                    run_cmd(Command::new("chown").args(["-R", CHOWN_TARGET]).arg(&copy))
+                })
+            },
+            |()| fs::remove_dir_all(&copy).ctx("removing the copy"),
+        )?;
+        rows.push(
+            Row::new(
+                "rootfs setup",
+                "ext4",
+                Some(n),
+                "copy the image + GNU chown -R",
+            )
+            .measured(stats)
+            .note("cp -a, then chown -R 100000:100000"),
+        );
+        // (c) shift the image with the walker (in place: the copy would add its cost).
+        image.warm()?;
+        let stats = measure(
+            cfg.repeats,
+            || image.warm(),
+            || time(|| walker::shift(&image.root, mapping, 0)),
+            |_| {
+                image.check("after the walker", shifted)?;
+                image.reset_owners()
+            },
+        )?;
+        rows.push(
+            Row::new(
+                "rootfs setup",
+                "ext4",
+                Some(n),
+                "walker, all cores (in place)",
+            )
+            .measured(stats)
+            .note("no copy: a lower bound for copy + walker"),
+        );
+    }
+    Ok(rows)
+}
+
+/// Scenario 4b: 100 pods x 50 layers, ours against one idmapped mount per
+/// layer staged in the caller's namespace (then overlay, then unmounts).
+/// One run each; every pod's overlay stays attached until the end, as on a
+/// node. An identity mapping (on-disk 0 seen as 0) keeps the baseline's
+/// overlay (made by root) writable; the mount work does not depend on the ids.
+fn mount_mayhem(mnt: &Path) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let base = mnt.join("mayhem");
+    fs::create_dir_all(&base).ctx("mkdir mayhem")?;
+    let layers: Vec<PathBuf> = (0..MAYHEM_LAYERS)
+        .map(|i| Tree::create(base.join(format!("layer-{i:02}")), 20).map(|t| t.root))
+        .collect::<Res<_>>()?;
+    let mapping = Mapping::parse_map_mount(["b:0:0:65536"]).ctx("mapping")?;
+    let pod_dirs = |tag: &str, p: usize| -> Res<(PathBuf, PathBuf, PathBuf)> {
+        let d = base.join(format!("{tag}-{p:03}"));
+        let (u, w, r) = (d.join("upper"), d.join("work"), d.join("rootfs"));
+        for x in [&u, &w, &r] {
+            fs::create_dir_all(x).ctx("mkdir pod dir")?;
+        }
+        Ok((u, w, r))
+    };
+    let unmount_all = |tag: &str| {
+        for p in 0..MAYHEM_PODS {
+            let _ = rustix::mount::unmount(
+                base.join(format!("{tag}-{p:03}/rootfs")),
+                UnmountFlags::DETACH,
+            );
+        }
+    };
+    // Ours, by every rung this kernel has.
+    for method in overlay_rungs().unwrap_or_default() {
+        let tag = method.layer_options().replace('+', "plus");
+        let base_count = mount_count()?;
+        let mut peak = 0;
+        let mut staged = 0;
+        let t0 = Instant::now();
+        for p in 0..MAYHEM_PODS {
+            let (u, w, r) = pod_dirs(&tag, p)?;
+            let ns = UserNamespace::from_mapping(&mapping).ctx("user namespace")?;
+            let ov = Overlay::new(&layers)
+                .upper(&u, &w)
+                .userns(&ns)
+                .create_by(method)
+                .ctx("overlay")?;
+            staged += ov.staged_mounts();
+            ov.attach(&r).ctx("attach")?;
+            peak = peak.max(mount_count()? - base_count);
+        }
+        let ours = t0.elapsed();
+        let added = mount_count()? - base_count;
+        unmount_all(&tag);
+        rows.push(
+            Row::new(
+                "mount mayhem",
+                "ext4",
+                Some(MAYHEM_PODS * MAYHEM_LAYERS),
+                &format!("ours: {}", rung_label(method)),
+            )
+            .measured(Stats::of(vec![ours]))
+            .note(format!(
+                "{MAYHEM_PODS} pods x {MAYHEM_LAYERS} layers; caller's namespace: {added} mounts added, peak {peak}, {MAYHEM_PODS} mount operations; {staged} clones staged in private namespaces"
+            )),
+        );
+    }
+    // Baseline: per pod, per layer an idmapped clone attached in the
+    // caller's namespace, the overlay from their paths, then the unmounts.
+    let base_count = mount_count()?;
+    let mut peak = 0;
+    let mut ops = 0usize;
+    let t0 = Instant::now();
+    for p in 0..MAYHEM_PODS {
+        let (u, w, r) = pod_dirs("staged", p)?;
+        let ns = UserNamespace::from_mapping(&mapping).ctx("user namespace")?;
+        let stage = base.join(format!("stage-{p:03}"));
+        let mut points = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let point = stage.join(format!("{i:02}"));
+            fs::create_dir_all(&point).ctx("mkdir stage")?;
+            DetachedMount::clone_with(layer, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
+                .and_then(|m| m.attach(&point))
+                .ctx("staging a layer")?;
+            ops += 1;
+            points.push(point);
+        }
+        peak = peak.max(mount_count()? - base_count);
+        let lower: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            u.display(),
+            w.display()
+        );
+        let data = std::ffi::CString::new(data).ctx("overlay options")?;
+        rustix::mount::mount(
+            "overlay",
+            &r,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        )
+        .ctx("mount overlay")?;
+        ops += 1;
+        for point in &points {
+            rustix::mount::unmount(point, UnmountFlags::empty()).ctx("unmount a staged layer")?;
+            ops += 1;
+        }
+    }
+    let staged_time = t0.elapsed();
+    let added = mount_count()? - base_count;
+    unmount_all("staged");
+    rows.push(
+        Row::new(
+            "mount mayhem",
+            "ext4",
+            Some(MAYHEM_PODS * MAYHEM_LAYERS),
+            "baseline: idmapped mount per layer in the caller's namespace",
+        )
+        .measured(Stats::of(vec![staged_time]))
+        .note(format!(
+            "{MAYHEM_PODS} pods x {MAYHEM_LAYERS} layers; caller's namespace: {added} mounts added, peak {peak}; {ops} mount operations there"
+        )),
+    );
+    Ok(rows)
+}
+
+fn rootfs_ratios(r: &Results<'_>) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let (first, last) = (ROOTFS_SIZES[0], ROOTFS_SIZES[ROOTFS_SIZES.len() - 1]);
+    let Ok(rungs) = overlay_rungs() else {
+        return out;
+    };
+    let best = rung_label(rungs[0]);
+    let best_mayhem = format!("ours: {best}");
+    let setup = |n, method: &str| r.get("rootfs setup", "ext4", Some(n), method);
+    out.push(Ratio {
+        what: format!(
+            "rootfs setup, {best}: N={} / N={}",
+            fmt_n(last),
+            fmt_n(first)
+        ),
+        value: ratio(setup(last, &best), setup(first, &best)),
+        target: Some((Target::AtMost, 1.5)),
+    });
+    for baseline in ["copy the image + GNU chown -R", "walker, all cores"] {
+        out.push(Ratio {
+            what: format!("rootfs setup, N={}: {baseline} / {best}", fmt_n(last)),
+            value: ratio(setup(last, baseline), setup(last, &best)),
+            target: None,
+        });
+    }
+    let n = Some(MAYHEM_PODS * MAYHEM_LAYERS);
+    out.push(Ratio {
+        what: format!("mount mayhem: per-layer staging in the caller's namespace / {best_mayhem}"),
+        value: ratio(
+            r.get("mount mayhem", "ext4", n, "baseline"),
+            r.get("mount mayhem", "ext4", n, &best_mayhem),
+        ),
+        target: None,
+    });
+    out
 }

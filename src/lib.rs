@@ -41,6 +41,16 @@
 //! # Ok::<(), idmapped::Error>(())
 //! ```
 //!
+//! # Root filesystems and fresh filesystems
+//! A container's root filesystem is an overlay of shared image layers;
+//! [`rootfs::Overlay`] builds one whose layers are each seen through the
+//! mapping (the overlay mount itself cannot be idmapped), by the best rung
+//! the kernel has, with no helper mount ever visible to anything else.
+//! [`NewFilesystem`] makes a fresh instance (`fsopen`/`fsconfig`/`fsmount`:
+//! a pod's tmpfs with its `size=`, `mode=`, `nr_inodes=`, `uid=`, `gid=`)
+//! as a [`DetachedMount`] to idmap and attach; a refused option is reported
+//! with the filesystem's own message.
+//!
 //! # Semantics in one line
 //! For each mapping line `A B N`: a file whose **on-disk** id is `A+n` is
 //! **seen** through the mount as `B+n`; unmapped ids are seen as 65534. See
@@ -49,8 +59,10 @@
 //! # Minimum kernels
 //! `open_tree`/`move_mount` 5.2; `mount_setattr` (idmapping at all) 5.12;
 //! `open_tree_attr` (one-call clone+idmap, replacing or clearing an idmap)
-//! 6.15; `statmount` idmap read-back 6.15. Which filesystems can be idmapped
-//! depends on the kernel: ask [`probe::idmap_support`].
+//! 6.15; `statmount` idmap read-back 6.15; an overlay of idmapped layers
+//! 5.19 (layers as `lowerdir+` strings 6.8, as fds 6.13); an idmapped fresh
+//! tmpfs 6.3. Which filesystems can be idmapped depends on the kernel: ask
+//! [`probe::idmap_support`].
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 

@@ -131,12 +131,15 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
             out.insert(
                 p.strip_prefix(dir).unwrap().to_path_buf(),
                 format!(
-                    "{}:{} {:o} {} {} {:?} {acl}",
+                    "{}:{} {:o} {} mtime {}.{} ctime {}.{} {:?} {acl}",
                     m.uid(),
                     m.gid(),
                     m.mode(),
                     m.len(),
+                    m.mtime(),
                     m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
                     content
                 ),
             );
