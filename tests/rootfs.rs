@@ -619,3 +619,156 @@ fn a_silently_read_only_overlay_is_caught() {
         assert_eq!(mount_count(), before);
     }
 }
+
+// ------------------------------------------------------------ the CLI
+
+#[test]
+#[serial]
+fn cli_overlay_mounts_and_reports_its_method_and_layers() {
+    privileged!();
+    let best = overlay_rungs!()[0];
+    let img = image();
+    let target = img.target("rootfs");
+    let before = mount_count();
+    let run = common::cli(&[
+        format!("--map-mount={MAP}"),
+        "--nodev".into(),
+        "--json".into(),
+        format!(
+            "--overlay=lowerdir={}:{},upperdir={},workdir={}",
+            img.lower0.display(),
+            img.lower1.display(),
+            img.upper.display(),
+            img.work.display()
+        ),
+        target.display().to_string(),
+    ])
+    .expect(0);
+    assert_eq!(mount_count(), before + 1);
+    assert!(
+        run.stdout
+            .contains(&format!("\"method\":\"{}\"", best.name())),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("\"layer_options\":\"{}\"", best.layer_options())),
+        "{run:?}"
+    );
+    for p in [&img.lower0, &img.lower1, &img.upper, &img.work] {
+        assert!(run.stdout.contains(p.to_str().unwrap()), "{run:?}");
+    }
+    assert!(run.stdout.contains("\"nodev\":true"), "{run:?}");
+    check_overlay(&img, &target);
+}
+
+#[test]
+#[serial]
+fn cli_overlay_errors_name_the_layer_and_leave_nothing() {
+    privileged!();
+    let _ = overlay_rungs!();
+    let img = image();
+    let ram = TestFs::virtual_fs("ramfs");
+    let bad = ram.path("layer");
+    std::fs::create_dir(&bad).unwrap();
+    let target = img.target("rootfs");
+    let before = mount_count();
+    let run = common::cli(&[
+        format!("--map-mount={MAP}"),
+        format!(
+            "--overlay=lowerdir={}:{},upperdir={},workdir={}",
+            img.lower0.display(),
+            bad.display(),
+            img.upper.display(),
+            img.work.display()
+        ),
+        target.display().to_string(),
+    ])
+    .expect(1);
+    run.stderr_line_names(&[bad.to_str().unwrap(), "lower layer 1", "ramfs"]);
+    assert_eq!(mount_count(), before);
+    assert!(entries(&img.upper).is_empty() && entries(&img.work).is_empty());
+    // A layer that does not exist.
+    let missing = img.fs.path("no-such-layer");
+    common::cli(&[
+        format!("--map-mount={MAP}"),
+        format!(
+            "--overlay=lowerdir={}:{}",
+            img.lower0.display(),
+            missing.display()
+        ),
+        target.display().to_string(),
+    ])
+    .expect(1)
+    .stderr_line_names(&[missing.to_str().unwrap(), "lower layer 1"]);
+    assert_eq!(mount_count(), before);
+    // --check: per layer, no --map-mount needed.
+    let run = common::cli(&[
+        "--check".to_string(),
+        format!(
+            "--overlay=lowerdir={}:{},upperdir={},workdir={}",
+            img.lower0.display(),
+            bad.display(),
+            img.upper.display(),
+            img.work.display()
+        ),
+    ])
+    .expect(1);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{run:?}");
+    assert!(lines[0].starts_with("lower layer 0") && lines[0].contains(": can be idmapped"));
+    assert!(lines[1].starts_with("lower layer 1") && lines[1].contains("cannot be idmapped"));
+    assert!(lines[1].contains("ramfs"), "{run:?}");
+    assert!(lines[4].starts_with("overlay: would be built"), "{run:?}");
+    let run = common::cli(&[
+        "--check".to_string(),
+        format!(
+            "--overlay=lowerdir={}:{}",
+            img.lower0.display(),
+            img.lower1.display()
+        ),
+    ])
+    .expect(0);
+    assert!(!run.stdout.contains("cannot"), "{run:?}");
+}
+
+#[test]
+#[serial]
+fn cli_tmpfs_keeps_its_options_or_says_why_not() {
+    privileged!();
+    let dir = tempfile::tempdir().unwrap();
+    let before = mount_count();
+    let run = common::cli(&[
+        format!("--map-mount={MAP}"),
+        "--json".into(),
+        "--tmpfs=size=16m,mode=0750,nr_inodes=1k,uid=1000,gid=2000".into(),
+        dir.path().display().to_string(),
+    ]);
+    if tmpfs_idmappable() {
+        let run = run.expect(0);
+        assert!(run.stdout.contains("\"filesystem\":\"tmpfs\""), "{run:?}");
+        assert!(
+            run.stdout.contains("size=16m,mode=0750,nr_inodes=1k"),
+            "{run:?}"
+        );
+        let st = rustix::fs::statfs(dir.path()).unwrap();
+        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 16 << 20);
+        assert_eq!(st.f_files, 1024);
+        let meta = std::fs::metadata(dir.path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+        assert_eq!(owner(dir.path()), (101000, 102000));
+        rustix::mount::unmount(dir.path(), rustix::mount::UnmountFlags::DETACH).unwrap();
+    } else {
+        run.expect(1).stderr_line_names(&["tmpfs"]);
+        assert_eq!(mount_count(), before);
+    }
+    // A bad option: tmpfs's own words, naming the option; nothing mounted.
+    common::cli(&[
+        format!("--map-mount={MAP}"),
+        "--tmpfs=mode=0700,size=lots".into(),
+        dir.path().display().to_string(),
+    ])
+    .expect(1)
+    .stderr_line_names(&["size=lots", "Bad value for 'size'"]);
+    assert_eq!(mount_count(), before);
+}

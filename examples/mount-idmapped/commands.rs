@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
+use idmapped::rootfs::OverlayMethod;
 use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
 use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 
-use crate::args::{CheckRequest, IdSource, MountRequest};
+use crate::args::{CheckRequest, IdSource, MountRequest, NewFs, NewFsRequest, OverlayCheckRequest};
 use crate::output::{self, emit};
 use crate::Failure;
 
@@ -153,5 +154,86 @@ pub fn check(request: &CheckRequest) -> Result<ExitCode, Failure> {
     Ok(match blocker {
         None => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(1),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// --tmpfs and --overlay
+
+/// What [`new_fs`] made, for `--json`.
+pub enum Made {
+    Tmpfs {
+        options: String,
+    },
+    Overlay {
+        method: OverlayMethod,
+        layers: Vec<(idmapped::rootfs::LayerRole, PathBuf)>,
+        staged_mounts: usize,
+    },
+}
+
+/// Make the new filesystem, idmap it (a tmpfs) or its layers (an overlay),
+/// set the attributes, then attach it at TARGET: everything that can fail
+/// happens on the detached mount first.
+pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
+    let userns = match &request.ids {
+        IdSource::Mapping(m) => UserNamespace::from_mapping(m)?,
+        IdSource::Userns(path) => UserNamespace::open(path)?,
+    };
+    let mut attr = MountAttr::new().set(request.flags);
+    if let Some(p) = request.propagation {
+        attr = attr.propagation(p);
+    }
+    let made = match &request.fs {
+        NewFs::Tmpfs(fs) => {
+            let mount = fs.create(&attr.idmap(&userns))?;
+            mount.attach(&request.target)?;
+            Made::Tmpfs {
+                options: fs.options_text(),
+            }
+        }
+        NewFs::Overlay(overlay) => {
+            let ov = overlay.clone().userns(&userns).attr(attr).create()?;
+            let made = Made::Overlay {
+                method: ov.method(),
+                layers: ov.layers().to_vec(),
+                staged_mounts: ov.staged_mounts(),
+            };
+            ov.attach(&request.target)?;
+            made
+        }
+    };
+    if request.json {
+        let mapping = match &request.ids {
+            IdSource::Mapping(m) => Some(m),
+            IdSource::Userns(_) => userns.mapping(),
+        };
+        if let Err(failure) = emit(&output::new_fs_json(request, &made, mapping)) {
+            let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
+            return Err(failure);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--check --overlay`: per layer, whether it can be idmapped and why not,
+/// and how this kernel would build the overlay. Exit 1 when it cannot.
+pub fn check_overlay(request: &OverlayCheckRequest) -> Result<ExitCode, Failure> {
+    let layers = request.overlay.check()?;
+    let method = OverlayMethod::for_this_kernel();
+    let ok = method.is_ok()
+        && layers
+            .iter()
+            .all(|l| l.support == probe::Support::Supported);
+    let text = if request.json {
+        output::overlay_check_json(&layers, &method, ok)
+    } else {
+        output::overlay_check_text(&layers, &method)
+    };
+    emit(&text)?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }
