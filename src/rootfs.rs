@@ -12,7 +12,7 @@
 //!
 //! | rung | kernel | how |
 //! |---|---|---|
-//! | [`OverlayMethod::LayerFds`] | 6.13 | each lower layer an idmapped detached clone, passed as an fd (`FSCONFIG_SET_FD`); upper and work as `O_PATH` fds beneath **one** idmapped clone of their common parent. No mount but the overlay ever exists in any table. |
+//! | [`OverlayMethod::LayerFds`] | 6.13 | one idmapped detached clone per distinct mount the layers live on, never attached; each layer an `O_PATH` fd beneath it, passed with `FSCONFIG_SET_FD` (upper and work beneath **one** clone of their common parent). No mount but the overlay ever exists in any table. |
 //! | [`OverlayMethod::StagedStrings`] | 6.8 | one idmapped clone per distinct mount the layers live on, attached in a private staging tmpfs inside a helper thread's **own** mount namespace, the layers given as `lowerdir+` strings (one option per layer: no size limit) |
 //! | [`OverlayMethod::StagedMountData`] | 5.19 | the same staging, the layers given in one `lowerdir=` string to `mount(2)` (short relative names, so 500 layers fit in its page) |
 //! | — | older | [`ErrorKind::KernelTooOld`] |
@@ -83,7 +83,7 @@ impl fmt::Display for LayerRole {
 /// How [`Overlay::create`] built the overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OverlayMethod {
-    /// Layers as fds of idmapped detached clones (Linux 6.13).
+    /// Layers as fds beneath idmapped detached clones (Linux 6.13).
     LayerFds,
     /// Idmapped clones attached in a private staging namespace, layers as
     /// `lowerdir+` strings (Linux 6.8).
@@ -711,54 +711,36 @@ impl Job<'_, '_> {
     }
 
     /// Linux 6.13: every layer an fd; nothing attached anywhere.
+    ///
+    /// One idmapped detached clone per distinct mount the layers live on,
+    /// each layer an `O_PATH` fd beneath its mount's clone. Upper and work
+    /// share a mount, so they are beneath ONE clone of their common parent
+    /// (two clones, even of one mount, are "not on the same mount" to
+    /// overlayfs); every clone stays open until `FSCONFIG_CMD_CREATE`. One
+    /// clone per mount rather than per layer: closing a detached clone tears
+    /// down its anonymous mount namespace, which waits for an RCU grace
+    /// period (measured: 50 per-layer clones took 0.16 s of wall time per
+    /// overlay, nearly all of it waiting).
     fn by_layer_fds(&self) -> Result<(DetachedMount, usize)> {
-        let lowers: Vec<(usize, DetachedMount)> = self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l.role, LayerRole::Lower(_)))
-            .map(|(i, l)| {
-                let clone = self.idmapped_clone(l, &l.real)?;
-                drop(open_beneath(&clone, Path::new(""), l)?);
-                Ok((i, clone))
-            })
-            .collect::<Result<_>>()?;
-        // Upper and work: O_PATH fds beneath ONE idmapped clone of their
-        // common parent (two clones, even of one mount, are "not on the same
-        // mount" to overlayfs), kept open until FSCONFIG_CMD_CREATE.
-        let upper_work: Vec<usize> = self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l.role, LayerRole::Upper | LayerRole::Work))
-            .map(|(i, _)| i)
-            .collect();
-        let upper_group = if upper_work.is_empty() {
-            None
-        } else {
-            let mut g = self.groups(upper_work.into_iter())?;
-            g.pop()
-        };
-        let mut upper_fds = Vec::new();
-        if let Some(g) = &upper_group {
+        let groups = self.groups(0..self.layers.len())?;
+        let mut fds: Vec<Option<OwnedFd>> = (0..self.layers.len()).map(|_| None).collect();
+        for g in &groups {
             for (i, rel) in &g.members {
-                upper_fds.push((*i, open_beneath(&g.clone, rel, &self.layers[*i])?));
+                fds[*i] = Some(open_beneath(&g.clone, rel, &self.layers[*i])?);
             }
         }
         let mount = self.with_creator_creds(|| {
             let ctx = FsContext::open("overlay")?;
-            for (i, clone) in &lowers {
-                let l = &self.layers[*i];
-                ctx.set_fd("lowerdir+", clone.as_fd(), &l.path.display().to_string())
-                    .map_err(|e| layer_error(l.role, &l.path, e))?;
-            }
-            for (i, fd) in &upper_fds {
-                let l = &self.layers[*i];
-                let key = if l.role == LayerRole::Upper {
-                    "upperdir"
-                } else {
-                    "workdir"
+            // Lowers first, in order (top-most first), then upper and work.
+            for (l, fd) in self.layers.iter().zip(&fds) {
+                let key = match l.role {
+                    LayerRole::Lower(_) => "lowerdir+",
+                    LayerRole::Upper => "upperdir",
+                    LayerRole::Work => "workdir",
                 };
+                let fd = fd.as_ref().ok_or_else(|| {
+                    Error::new(ErrorKind::InvalidInput(format!("{} was not opened", l.role)))
+                })?;
                 ctx.set_fd(key, fd.as_fd(), &l.path.display().to_string())
                     .map_err(|e| layer_error(l.role, &l.path, e))?;
             }
@@ -767,9 +749,8 @@ impl Job<'_, '_> {
             ctx.mount()
         })?;
         // The overlay holds its own references to the layers.
-        drop(upper_fds);
-        drop(upper_group);
-        drop(lowers);
+        drop(fds);
+        drop(groups);
         self.check_writable(&mount)?;
         Ok((mount, 0))
     }
