@@ -739,7 +739,10 @@ impl Job<'_, '_> {
                     LayerRole::Work => "workdir",
                 };
                 let fd = fd.as_ref().ok_or_else(|| {
-                    Error::new(ErrorKind::InvalidInput(format!("{} was not opened", l.role)))
+                    Error::new(ErrorKind::InvalidInput(format!(
+                        "{} was not opened",
+                        l.role
+                    )))
                 })?;
                 ctx.set_fd(key, fd.as_fd(), &l.path.display().to_string())
                     .map_err(|e| layer_error(l.role, &l.path, e))?;

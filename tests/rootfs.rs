@@ -617,6 +617,9 @@ fn a_silently_read_only_overlay_is_caught() {
         );
         assert!(text.contains("read-only"), "{text}");
         assert_eq!(mount_count(), before);
+        // Nothing was written to the upper or work directory either.
+        assert!(entries(&img.upper).is_empty(), "{:?}", entries(&img.upper));
+        assert!(entries(&img.work).is_empty(), "{:?}", entries(&img.work));
     }
 }
 
