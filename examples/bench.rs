@@ -1318,58 +1318,66 @@ fn rootfs_setup(
     let _ = idmapped::features::overlay_features();
     let pods = mnt.join("pods");
     fs::create_dir_all(&pods).ctx("mkdir pods")?;
-    let pod = std::cell::Cell::new(0usize);
-    let pod_dir = |k: usize| pods.join(format!("pod-{k}"));
+    let mut pod = 0usize;
+    let mut images = Vec::new();
     for &n in &ROOTFS_SIZES {
         progress(format!("rootfs: image layer of {} files", fmt_n(n)));
         let image = Tree::create(mnt.join(format!("image-{n}")), n)?;
         image.check("freshly created image", |s| s)?;
-        for &method in &rungs {
-            let mut added = Vec::new();
-            let mut staged = 0;
-            // Millisecond-scale: as many runs as the microsecond figures.
-            let stats = measure(
-                cfg.repeats * MICRO_FACTOR,
-                || {
-                    pod.set(pod.get() + 1);
-                    let dir = pod_dir(pod.get());
-                    fs::create_dir_all(dir.join("upper")).ctx("mkdir upper")?;
-                    fs::create_dir_all(dir.join("work")).ctx("mkdir work")
-                },
-                || {
-                    let before = mount_count()?;
-                    let (upper, work) = (
-                        pod_dir(pod.get()).join("upper"),
-                        pod_dir(pod.get()).join("work"),
-                    );
-                    time(|| {
-                        let ns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
-                        let ov = Overlay::new([&image.root])
-                            .upper(&upper, &work)
-                            .userns(&ns)
-                            .create_by(method)
-                            .ctx("overlay")?;
-                        staged = ov.staged_mounts();
-                        ov.attach(attach).ctx("attach")
-                    })
-                    .map(|(d, ())| (d, before))
-                },
-                |before| {
-                    added.push(mount_count()? - before);
-                    image.check_at(attach, "through the overlay", shifted)?;
-                    rustix::mount::unmount(attach, UnmountFlags::DETACH).ctx("unmount overlay")
-                },
-            )?;
-            added.sort_unstable();
-            added.dedup();
+        images.push(image);
+    }
+    // The overlay figures: the sizes interleaved run by run, so that load
+    // from elsewhere on the machine falls on every size alike (the figure
+    // must not depend on N, and this is what shows whether it does).
+    // Millisecond-scale: as many runs as the microsecond figures.
+    for &method in &rungs {
+        progress(format!("rootfs: {}", rung_label(method)));
+        let runs = cfg.repeats * MICRO_FACTOR;
+        let mut samples = vec![Vec::with_capacity(runs); images.len()];
+        let mut added = Vec::new();
+        let mut staged = Vec::new();
+        for _ in 0..runs {
+            for (k, image) in images.iter().enumerate() {
+                pod += 1;
+                let dir = pods.join(format!("pod-{pod}"));
+                let (upper, work) = (dir.join("upper"), dir.join("work"));
+                fs::create_dir_all(&upper).ctx("mkdir upper")?;
+                fs::create_dir_all(&work).ctx("mkdir work")?;
+                let before = mount_count()?;
+                let (d, n_staged) = time(|| {
+                    let ns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
+                    let ov = Overlay::new([&image.root])
+                        .upper(&upper, &work)
+                        .userns(&ns)
+                        .create_by(method)
+                        .ctx("overlay")?;
+                    let n_staged = ov.staged_mounts();
+                    ov.attach(attach).ctx("attach")?;
+                    Ok(n_staged)
+                })?;
+                samples[k].push(d);
+                added.push(mount_count()? - before);
+                staged.push(n_staged);
+                image.check_at(attach, "through the overlay", shifted)?;
+                rustix::mount::unmount(attach, UnmountFlags::DETACH).ctx("unmount overlay")?;
+            }
+        }
+        added.sort_unstable();
+        added.dedup();
+        staged.sort_unstable();
+        staged.dedup();
+        for (image, samples) in images.iter().zip(samples) {
             rows.push(
-                Row::new("rootfs setup", "ext4", Some(n), &rung_label(method))
-                    .measured(stats)
+                Row::new("rootfs setup", "ext4", Some(image.n), &rung_label(method))
+                    .measured(Stats::of(samples))
                     .note(format!(
-                        "mounts added to the caller's namespace per pod: {added:?}; idmapped clones staged in a private namespace: {staged}"
+                        "mounts added to the caller's namespace per pod: {added:?}; idmapped clones staged in a private namespace: {staged:?}"
                     )),
             );
         }
+    }
+    for image in &images {
+        let n = image.n;
         // The O(N) ways. (b) copy the image for the pod and chown -R the copy.
         let copy = mnt.join(format!("copy-{n}"));
         let stats = measure(
