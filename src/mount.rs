@@ -1268,6 +1268,29 @@ mod tests {
     }
 
     #[test]
+    fn new_filesystem_options_keep_order_and_values() {
+        let fs = NewFilesystem::tmpfs()
+            .parse_options("size=16m,noswap,mode=0750")
+            .unwrap()
+            .nr_inodes(1024)
+            .uid(0)
+            .gid(100)
+            .mode(0o1777);
+        assert_eq!(
+            fs.options_text(),
+            "size=16m,noswap,mode=0750,nr_inodes=1024,uid=0,gid=100,mode=01777"
+        );
+        assert_eq!(fs.options()[1], ("noswap".to_string(), None));
+        assert!(NewFilesystem::tmpfs().parse_options("a,,b").is_err());
+        assert!(NewFilesystem::tmpfs().parse_options("=x").is_err());
+        assert!(NewFilesystem::tmpfs()
+            .parse_options("")
+            .unwrap()
+            .options()
+            .is_empty());
+    }
+
+    #[test]
     fn clone_flags_are_the_open_tree_bits() {
         assert_eq!(CloneFlags::RECURSIVE.bits(), libc::AT_RECURSIVE as u32);
         assert_eq!(
