@@ -22,3 +22,10 @@ IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount cargo test --test mount
 # or seccomp): single-name openat(O_NOFOLLOW) plus the (dev, ino, mount) check.
 step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat2"
 IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree
+# The overlay ladder's choice with the newer rungs switched off: create() and
+# the CLI must pick staged mounts with lowerdir+, then with one lowerdir= page
+# (tests/rootfs.rs runs every rung directly anyway).
+for forced in overlay_layer_fds overlay_lowerdir_plus; do
+	step "cargo test --test rootfs (rung choice) with IDMAPPED_FORCE_FALLBACK=$forced"
+	IDMAPPED_FORCE_FALLBACK=$forced cargo test --test rootfs -- create_picks cli_overlay
+done
