@@ -775,3 +775,41 @@ fn cli_tmpfs_keeps_its_options_or_says_why_not() {
     .stderr_line_names(&["size=lots", "Bad value for 'size'"]);
     assert_eq!(mount_count(), before);
 }
+
+#[test]
+#[serial]
+fn five_hundred_layers_by_every_rung() {
+    privileged!();
+    let rungs = overlay_rungs!();
+    let m = mapping();
+    let img = image();
+    // Long paths, so that a classic lowerdir= string of them would be ~60 KiB.
+    let deep = img.fs.path(&format!("layers/{}", "x".repeat(100)));
+    let layers: Vec<PathBuf> = (0..idmapped::rootfs::MAX_LOWER_LAYERS)
+        .map(|i| {
+            let l = deep.join(format!("layer-{i:03}"));
+            std::fs::create_dir_all(&l).unwrap();
+            touch_owned(&l.join(format!("f{i}")), i as u32, i as u32);
+            l
+        })
+        .collect();
+    for method in rungs {
+        let target = img.target(&format!("t-{method:?}"));
+        Overlay::new(&layers)
+            .upper(&img.upper, &img.work)
+            .mapping(&m)
+            .create_by(method)
+            .unwrap_or_else(|e| panic!("{method:?}: {e}"))
+            .attach(&target)
+            .unwrap();
+        for i in [0usize, 250, 499] {
+            let f = target.join(format!("f{i}"));
+            assert_eq!(
+                owner(&f),
+                (100000 + i as u32, 100000 + i as u32),
+                "{method:?}"
+            );
+        }
+        rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH).unwrap();
+    }
+}
