@@ -19,12 +19,17 @@
 //!
 //! The user namespace comes from a validated [`Mapping`]
 //! ([`UserNamespace::from_mapping`], no `fork()` of the caller), from a path
-//! such as `/proc/PID/ns/user`, or from an fd. When the kernel refuses, the
+//! such as `/proc/PID/ns/user`, from a pidfd, or from an fd. When the kernel refuses, the
 //! [`Error`] says which rule was hit ([`ErrorKind`]): the filesystem (naming
 //! its type, and with a recursive clone the submount), a mount that is not
 //! detached or already idmapped, the initial namespace, a missing map, a busy
 //! file, a missing privilege, or a kernel that is too old. [`probe`] tells in
 //! advance what the kernel and a given path support.
+//!
+//! Which host ids each pod gets is [`ranges`]' job: per-pod blocks the way
+//! the kubelet hands them out, in a state directory every runtime on a node
+//! can share; each allocation's [`Mapping`] goes straight into
+//! [`UserNamespace::from_mapping`].
 //!
 //! ```no_run
 //! use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
@@ -71,18 +76,20 @@ pub mod error;
 pub mod features;
 pub mod map;
 pub mod mount;
-mod mountinfo;
+mod mounttable;
 pub mod probe;
+mod procfs;
+pub mod ranges;
 pub mod rootfs;
 pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, Result};
+pub use error::{Errno, Error, ErrorKind, FileKind, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
-    MountAttr, MountAttrFlags, Propagation,
+    check_mount_point, read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount,
+    IdmapReadback, MountAttr, MountAttrFlags, Propagation,
 };
 pub use mount::{FsContext, NewFilesystem};
 pub use userns::{UserNamespace, UsernsCache};
