@@ -14,7 +14,8 @@ use crate::Failure;
 pub const USAGE: &str = "\
 Usage: mount-idmapped [OPTIONS] --map-mount=MAP... SOURCE TARGET
        mount-idmapped [OPTIONS] --map-mount=MAP... --tmpfs[=OPTIONS] TARGET
-       mount-idmapped [OPTIONS] --map-mount=MAP... --overlay=lowerdir=L1:L2[:...][,upperdir=U,workdir=W] TARGET
+       mount-idmapped [OPTIONS] --map-mount=MAP... \\
+           --overlay=lowerdir=L1:L2[:...][,upperdir=U,workdir=W] TARGET
        mount-idmapped --check [--recursive] [--json] SOURCE
        mount-idmapped --check [--json] --overlay=lowerdir=...
        mount-idmapped --demo
@@ -113,16 +114,17 @@ Examples, one per form:
   mount-idmapped --demo
   # a pod's root filesystem: every layer seen through the mapping
   mount-idmapped --map-mount=b:0:100000:65536 \\
-      --overlay=lowerdir=/img/3:/img/2:/img/1,upperdir=/pod/upper,workdir=/pod/work \\
+      --overlay=lowerdir=/img/2:/img/1,upperdir=/pod/up,workdir=/pod/work \\
       /pod/rootfs
   # can each layer be idmapped, and if not, why
-  mount-idmapped --check --overlay=lowerdir=/img/3:/img/2:/img/1
+  mount-idmapped --check --overlay=lowerdir=/img/2:/img/1
   # a new tmpfs with its options, idmapped
-  mount-idmapped --map-mount=b:0:100000:65536 --nodev --tmpfs=size=16m,mode=0750 \\
-      /pod/secrets
+  mount-idmapped --map-mount=b:0:100000:65536 --nodev \\
+      --tmpfs=size=16m,mode=0750 /pod/secrets
 
 Exit status: 0 done; 1 the operation failed, with one line on stderr naming
-the cause (--check: SOURCE cannot be idmapped); 2 usage error.
+the cause (--check: SOURCE, or a layer of --overlay, cannot be idmapped);
+2 usage error.
 ";
 
 /// The command line as given, before deciding what to do.
