@@ -63,3 +63,10 @@ IDMAPPED_FORCE_FALLBACK=fsopen_proc,openat2,pidfd,pidfd_get_user_namespace,listm
 # default) and without MOVE_MOUNT_BENEATH (before 6.5: replace refused).
 step "cargo test --test resolve --test runtime --test cli_beneath with IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath"
 IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath cargo test --test resolve --test runtime --test cli_beneath
+# The overlay ladder's choice with the newer rungs switched off: create() and
+# the CLI must pick staged mounts with lowerdir+, then with one lowerdir= page
+# (tests/rootfs.rs runs every rung directly anyway).
+for forced in overlay_layer_fds overlay_lowerdir_plus; do
+	step "cargo test --test rootfs (rung choice) with IDMAPPED_FORCE_FALLBACK=$forced"
+	IDMAPPED_FORCE_FALLBACK=$forced cargo test --test rootfs -- create_picks cli_overlay
+done

@@ -23,7 +23,7 @@
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
 # VM_TEST_TARGETS (space separated), or "matrix mount userns cli helper ranges
-# id_ranges resolve runtime cli_beneath".
+# id_ranges resolve runtime cli_beneath rootfs".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -36,7 +36,9 @@
 #
 # Lines "matrix: <release> <fs> <idmap|chown|unsupported> <pass|fail>" in
 # the guest's output are collected and printed together at the end (libtest
-# captures the output of passing tests: hence --nocapture in ARGS).
+# captures the output of passing tests: hence --nocapture in ARGS), and so
+# are the root-filesystem columns, "matrix-rootfs: <release>
+# overlay=<fds|strings|staging|no> tmpfs=<idmap|no> <pass|fail>".
 # The tests see VM_KERNEL=<KERNEL> in their environment.
 #
 # Environment: VM_TEST_TARGETS, VM_JOBS (VMs at once, 1), VM_TIMEOUT
@@ -60,7 +62,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath rootfs}"
 cli_test_targets=()
 selftest=0
 quiet=0
@@ -304,6 +306,12 @@ for k in "${kernels[@]}"; do
 	# own output, and kernel messages may interleave.
 	grep -a -o -E 'matrix: [^ ]+ [^ ]+ (idmap|chown|unsupported) (pass|fail)' \
 		"$consoles/$k.log" || echo "[$k] (no matrix lines)"
+done
+echo
+echo "=== root filesystems (overlay of idmapped layers, fresh idmapped tmpfs) ==="
+for k in "${kernels[@]}"; do
+	grep -a -o -E 'matrix-rootfs: [^ ]+ overlay=[a-z]+ tmpfs=[a-z]+ (pass|fail)' \
+		"$consoles/$k.log" || echo "[$k] (no matrix-rootfs line)"
 done
 echo
 echo "=== results ==="

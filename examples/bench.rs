@@ -29,6 +29,16 @@
 //!    (every record replayed and validated); 8 processes allocating 1,000
 //!    keys each at once (throughput), checked afterwards: 8,000 keys, no two
 //!    sharing a block, each process told exactly what the state holds.
+//! 5. **Root filesystems** (on ext4): (a) a pod's root filesystem — an
+//!    overlay of a lower layer of N files (N = 1k, 10k, 100k) plus an upper,
+//!    seen through the mapping — by every rung of [`idmapped::rootfs`] this
+//!    kernel has (namespace from the mapping + overlay + attach), against
+//!    the O(N) ways: copy the image and `chown -R` the copy, or shift it with
+//!    the walker (all cores); with the mounts each pod adds to the caller's
+//!    namespace. The overlay figures take 20*K runs (they are milliseconds). (b) "Mount Mayhem": 100 pods x 50 shared layers, ours
+//!    against staging one idmapped mount per layer in the caller's own
+//!    namespace (containerd's first approach): total time, mount operations
+//!    and the peak number of mounts in the caller's namespace.
 //!
 //! 4. **Resolving beneath a root**: `resolve::resolve_in_root` of a
 //!    10-component path through two symlinks and a `..`, with `openat2`
@@ -49,6 +59,7 @@ use std::time::{Duration, Instant};
 
 use idmapped::features::{self, Availability};
 use idmapped::ranges;
+use idmapped::rootfs::{Overlay, OverlayMethod};
 use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
 use rustix::mount::{MountPropagationFlags, UnmountFlags};
@@ -97,6 +108,7 @@ enum Scenario {
     MountTable,
     NodeScale,
     Resolve,
+    Rootfs,
 }
 
 struct Config {
@@ -110,7 +122,7 @@ struct Config {
 const USAGE: &str = "usage: bench [--quick] [--repeats K] [--csv FILE]
   --quick        trees up to 100k files only (under a minute)
   --only S       run one scenario: ownership, userns, mount-calls, mount-table,
-                 node-scale, ranges or resolve
+                 node-scale, ranges, resolve or rootfs
   --repeats K    timed runs per figure, K >= 5 (default 5); microsecond-scale
                  figures take 20*K calls
   --csv FILE     also write the rows as CSV: scenario,fs,n,method,median_s,min_s,max_s
@@ -137,9 +149,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
                     "mount-table" => Scenario::MountTable,
                     "node-scale" => Scenario::NodeScale,
                     "resolve" => Scenario::Resolve,
+                    "rootfs" => Scenario::Rootfs,
                     _ => {
                         return Err(format!(
-                            "--only {v:?}: expected ownership, userns, mount-calls, mount-table, node-scale, ranges or resolve"
+                            "--only {v:?}: expected ownership, userns, mount-calls, mount-table, node-scale, ranges, resolve or rootfs"
                         ))
                     }
                 });
@@ -1268,7 +1281,7 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
 
 fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
     let r = Results::new(rows);
-    let mut out = Vec::new();
+    let mut out = rootfs_ratios(&r);
     let idmap = |fs, n| r.get("ownership", fs, Some(n), "idmapped mount");
     let walk1 = |fs, n| r.get("ownership", fs, Some(n), "walker, 1 thread");
     let walk_all = |fs, n| r.get("ownership", fs, Some(n), "walker, all cores");
@@ -1368,7 +1381,9 @@ fn run(cfg: &Config) -> Res<()> {
     isolate()?;
     let sizes: &[usize] = if cfg.quick { &SIZES_QUICK } else { &SIZES_FULL };
     let total: usize = sizes.iter().sum();
-    let inodes = total + total / FILES_PER_DIR + 10_000;
+    // Room for the root-filesystem scenario too: an image per size, a copy, pods.
+    let inodes =
+        total + total / FILES_PER_DIR + 10_000 + ROOTFS_SIZES.iter().sum::<usize>() * 3 + 100_000;
     let mapping = Mapping::parse_map_mount([MAP]).ctx("mapping")?;
     println!("{}", machine_line());
     println!(
@@ -1454,6 +1469,16 @@ fn run(cfg: &Config) -> Res<()> {
             .ok_or("no ext4 scratch filesystem")?;
         rows.extend(node_scale(&ext4.join("node-volumes"), &scratch)?);
     }
+    if cfg.runs(Scenario::Rootfs) {
+        let ext4 = match fss.iter().find(|(n, _)| *n == "ext4") {
+            Some((_, m)) => m.clone(),
+            None => scratch.mount_ext4(ROOTFS_SIZES.iter().sum::<usize>() * 3 + 200_000)?,
+        };
+        progress("root filesystems".into());
+        rows.extend(rootfs_setup(cfg, &ext4, &attach, &mapping, &progress)?);
+        progress("mount mayhem: 100 pods x 50 layers".into());
+        rows.extend(mount_mayhem(&ext4)?);
+    }
 
     if cfg.runs(Scenario::Resolve) {
         progress("resolving beneath a root".into());
@@ -1479,6 +1504,329 @@ fn run(cfg: &Config) -> Res<()> {
         load_average()
     );
     Ok(())
+}
+
+// --------------------------------------------------------- root filesystems
+
+/// Lower-layer sizes of scenario 4.
+const ROOTFS_SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+/// The "Mount Mayhem" shape.
+const MAYHEM_PODS: usize = 100;
+const MAYHEM_LAYERS: usize = 50;
+
+/// Lines in this thread's mountinfo: the caller's mount namespace.
+fn mount_count() -> Res<usize> {
+    Ok(fs::read_to_string("/proc/thread-self/mountinfo")
+        .ctx("reading mountinfo")?
+        .lines()
+        .count())
+}
+
+/// The rung this kernel has and every older one (a newer kernel runs them all).
+fn overlay_rungs() -> Res<Vec<OverlayMethod>> {
+    let best = OverlayMethod::for_this_kernel().ctx("overlay of idmapped layers")?;
+    let all = [
+        OverlayMethod::LayerFds,
+        OverlayMethod::StagedStrings,
+        OverlayMethod::StagedMountData,
+    ];
+    let at = all.iter().position(|m| *m == best).unwrap_or(0);
+    Ok(all[at..].to_vec())
+}
+
+fn rung_label(m: OverlayMethod) -> String {
+    format!("overlay, {} ({})", m.name(), m.layer_options())
+}
+
+/// Scenario 4a: a pod's root filesystem over a lower layer of N files.
+fn rootfs_setup(
+    cfg: &Config,
+    mnt: &Path,
+    attach: &Path,
+    mapping: &Mapping,
+    progress: &dyn Fn(String),
+) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let rungs = match overlay_rungs() {
+        Ok(r) => r,
+        Err(e) => {
+            rows.push(Row::new("rootfs setup", "ext4", None, "overlay").note(e));
+            Vec::new()
+        }
+    };
+    let shifted = |start: u32| start + SHIFT;
+    // The one-time probes (overlay features, module load) are not part of a pod's setup.
+    let _ = idmapped::features::overlay_features();
+    let pods = mnt.join("pods");
+    fs::create_dir_all(&pods).ctx("mkdir pods")?;
+    let mut pod = 0usize;
+    let mut images = Vec::new();
+    for &n in &ROOTFS_SIZES {
+        progress(format!("rootfs: image layer of {} files", fmt_n(n)));
+        let image = Tree::create(mnt.join(format!("image-{n}")), n)?;
+        image.check("freshly created image", |s| s)?;
+        images.push(image);
+    }
+    // The overlay figures: the sizes interleaved run by run, so that load
+    // from elsewhere on the machine falls on every size alike (the figure
+    // must not depend on N, and this is what shows whether it does).
+    // Millisecond-scale: as many runs as the microsecond figures.
+    for &method in &rungs {
+        progress(format!("rootfs: {}", rung_label(method)));
+        let runs = cfg.repeats * MICRO_FACTOR;
+        let mut samples = vec![Vec::with_capacity(runs); images.len()];
+        let mut added = Vec::new();
+        let mut staged = Vec::new();
+        for _ in 0..runs {
+            for (k, image) in images.iter().enumerate() {
+                pod += 1;
+                let dir = pods.join(format!("pod-{pod}"));
+                let (upper, work) = (dir.join("upper"), dir.join("work"));
+                fs::create_dir_all(&upper).ctx("mkdir upper")?;
+                fs::create_dir_all(&work).ctx("mkdir work")?;
+                let before = mount_count()?;
+                let (d, n_staged) = time(|| {
+                    let ns = UserNamespace::from_mapping(mapping).ctx("user namespace")?;
+                    let ov = Overlay::new([&image.root])
+                        .upper(&upper, &work)
+                        .userns(&ns)
+                        .create_by(method)
+                        .ctx("overlay")?;
+                    let n_staged = ov.staged_mounts();
+                    ov.attach(attach).ctx("attach")?;
+                    Ok(n_staged)
+                })?;
+                samples[k].push(d);
+                added.push(mount_count()? - before);
+                staged.push(n_staged);
+                image.check_at(attach, "through the overlay", shifted)?;
+                rustix::mount::unmount(attach, UnmountFlags::DETACH).ctx("unmount overlay")?;
+            }
+        }
+        added.sort_unstable();
+        added.dedup();
+        staged.sort_unstable();
+        staged.dedup();
+        for (image, samples) in images.iter().zip(samples) {
+            rows.push(
+                Row::new("rootfs setup", "ext4", Some(image.n), &rung_label(method))
+                    .measured(Stats::of(samples))
+                    .note(format!(
+                        "mounts added to the caller's namespace per pod: {added:?}; idmapped clones staged in a private namespace: {staged:?}"
+                    )),
+            );
+        }
+    }
+    for image in &images {
+        let n = image.n;
+        // The O(N) ways. (b) copy the image for the pod and chown -R the copy.
+        let copy = mnt.join(format!("copy-{n}"));
+        let stats = measure(
+            cfg.repeats,
+            || Ok(()),
+            || {
+                time(|| {
+                    run_cmd(Command::new("cp").arg("-a").arg(&image.root).arg(&copy))?;
+                    run_cmd(Command::new("chown").args(["-R", CHOWN_TARGET]).arg(&copy))
+                })
+            },
+            |()| fs::remove_dir_all(&copy).ctx("removing the copy"),
+        )?;
+        rows.push(
+            Row::new(
+                "rootfs setup",
+                "ext4",
+                Some(n),
+                "copy the image + GNU chown -R",
+            )
+            .measured(stats)
+            .note("cp -a, then chown -R 100000:100000"),
+        );
+        // (c) shift the image with the walker (in place: the copy would add its cost).
+        image.warm()?;
+        let stats = measure(
+            cfg.repeats,
+            || image.warm(),
+            || time(|| walker::shift(&image.root, mapping, 0)),
+            |_| {
+                image.check("after the walker", shifted)?;
+                image.reset_owners()
+            },
+        )?;
+        rows.push(
+            Row::new(
+                "rootfs setup",
+                "ext4",
+                Some(n),
+                "walker, all cores (in place)",
+            )
+            .measured(stats)
+            .note("no copy: a lower bound for copy + walker"),
+        );
+    }
+    Ok(rows)
+}
+
+/// Scenario 4b: 100 pods x 50 layers, ours against one idmapped mount per
+/// layer staged in the caller's namespace (then overlay, then unmounts).
+/// One run each; every pod's overlay stays attached until the end, as on a
+/// node. An identity mapping (on-disk 0 seen as 0) keeps the baseline's
+/// overlay (made by root) writable; the mount work does not depend on the ids.
+fn mount_mayhem(mnt: &Path) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let base = mnt.join("mayhem");
+    fs::create_dir_all(&base).ctx("mkdir mayhem")?;
+    let layers: Vec<PathBuf> = (0..MAYHEM_LAYERS)
+        .map(|i| Tree::create(base.join(format!("layer-{i:02}")), 20).map(|t| t.root))
+        .collect::<Res<_>>()?;
+    let mapping = Mapping::parse_map_mount(["b:0:0:65536"]).ctx("mapping")?;
+    let pod_dirs = |tag: &str, p: usize| -> Res<(PathBuf, PathBuf, PathBuf)> {
+        let d = base.join(format!("{tag}-{p:03}"));
+        let (u, w, r) = (d.join("upper"), d.join("work"), d.join("rootfs"));
+        for x in [&u, &w, &r] {
+            fs::create_dir_all(x).ctx("mkdir pod dir")?;
+        }
+        Ok((u, w, r))
+    };
+    let unmount_all = |tag: &str| {
+        for p in 0..MAYHEM_PODS {
+            let _ = rustix::mount::unmount(
+                base.join(format!("{tag}-{p:03}/rootfs")),
+                UnmountFlags::DETACH,
+            );
+        }
+    };
+    // Ours, by every rung this kernel has.
+    for method in overlay_rungs().unwrap_or_default() {
+        let tag = method.layer_options().replace('+', "plus");
+        let base_count = mount_count()?;
+        let mut peak = 0;
+        let mut staged = 0;
+        let t0 = Instant::now();
+        for p in 0..MAYHEM_PODS {
+            let (u, w, r) = pod_dirs(&tag, p)?;
+            let ns = UserNamespace::from_mapping(&mapping).ctx("user namespace")?;
+            let ov = Overlay::new(&layers)
+                .upper(&u, &w)
+                .userns(&ns)
+                .create_by(method)
+                .ctx("overlay")?;
+            staged += ov.staged_mounts();
+            ov.attach(&r).ctx("attach")?;
+            peak = peak.max(mount_count()? - base_count);
+        }
+        let ours = t0.elapsed();
+        let added = mount_count()? - base_count;
+        unmount_all(&tag);
+        rows.push(
+            Row::new(
+                "mount mayhem",
+                "ext4",
+                Some(MAYHEM_PODS * MAYHEM_LAYERS),
+                &format!("ours: {}", rung_label(method)),
+            )
+            .measured(Stats::of(vec![ours]))
+            .note(format!(
+                "{MAYHEM_PODS} pods x {MAYHEM_LAYERS} layers; caller's namespace: {added} mounts added, peak {peak}, {MAYHEM_PODS} mount operations; {staged} clones staged in private namespaces"
+            )),
+        );
+    }
+    // Baseline: per pod, per layer an idmapped clone attached in the
+    // caller's namespace, the overlay from their paths, then the unmounts.
+    let base_count = mount_count()?;
+    let mut peak = 0;
+    let mut ops = 0usize;
+    let t0 = Instant::now();
+    for p in 0..MAYHEM_PODS {
+        let (u, w, r) = pod_dirs("staged", p)?;
+        let ns = UserNamespace::from_mapping(&mapping).ctx("user namespace")?;
+        let stage = base.join(format!("stage-{p:03}"));
+        let mut points = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let point = stage.join(format!("{i:02}"));
+            fs::create_dir_all(&point).ctx("mkdir stage")?;
+            DetachedMount::clone_with(layer, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
+                .and_then(|m| m.attach(&point))
+                .ctx("staging a layer")?;
+            ops += 1;
+            points.push(point);
+        }
+        peak = peak.max(mount_count()? - base_count);
+        let lower: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            u.display(),
+            w.display()
+        );
+        let data = std::ffi::CString::new(data).ctx("overlay options")?;
+        rustix::mount::mount(
+            "overlay",
+            &r,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        )
+        .ctx("mount overlay")?;
+        ops += 1;
+        for point in &points {
+            rustix::mount::unmount(point, UnmountFlags::empty()).ctx("unmount a staged layer")?;
+            ops += 1;
+        }
+    }
+    let staged_time = t0.elapsed();
+    let added = mount_count()? - base_count;
+    unmount_all("staged");
+    rows.push(
+        Row::new(
+            "mount mayhem",
+            "ext4",
+            Some(MAYHEM_PODS * MAYHEM_LAYERS),
+            "baseline: idmapped mount per layer in the caller's namespace",
+        )
+        .measured(Stats::of(vec![staged_time]))
+        .note(format!(
+            "{MAYHEM_PODS} pods x {MAYHEM_LAYERS} layers; caller's namespace: {added} mounts added, peak {peak}; {ops} mount operations there"
+        )),
+    );
+    Ok(rows)
+}
+
+fn rootfs_ratios(r: &Results<'_>) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let (first, last) = (ROOTFS_SIZES[0], ROOTFS_SIZES[ROOTFS_SIZES.len() - 1]);
+    let Ok(rungs) = overlay_rungs() else {
+        return out;
+    };
+    let best = rung_label(rungs[0]);
+    let best_mayhem = format!("ours: {best}");
+    let setup = |n, method: &str| r.get("rootfs setup", "ext4", Some(n), method);
+    out.push(Ratio {
+        what: format!(
+            "rootfs setup, {best}: N={} / N={}",
+            fmt_n(last),
+            fmt_n(first)
+        ),
+        value: ratio(setup(last, &best), setup(first, &best)),
+        target: Some((Target::AtMost, 1.5)),
+    });
+    for baseline in ["copy the image + GNU chown -R", "walker, all cores"] {
+        out.push(Ratio {
+            what: format!("rootfs setup, N={}: {baseline} / {best}", fmt_n(last)),
+            value: ratio(setup(last, baseline), setup(last, &best)),
+            target: None,
+        });
+    }
+    let n = Some(MAYHEM_PODS * MAYHEM_LAYERS);
+    out.push(Ratio {
+        what: format!("mount mayhem: per-layer staging in the caller's namespace / {best_mayhem}"),
+        value: ratio(
+            r.get("mount mayhem", "ext4", n, "baseline"),
+            r.get("mount mayhem", "ext4", n, &best_mayhem),
+        ),
+        target: None,
+    });
+    out
 }
 
 // ------------------------------------------------------- per-pod id ranges

@@ -158,6 +158,35 @@ pub enum ErrorKind {
     },
     /// Per-pod id ranges: a user's subordinate ids cannot be a pool.
     Subids(crate::ranges::SubidProblem),
+    /// A filesystem refused an option of a new instance (`fsconfig`), or to
+    /// create the instance from the options given (`FSCONFIG_CMD_CREATE`).
+    FsRefused {
+        /// The filesystem type, e.g. `tmpfs`, `overlay`.
+        fs: String,
+        /// The option as given (`size=16m`, `lowerdir+=/layers/1`), or what
+        /// was being created.
+        option: String,
+        /// The filesystem's own words from the context's log (`read()` of
+        /// the `fsopen` fd), when it logged any; most overlay errors go only
+        /// to the kernel log.
+        message: Option<String>,
+    },
+    /// The kernel has no filesystem of this type (not built in, module not loaded).
+    NoFilesystem {
+        /// The type asked for.
+        fs: String,
+    },
+    /// A layer of an overlay cannot be used as asked; [`Error::path`] is the layer.
+    Layer {
+        /// Which layer: `lower layer 3`, `upper layer`, `work directory`.
+        layer: String,
+        /// Why not, e.g. [`ErrorKind::NotSupported`] naming its filesystem.
+        cause: Box<ErrorKind>,
+    },
+    /// The operation would shift ownership through overlayfs, which copies
+    /// every file up into the upper directory; use the overlay helper
+    /// ([`crate::rootfs::Overlay`]) with the layers instead.
+    ShiftThroughOverlay,
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
 }
@@ -387,6 +416,18 @@ impl fmt::Display for ErrorKind {
                 write!(f, "invalid id range state in {file:?}: {problem}")
             }
             ErrorKind::Subids(p) => write!(f, "{p}"),
+            ErrorKind::FsRefused { fs, option, message } => match message {
+                Some(m) => write!(f, "{fs} refused {option}: {m}"),
+                None => write!(f, "{fs} refused {option} (it logged no reason here; see the kernel log)"),
+            },
+            ErrorKind::NoFilesystem { fs } => write!(
+                f,
+                "the kernel has no filesystem type {fs} (not built in, or its module is not loaded)"
+            ),
+            ErrorKind::Layer { layer, cause } => write!(f, "overlay {layer}: {cause}"),
+            ErrorKind::ShiftThroughOverlay => f.write_str(
+                "refusing to shift ownership through overlayfs: it would copy every file up into the upper directory (a copy of the image per container); idmap the layers instead (idmapped::rootfs::Overlay, mount-idmapped --overlay=lowerdir=...)",
+            ),
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }
@@ -512,12 +553,16 @@ impl Error {
     /// (as opposed to a bad argument or missing privilege): the cases where a
     /// caller may reasonably fall back to shifting ownership on disk.
     pub fn is_unsupported(&self) -> bool {
-        matches!(
-            self.0.kind,
-            ErrorKind::NotSupported { .. }
+        fn unsupported(kind: &ErrorKind) -> bool {
+            match kind {
+                ErrorKind::NotSupported { .. }
                 | ErrorKind::KernelTooOld { .. }
-                | ErrorKind::IdmapRefused
-        )
+                | ErrorKind::IdmapRefused => true,
+                ErrorKind::Layer { cause, .. } => unsupported(cause),
+                _ => false,
+            }
+        }
+        unsupported(&self.0.kind)
     }
 }
 

@@ -234,3 +234,97 @@ fn probe_statmount_idmap() -> Availability {
         Err(_) => Availability::Missing,
     }
 }
+
+// ---- overlay and new filesystems ----
+
+/// What overlayfs and `fsopen` can do here, probed once per process on
+/// first use (not by [`features`]: the probes load the overlay module).
+///
+/// Every probe is an `fsopen` context that is configured and then dropped
+/// without `FSCONFIG_CMD_CREATE`: nothing is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayFeatures {
+    /// `fsopen(2)` and friends, Linux 5.2: a new filesystem as a detached mount.
+    pub fsopen: Availability,
+    /// overlay's `lowerdir+` (and `datadir+`) as strings through `fsconfig`,
+    /// Linux 6.8: one layer per option, so no option string hits a size limit.
+    pub lowerdir_plus: Availability,
+    /// overlay layers as file descriptors (`FSCONFIG_SET_FD` with an
+    /// `O_PATH` fd for `lowerdir+`, `datadir+`, `upperdir`, `workdir`),
+    /// Linux 6.13: a detached idmapped clone is a layer without being attached anywhere.
+    pub layer_fds: Availability,
+}
+
+/// The overlay features of the running kernel (probed on first use, then cached).
+///
+/// `IDMAPPED_FORCE_FALLBACK` may name `overlay_layer_fds` and
+/// `overlay_lowerdir_plus` to test the older rungs on a new kernel.
+pub fn overlay_features() -> &'static OverlayFeatures {
+    static FEATURES: OnceLock<OverlayFeatures> = OnceLock::new();
+    FEATURES.get_or_init(|| {
+        let ctx = rustix::mount::fsopen("overlay", rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC);
+        let fsopen = match &ctx {
+            Ok(_) => Availability::Available,
+            // ENODEV: no overlay here; the call itself exists.
+            Err(Errno::NODEV) => Availability::Available,
+            Err(e) => availability(Err(*e)),
+        };
+        let (lowerdir_plus, layer_fds) = match ctx {
+            Ok(fd) => {
+                // Before Linux 6.5 overlay has no parameter table: the legacy
+                // context accepts *any* string option and fails only at
+                // FSCONFIG_CMD_CREATE. Only a context that refuses an unknown
+                // option (EINVAL) tells by accepting `lowerdir+` that it knows it.
+                let validates =
+                    rustix::mount::fsconfig_set_flag(&fd, "idmapped-probe-no-such-option").is_err();
+                // "/" is a valid directory everywhere; the context is dropped
+                // unused. A kernel without the parameter answers EINVAL.
+                let plus = match rustix::mount::fsconfig_set_string(&fd, "lowerdir+", "/") {
+                    Ok(()) if !validates => Availability::Missing,
+                    r => availability_of_option(r),
+                };
+                let fds = match rustix::fs::open(
+                    "/",
+                    rustix::fs::OFlags::PATH
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                ) {
+                    Ok(_) if !validates => Availability::Missing,
+                    Ok(dir) => availability_of_option(rustix::mount::fsconfig_set_fd(
+                        &fd,
+                        "lowerdir+",
+                        &dir,
+                    )),
+                    Err(_) => Availability::Missing,
+                };
+                (plus, fds)
+            }
+            Err(_) => (Availability::Missing, Availability::Missing),
+        };
+        let forced = forced_fallback;
+        OverlayFeatures {
+            fsopen,
+            lowerdir_plus: if forced("overlay_lowerdir_plus") {
+                Availability::Missing
+            } else {
+                lowerdir_plus
+            },
+            layer_fds: if forced("overlay_layer_fds") || forced("overlay_lowerdir_plus") {
+                Availability::Missing
+            } else {
+                layer_fds
+            },
+        }
+    })
+}
+
+/// An `fsconfig` option the kernel does not know is EINVAL (or, for an fd
+/// where it wants a string, EBADF/EINVAL); a policy refusal is EPERM.
+fn availability_of_option(r: std::result::Result<(), Errno>) -> Availability {
+    match r {
+        Ok(()) => Availability::Available,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        Err(_) => Availability::Missing,
+    }
+}

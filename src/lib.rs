@@ -65,6 +65,16 @@
 //! The public API uses `std` fd and path types and its own flags; the one
 //! rustix type in it is [`Errno`], re-exported (see the README for why).
 //!
+//! # Root filesystems and fresh filesystems
+//! A container's root filesystem is an overlay of shared image layers;
+//! [`rootfs::Overlay`] builds one whose layers are each seen through the
+//! mapping (the overlay mount itself cannot be idmapped), by the best rung
+//! the kernel has, with no helper mount ever visible to anything else.
+//! [`NewFilesystem`] makes a fresh instance (`fsopen`/`fsconfig`/`fsmount`:
+//! a pod's tmpfs with its `size=`, `mode=`, `nr_inodes=`, `uid=`, `gid=`)
+//! as a [`DetachedMount`] to idmap and attach; a refused option is reported
+//! with the filesystem's own message.
+//!
 //! # Semantics in one line
 //! For each mapping line `A B N`: a file whose **on-disk** id is `A+n` is
 //! **seen** through the mount as `B+n`; unmapped ids are seen as 65534. See
@@ -75,8 +85,10 @@
 //! in-kernel resolver; a userspace one before) 5.6; `mount_setattr`
 //! (idmapping at all) 5.12; `MOVE_MOUNT_BENEATH` (atomic replace) 6.5;
 //! `open_tree_attr` (one-call clone+idmap, replacing or clearing an idmap)
-//! 6.15; `statmount` idmap read-back 6.15. Which filesystems can be idmapped
-//! depends on the kernel: ask [`probe::idmap_support`].
+//! 6.15; `statmount` idmap read-back 6.15; an overlay of idmapped layers
+//! 5.19 (layers as `lowerdir+` strings 6.8, as fds 6.13); an idmapped fresh
+//! tmpfs 6.3. Which filesystems can be idmapped depends on the kernel: ask
+//! [`probe::idmap_support`].
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
@@ -90,6 +102,7 @@ pub mod probe;
 mod procfs;
 pub mod ranges;
 pub mod resolve;
+pub mod rootfs;
 pub mod strategy;
 mod sys;
 pub mod userns;
@@ -101,6 +114,7 @@ pub use mount::{
     CloneMethod, DetachedMount, IdmapReadback, MountAttr, MountAttrFlags, MountNamespace,
     Propagation,
 };
+pub use mount::{FsContext, NewFilesystem};
 pub use userns::{UserNamespace, UsernsCache};
 
 // The README's examples are compiled as doc tests.

@@ -449,6 +449,8 @@ pub enum CloneMethod {
     /// Made elsewhere and adopted from an fd ([`DetachedMount::from_fd`],
     /// [`DetachedMount::recv`]): how is not known.
     Adopted,
+    /// `fsopen`+`fsconfig`+`fsmount`: a new filesystem instance, attributes by `mount_setattr`.
+    FsMount,
 }
 
 impl CloneMethod {
@@ -458,6 +460,7 @@ impl CloneMethod {
             CloneMethod::OpenTree => "open_tree+mount_setattr",
             CloneMethod::OpenTreeAttr => "open_tree_attr",
             CloneMethod::Adopted => "adopted fd",
+            CloneMethod::FsMount => "fsopen+fsmount+mount_setattr",
         }
     }
 }
@@ -627,6 +630,9 @@ impl DetachedMount {
                 e,
             )
             .with_path(&self.source);
+            if self.method == CloneMethod::FsMount {
+                return classify_new_fs(err, e, &self.source, change);
+            }
             classify(err, e, &self.source, change, true)
         })
     }
@@ -1441,6 +1447,376 @@ pub(crate) fn file_kind(path: &Path, follow: bool) -> Result<FileKind> {
         .map_err(|e| Error::sys(name, format!("{path:?}"), e).with_path(path))
 }
 
+// ---- new filesystems: fsopen / fsconfig / fsmount ----
+
+/// An open filesystem context (`fsopen(2)`): a new instance of a filesystem
+/// being configured, one `fsconfig(2)` call per option, then created
+/// (`FSCONFIG_CMD_CREATE`) and turned into a [`DetachedMount`] (`fsmount(2)`).
+///
+/// Every refusal is an [`ErrorKind::FsRefused`] that names the option and
+/// quotes the filesystem's own message from the context's log (the `e ...`
+/// lines a `read()` of the fd returns, as util-linux reads them) when it
+/// logged one. Dropping the context without [`mount`](Self::mount) creates
+/// nothing (or releases what [`create`](Self::create) made).
+///
+/// [`NewFilesystem`] is the builder most callers want; the context is for
+/// options that are file descriptors (overlay layers).
+///
+/// # References
+/// - [`fsopen(2)`](https://man7.org/linux/man-pages/man2/fsopen.2.html),
+///   [`fsconfig(2)`](https://man7.org/linux/man-pages/man2/fsconfig.2.html),
+///   [`fsmount(2)`](https://man7.org/linux/man-pages/man2/fsmount.2.html)
+#[derive(Debug)]
+pub struct FsContext {
+    fd: OwnedFd,
+    fs_type: String,
+}
+
+impl FsContext {
+    /// `fsopen(fs_type, FSOPEN_CLOEXEC)`.
+    #[doc(alias = "fsopen")]
+    pub fn open(fs_type: &str) -> Result<FsContext> {
+        if fs_type.is_empty() || fs_type.contains('\0') {
+            return Err(Error::new(ErrorKind::InvalidInput(format!(
+                "filesystem type {fs_type:?}"
+            ))));
+        }
+        let fd = rustix::mount::fsopen(fs_type, rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(|e| {
+                let err = Error::sys("fsopen", format!("{fs_type:?}, FSOPEN_CLOEXEC"), e);
+                match e {
+                    Errno::NODEV => err.with_kind(ErrorKind::NoFilesystem {
+                        fs: fs_type.to_string(),
+                    }),
+                    Errno::NOSYS => err.with_kind(ErrorKind::KernelTooOld {
+                        feature: "fsopen",
+                        since: "5.2",
+                    }),
+                    _ => err,
+                }
+            })?;
+        Ok(FsContext {
+            fd,
+            fs_type: fs_type.to_string(),
+        })
+    }
+
+    /// The filesystem type this context makes.
+    pub fn fs_type(&self) -> &str {
+        &self.fs_type
+    }
+
+    /// `fsconfig(FSCONFIG_SET_FLAG, key)`: an option without a value (`noswap`, `ro`).
+    pub fn set_flag(&self, key: &str) -> Result<()> {
+        nul_free(key, key)?;
+        let r = rustix::mount::fsconfig_set_flag(&self.fd, key);
+        self.check(r, "FSCONFIG_SET_FLAG", &format!("{key:?}"), key.to_string())
+    }
+
+    /// `fsconfig(FSCONFIG_SET_STRING, key, value)`: `size=16m` is
+    /// `set_string("size", "16m")`. The kernel takes at most 255 bytes of value.
+    pub fn set_string(&self, key: &str, value: &str) -> Result<()> {
+        let option = format!("{key}={value}");
+        nul_free(key, &option)?;
+        nul_free(value, &option)?;
+        let r = rustix::mount::fsconfig_set_string(&self.fd, key, value);
+        self.check(
+            r,
+            "FSCONFIG_SET_STRING",
+            &format!("{key:?}, {value:?}"),
+            option,
+        )
+    }
+
+    /// `fsconfig(FSCONFIG_SET_FD, key, fd)`: an option that is a file
+    /// descriptor (overlay's `lowerdir+`, `upperdir`, ... on Linux 6.13).
+    /// `describe` is what error messages call the value (e.g. the path the fd was opened from).
+    pub fn set_fd(&self, key: &str, fd: BorrowedFd<'_>, describe: &str) -> Result<()> {
+        let option = format!("{key}=<fd of {describe}>");
+        nul_free(key, &option)?;
+        let r = rustix::mount::fsconfig_set_fd(&self.fd, key, fd);
+        self.check(
+            r,
+            "FSCONFIG_SET_FD",
+            &format!("{key:?}, fd {}", rustix::fd::AsRawFd::as_raw_fd(&fd)),
+            option,
+        )
+    }
+
+    /// `fsconfig(FSCONFIG_CMD_CREATE)`: make the filesystem instance.
+    /// `options` is what error messages say was being created from (e.g.
+    /// the options given, comma separated).
+    pub fn create(&self, options: &str) -> Result<()> {
+        let r = rustix::mount::fsconfig_create(&self.fd);
+        let what = if options.is_empty() {
+            "to create a filesystem".to_string()
+        } else {
+            format!("to create a filesystem from {options}")
+        };
+        self.check(r, "FSCONFIG_CMD_CREATE", "", what)
+    }
+
+    /// `fsmount(FSMOUNT_CLOEXEC, 0)` on the created instance: a detached
+    /// mount of it, in no mount table until attached. Attributes (the idmap
+    /// included) are set on it with [`DetachedMount::set_attr`].
+    #[doc(alias = "fsmount")]
+    pub fn mount(self) -> Result<DetachedMount> {
+        let fd = rustix::mount::fsmount(
+            &self.fd,
+            rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC,
+            rustix::mount::MountAttrFlags::empty(),
+        )
+        .map_err(|e| {
+            let err = Error::sys(
+                "fsmount",
+                format!(
+                    "fd {}, FSMOUNT_CLOEXEC, 0",
+                    rustix::fd::AsRawFd::as_raw_fd(&self.fd)
+                ),
+                e,
+            );
+            let message = self.messages();
+            err.with_kind(ErrorKind::FsRefused {
+                fs: self.fs_type.clone(),
+                option: "to be mounted (fsmount)".into(),
+                message,
+            })
+        })?;
+        Ok(DetachedMount {
+            fd,
+            method: CloneMethod::FsMount,
+            recursive: false,
+            source: PathBuf::from(&self.fs_type),
+        })
+    }
+
+    /// Read what the filesystem logged to this context (`read()` of the fd
+    /// until ENODATA) and return its errors (`e ` lines) joined by `; `, or
+    /// its other lines when it logged no error; `None` when it logged nothing.
+    pub fn messages(&self) -> Option<String> {
+        let mut errors = Vec::new();
+        let mut others = Vec::new();
+        let mut buf = [0u8; 1024];
+        // The kernel keeps at most 8 messages; bound the loop anyway.
+        for _ in 0..64 {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let line = String::from_utf8_lossy(&buf[..n]);
+                    let line = line.trim_end();
+                    match line.split_once(' ') {
+                        Some(("e", m)) => errors.push(m.to_string()),
+                        Some((_, m)) => others.push(m.to_string()),
+                        None => others.push(line.to_string()),
+                    }
+                }
+            }
+        }
+        let lines = if errors.is_empty() { others } else { errors };
+        (!lines.is_empty()).then(|| lines.join("; "))
+    }
+
+    fn check(
+        &self,
+        r: std::result::Result<(), Errno>,
+        cmd: &str,
+        args: &str,
+        option: String,
+    ) -> Result<()> {
+        r.map_err(|e| {
+            let fd = rustix::fd::AsRawFd::as_raw_fd(&self.fd);
+            let args = if args.is_empty() {
+                format!("fd {fd}, {cmd}")
+            } else {
+                format!("fd {fd}, {cmd}, {args}")
+            };
+            Error::sys("fsconfig", args, e).with_kind(ErrorKind::FsRefused {
+                fs: self.fs_type.clone(),
+                option,
+                message: self.messages(),
+            })
+        })
+    }
+}
+
+impl AsFd for FsContext {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn nul_free(s: &str, option: &str) -> Result<()> {
+    if s.contains('\0') {
+        return Err(Error::new(ErrorKind::InvalidInput(format!(
+            "option {option:?} contains a NUL byte"
+        ))));
+    }
+    Ok(())
+}
+
+/// A new filesystem instance to create as a detached mount: its type and
+/// options, each given to the filesystem as it is (`fsconfig` per option) —
+/// `size=`, `mode=`, `nr_inodes=`, `uid=`, `gid=` of a tmpfs included.
+///
+/// ```no_run
+/// use idmapped::{Mapping, MountAttr, MountAttrFlags, NewFilesystem, UserNamespace};
+/// let userns = UserNamespace::from_mapping(&Mapping::parse_map_mount(["b:0:100000:65536"])?)?;
+/// // A pod's secrets volume: 16 MiB, mode 0750, seen as owned by 100000.
+/// let fs = NewFilesystem::tmpfs().size(16 << 20).mode(0o750).nr_inodes(1024);
+/// let mount = fs.create(&MountAttr::new().idmap(&userns).set(MountAttrFlags::NODEV))?;
+/// mount.attach("/run/pod/secrets")?;
+/// # Ok::<(), idmapped::Error>(())
+/// ```
+///
+/// tmpfs can be idmapped since Linux 6.3; on older kernels
+/// [`create`](Self::create) with an idmap fails with
+/// [`ErrorKind::NotSupported`] and nothing is left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFilesystem {
+    fs_type: String,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl NewFilesystem {
+    /// A filesystem of type `fs_type` with no options yet.
+    pub fn new(fs_type: impl Into<String>) -> NewFilesystem {
+        NewFilesystem {
+            fs_type: fs_type.into(),
+            options: Vec::new(),
+        }
+    }
+
+    /// A tmpfs.
+    pub fn tmpfs() -> NewFilesystem {
+        NewFilesystem::new("tmpfs")
+    }
+
+    /// Add `key=value` (or the flag `key` with `None`). Later options of the
+    /// same key are given later, so the filesystem's own rule (usually: the
+    /// last wins) applies.
+    pub fn option(mut self, key: impl Into<String>, value: Option<String>) -> Self {
+        self.options.push((key.into(), value));
+        self
+    }
+
+    /// Add the comma-separated options of a mount command line
+    /// (`size=16m,mode=0750,nr_inodes=1k,noswap`). Empty items are refused.
+    pub fn parse_options(mut self, text: &str) -> Result<Self> {
+        if text.is_empty() {
+            return Ok(self);
+        }
+        for item in text.split(',') {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (item, None),
+            };
+            if key.is_empty() {
+                return Err(Error::new(ErrorKind::InvalidInput(format!(
+                    "empty option in {text:?}"
+                ))));
+            }
+            self.options.push((key.to_string(), value));
+        }
+        Ok(self)
+    }
+
+    /// `size=BYTES` (tmpfs: the most it may hold).
+    pub fn size(self, bytes: u64) -> Self {
+        self.option("size", Some(bytes.to_string()))
+    }
+
+    /// `mode=OCTAL`: the permissions of the root directory.
+    pub fn mode(self, mode: u32) -> Self {
+        self.option("mode", Some(format!("0{mode:o}")))
+    }
+
+    /// `nr_inodes=N` (tmpfs: the most files it may hold).
+    pub fn nr_inodes(self, n: u64) -> Self {
+        self.option("nr_inodes", Some(n.to_string()))
+    }
+
+    /// `uid=UID`: the on-disk owner of the root directory (seen through an
+    /// idmap as its mapped id).
+    pub fn uid(self, uid: u32) -> Self {
+        self.option("uid", Some(uid.to_string()))
+    }
+
+    /// `gid=GID`: the on-disk group of the root directory.
+    pub fn gid(self, gid: u32) -> Self {
+        self.option("gid", Some(gid.to_string()))
+    }
+
+    /// The filesystem type.
+    pub fn fs_type(&self) -> &str {
+        &self.fs_type
+    }
+
+    /// The options, in order.
+    pub fn options(&self) -> &[(String, Option<String>)] {
+        &self.options
+    }
+
+    /// The options as a mount command line would give them (`a=b,c`).
+    pub fn options_text(&self) -> String {
+        self.options
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Create the filesystem and apply `attr` (idmap included) to its
+    /// detached mount: `fsopen`, one `fsconfig` per option,
+    /// `FSCONFIG_CMD_CREATE`, `fsmount`, `mount_setattr`. Nothing exists
+    /// anywhere until the result is attached; on any error nothing is left.
+    pub fn create(&self, attr: &MountAttr<'_>) -> Result<DetachedMount> {
+        let ctx = FsContext::open(&self.fs_type)?;
+        for (key, value) in &self.options {
+            match value {
+                Some(v) => ctx.set_string(key, v)?,
+                None => ctx.set_flag(key)?,
+            }
+        }
+        ctx.create(&self.options_text())?;
+        let mut mount = ctx.mount()?;
+        mount.set_attr(attr)?;
+        Ok(mount)
+    }
+}
+
+/// [`classify`] for a filesystem instance made by `fsmount`: it was never
+/// attached and cannot be idmapped already, so a bare EINVAL for an idmap
+/// means the filesystem type does not allow idmapped mounts here.
+fn classify_new_fs(err: Error, errno: Errno, fs: &Path, change: &AttrChange<'_>) -> Error {
+    let userns = match change.idmap {
+        IdmapChange::Set(ns) => Some(ns),
+        _ => None,
+    };
+    match errno {
+        Errno::NOSYS => err.with_kind(ErrorKind::KernelTooOld {
+            feature: "mount_setattr",
+            since: "5.12",
+        }),
+        Errno::BUSY => err.with_kind(ErrorKind::Busy),
+        Errno::PERM if userns.is_some_and(UserNamespace::is_initial) => {
+            err.with_kind(ErrorKind::InitialUserns)
+        }
+        Errno::INVAL if change.changes_idmap() => {
+            if userns.is_some_and(UserNamespace::lacks_map) {
+                err.with_kind(ErrorKind::UsernsMissingMap)
+            } else {
+                err.with_kind(ErrorKind::NotSupported {
+                    fs: fs.display().to_string(),
+                })
+            }
+        }
+        _ => err,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1491,6 +1867,29 @@ mod tests {
             attr.calls(true).unwrap_err().kind(),
             ErrorKind::InvalidInput(_)
         ));
+    }
+
+    #[test]
+    fn new_filesystem_options_keep_order_and_values() {
+        let fs = NewFilesystem::tmpfs()
+            .parse_options("size=16m,noswap,mode=0750")
+            .unwrap()
+            .nr_inodes(1024)
+            .uid(0)
+            .gid(100)
+            .mode(0o1777);
+        assert_eq!(
+            fs.options_text(),
+            "size=16m,noswap,mode=0750,nr_inodes=1024,uid=0,gid=100,mode=01777"
+        );
+        assert_eq!(fs.options()[1], ("noswap".to_string(), None));
+        assert!(NewFilesystem::tmpfs().parse_options("a,,b").is_err());
+        assert!(NewFilesystem::tmpfs().parse_options("=x").is_err());
+        assert!(NewFilesystem::tmpfs()
+            .parse_options("")
+            .unwrap()
+            .options()
+            .is_empty());
     }
 
     #[test]

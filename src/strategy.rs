@@ -418,6 +418,7 @@ fn chown(
 ) -> Result<(Outcome, Option<Attached>)> {
     // Auto may fall back here for a regular file, which only idmaps.
     require_source(source, file_kind(source, true)?, true)?;
+    refuse_overlay(source, plan.recursive)?;
     let options = ShiftOptions {
         cross_mounts: plan.recursive,
         ..plan.shift.clone()
@@ -426,6 +427,31 @@ fn chown(
     let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?;
     let attached = landing.attach(clone)?;
     Ok((Outcome::Chowned { report, because }, attached))
+}
+
+/// `OVERLAYFS_SUPER_MAGIC`.
+const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
+
+/// Shifting ownership through overlayfs copies every file up into the
+/// upper directory (the shared image duplicated per container): refuse an
+/// overlay source, or with `recursive` an overlay submount, before anything
+/// changes ([`ErrorKind::ShiftThroughOverlay`], naming the overlay mount).
+fn refuse_overlay(source: &Path, recursive: bool) -> Result<()> {
+    let magic = rustix::fs::statfs(source)
+        .map_err(|e| Error::sys("statfs", format!("{source:?}"), e).with_path(source))?
+        .f_type as u64;
+    if magic == OVERLAYFS_SUPER_MAGIC {
+        return Err(Error::new(ErrorKind::ShiftThroughOverlay).with_path(source));
+    }
+    if recursive {
+        if let Some(m) = crate::mounttable::subtree(source)?
+            .into_iter()
+            .find(|m| m.fs_type == "overlay")
+        {
+            return Err(Error::new(ErrorKind::ShiftThroughOverlay).with_path(m.mount_point));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

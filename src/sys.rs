@@ -603,6 +603,44 @@ pub(crate) fn listmount(mnt_id: u64, last: u64, ids: &mut [u64]) -> Result<usize
     }
 }
 
+// ---- rootfs: helper threads for overlays ----
+
+/// `unshare(CLONE_FS | CLONE_NEWNS)`: give the calling thread its own
+/// working directory and root and its own copy of the mount namespace, so
+/// that what it mounts there is seen by no other thread or process. The
+/// namespace dies with the thread (nothing else refers to it).
+///
+/// # References
+/// - [`unshare(2)`](https://man7.org/linux/man-pages/man2/unshare.2.html)
+pub(crate) fn unshare_fs_and_mount_ns() -> Result<(), Errno> {
+    // SAFETY: as for `unshare_fs`: CLONE_FS and CLONE_NEWNS change only the
+    // calling thread's fs context and mount namespace, no memory or fd.
+    unsafe {
+        rustix::thread::unshare_unsafe(
+            rustix::thread::UnshareFlags::FS | rustix::thread::UnshareFlags::NEWNS,
+        )
+    }
+}
+
+/// `setfsgid(gid)` then `setfsuid(uid)` for the calling thread only (raw
+/// system calls: the kernel's credentials are per thread, and libc does not
+/// broadcast these two). Returns the ids the thread has afterwards, which
+/// the caller compares: these calls report no errors.
+///
+/// # References
+/// - [`setfsuid(2)`](https://man7.org/linux/man-pages/man2/setfsuid.2.html)
+pub(crate) fn set_thread_fsids(uid: u32, gid: u32) -> (u32, u32) {
+    // SAFETY: setfsgid/setfsuid take an integer and change only the calling
+    // thread's credentials; an argument of -1 (u32::MAX) only queries.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, gid);
+        libc::syscall(libc::SYS_setfsuid, uid);
+        let g = libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32;
+        let u = libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32;
+        (u, g)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

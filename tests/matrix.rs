@@ -7,7 +7,9 @@
 //!   `mount-idmapped --strategy=idmap` succeeds;
 //! - not supported: the library's typed error names the filesystem (or the
 //!   missing system call), `--check` says why and exits 1, and
-//!   `--strategy=auto` falls back to shifting on disk and gives the same view.
+//!   `--strategy=auto` falls back to shifting on disk and gives the same view
+//!   — except on overlay, where shifting would copy every file up: there
+//!   auto is refused and nothing changes (`unsupported`).
 //!
 //! Each cell prints `matrix: <kernel release> <fs> <idmap|chown|unsupported> <pass|fail>`
 //! (`unsupported`: neither idmapping nor shifting on disk can work there,
@@ -242,6 +244,33 @@ fn unsupported_cell(cell: &Cell, reason: &Reason) -> Result<&'static str, String
     if run.code != Some(1) || !why_named {
         return Err(format!("{}: --check: {run:?}", cell.fs));
     }
+    // Shifting through overlayfs would copy every file up: auto (library
+    // and CLI) refuses it, and nothing changes. The overlay helper
+    // (tests/rootfs.rs and the matrix-rootfs columns) is the way there.
+    if cell.fs == "overlay" {
+        let src = cell.source("auto-lib", 25000);
+        let target = cell.target("auto-lib");
+        let m = mapping();
+        let err = mount_with_ownership(&src, &target, &Plan::new(Strategy::Auto, &m))
+            .err()
+            .ok_or_else(|| "overlay: auto did not refuse".to_string())?;
+        if err.kind() != &ErrorKind::ShiftThroughOverlay {
+            return Err(format!("overlay: auto: {err}"));
+        }
+        let run = cli(&[
+            "--strategy=auto",
+            &format!("--map-mount={MAP}"),
+            src.to_str().unwrap(),
+            target.to_str().unwrap(),
+        ]);
+        if run.code != Some(1) || !run.stderr.contains("copy every file up") {
+            return Err(format!("overlay: CLI --strategy=auto: {run:?}"));
+        }
+        if owner(&src.join("a")) != (1000, 1000) || owner(&src.join("b")) != (25000, 25000) {
+            return Err("overlay: the source changed".into());
+        }
+        return Ok("unsupported");
+    }
     // Library auto and CLI auto fall back to shifting on disk: same view.
     let src = cell.source("auto-lib", 25000);
     let target = cell.target("auto-lib");
@@ -315,5 +344,135 @@ fn filesystem_matrix() {
             failures.push(e);
         }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The two root-filesystem columns, filled by probing: how this kernel
+/// builds an overlay of idmapped layers (`fds`: layer fds, 6.13;
+/// `strings`: staged clones and `lowerdir+`, 6.8; `staging`: staged clones
+/// and one `lowerdir=` page, 5.19; `no`), and whether a fresh tmpfs can be
+/// idmapped (`idmap`, 6.3; `no`). Each is checked end to end (the view
+/// through it, a mapped writer) or, where the kernel cannot, that the
+/// library's error says why. Prints
+/// `matrix-rootfs: <release> overlay=<fds|strings|staging|no> tmpfs=<idmap|no> <pass|fail>`.
+#[test]
+#[serial]
+fn rootfs_matrix() {
+    use idmapped::rootfs::{Overlay, OverlayMethod};
+    use idmapped::NewFilesystem;
+    privileged!();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let m = mapping();
+    let mut failures = Vec::new();
+
+    // Overlay root filesystem.
+    let img = TestFs::ext4();
+    let (lower0, lower1, upper, work) = (
+        img.path("l0"),
+        img.path("l1"),
+        img.path("upper"),
+        img.path("work"),
+    );
+    for d in [&lower0, &lower1, &upper, &work] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    touch_owned(&lower0.join("a"), 1000, 1000);
+    touch_owned(&lower1.join("b"), 15000, 15000);
+    let overlay = Overlay::new([&lower0, &lower1])
+        .upper(&upper, &work)
+        .mapping(&m);
+    let overlay_cell = match overlay.create() {
+        Ok(ov) => {
+            let name = match ov.method() {
+                OverlayMethod::LayerFds => "fds",
+                OverlayMethod::StagedStrings => "strings",
+                OverlayMethod::StagedMountData => "staging",
+            };
+            let target = img.scratch("rootfs");
+            let r = ov
+                .attach(&target)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    if owner(&target.join("a")) != (11000, 11000)
+                        || owner(&target.join("b")) != (65534, 65534)
+                    {
+                        return Err(format!("overlay view {:?}", owner(&target.join("a"))));
+                    }
+                    let t = target.clone();
+                    as_fsid(11000, 11000, move || std::fs::write(t.join("new"), b"y"))
+                        .map_err(|e| format!("mapped writer: {e}"))?;
+                    if owner(&upper.join("new")) != (1000, 1000) {
+                        return Err("a write by 11000 not stored as 1000 in upper".into());
+                    }
+                    Ok(())
+                });
+            (name, r)
+        }
+        Err(e) => {
+            // Only a kernel too old is an acceptable reason, and the probe agrees.
+            let agrees = OverlayMethod::for_this_kernel().is_err();
+            let r = if matches!(e.kind(), ErrorKind::KernelTooOld { .. }) && agrees {
+                Ok(())
+            } else {
+                Err(format!("overlay: {e}"))
+            };
+            ("no", r)
+        }
+    };
+    if let Err(e) = &overlay_cell.1 {
+        failures.push(e.clone());
+    }
+
+    // Fresh tmpfs.
+    let ns = UserNamespace::from_mapping(&m).unwrap();
+    let fresh = NewFilesystem::tmpfs()
+        .size(8 << 20)
+        .uid(1000)
+        .gid(1000)
+        .create(&MountAttr::new().idmap(&ns));
+    let tmpfs_cell = match fresh {
+        Ok(mount) => {
+            let dir = img.scratch("tmpfs");
+            let r = mount
+                .attach(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    if owner(&dir) == (11000, 11000) {
+                        Ok(())
+                    } else {
+                        Err(format!("fresh tmpfs root seen as {:?}", owner(&dir)))
+                    }
+                });
+            ("idmap", r)
+        }
+        Err(e) => {
+            // The probe of a mounted tmpfs must say the same.
+            let t = TestFs::tmpfs();
+            let probed = probe::idmap_support(&t.root).unwrap();
+            let r = match (e.kind(), probed) {
+                (
+                    ErrorKind::NotSupported { fs },
+                    Support::Unsupported(Reason::Filesystem { .. }),
+                ) if fs == "tmpfs" => Ok(()),
+                (
+                    ErrorKind::KernelTooOld { .. },
+                    Support::Unsupported(Reason::KernelTooOld { .. }),
+                ) => Ok(()),
+                (_, probed) => Err(format!("fresh tmpfs: {e}, probe: {probed:?}")),
+            };
+            ("no", r)
+        }
+    };
+    if let Err(e) = &tmpfs_cell.1 {
+        failures.push(e.clone());
+    }
+    let verdict = if failures.is_empty() { "pass" } else { "fail" };
+    println!(
+        "matrix-rootfs: {release} overlay={} tmpfs={} {verdict}",
+        overlay_cell.0, tmpfs_cell.0
+    );
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -5,14 +5,19 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use idmapped::chown::OutOfRange;
+use idmapped::rootfs::Overlay;
 use idmapped::strategy::Strategy;
-use idmapped::{Mapping, MountAttrFlags, Propagation};
+use idmapped::{Mapping, MountAttrFlags, NewFilesystem, Propagation};
 
 use crate::Failure;
 
 pub const USAGE: &str = "\
 Usage: mount-idmapped [OPTIONS] --map-mount=MAP... SOURCE TARGET
+       mount-idmapped [OPTIONS] --map-mount=MAP... --tmpfs[=OPTIONS] TARGET
+       mount-idmapped [OPTIONS] --map-mount=MAP... \\
+           --overlay=lowerdir=L1:L2[:...][,upperdir=U,workdir=W] TARGET
        mount-idmapped --check [--recursive] [--json] SOURCE
+       mount-idmapped --check [--json] --overlay=lowerdir=...
        mount-idmapped --demo
 
 Make an idmapped mount of SOURCE at TARGET: a file whose on-disk id is FROM+n
@@ -67,11 +72,25 @@ Strategy:
                     chown: what to do with on-disk ids no value covers: leave
                     them (default), fail, or write 65534 like the idmapped view
 
+New filesystems (instead of SOURCE; --strategy, --out-of-range and
+--recursive do not apply):
+  --tmpfs[=OPTIONS] make a new tmpfs with the comma-separated filesystem
+                    OPTIONS (e.g. size=16m,mode=0750,nr_inodes=1k,uid=0,gid=0),
+                    idmap it with --map-mount, attach it at TARGET (Linux 6.3)
+  --overlay=lowerdir=L1:L2[:...][,upperdir=U,workdir=W][,OPTION...]
+                    mount at TARGET an overlay of the layers (L1 on top), each
+                    seen through --map-mount; without upperdir and workdir
+                    (on one mount) the overlay is read-only and needs two or
+                    more layers. \\: \\, \\\\ escape those characters in a path.
+                    The overlay mount itself is not idmapped; no helper mount
+                    is ever visible (Linux 5.19; layer fds 6.13)
+
 Output:
   --json            print one JSON object on stdout saying what was done (if
                     it cannot be written: exit 1, and nothing stays mounted)
-  --check           say whether SOURCE can be idmapped and, if not, why;
-                    mount nothing; takes SOURCE only
+  --check           say whether SOURCE (or, with --overlay, each layer) can
+                    be idmapped and, if not, why; mount nothing; needs no
+                    --map-mount
   --demo            idmap a small tree on a scratch filesystem in a private
                     mount namespace, print on-disk and seen owners; then two
                     pods with ranges from an allocator, each with its own
@@ -107,9 +126,19 @@ Examples, one per form:
   mount-idmapped --check --recursive /srv/volume
   # the effect on a scratch filesystem, cleaned up after (root)
   mount-idmapped --demo
+  # a pod's root filesystem: every layer seen through the mapping
+  mount-idmapped --map-mount=b:0:100000:65536 \\
+      --overlay=lowerdir=/img/2:/img/1,upperdir=/pod/up,workdir=/pod/work \\
+      /pod/rootfs
+  # can each layer be idmapped, and if not, why
+  mount-idmapped --check --overlay=lowerdir=/img/2:/img/1
+  # a new tmpfs with its options, idmapped
+  mount-idmapped --map-mount=b:0:100000:65536 --nodev \\
+      --tmpfs=size=16m,mode=0750 /pod/secrets
 
 Exit status: 0 done; 1 the operation failed, with one line on stderr naming
-the cause (--check: SOURCE cannot be idmapped); 2 usage error.
+the cause (--check: SOURCE, or a layer of --overlay, cannot be idmapped);
+2 usage error.
 ";
 
 /// The command line as given, before deciding what to do.
@@ -131,6 +160,10 @@ struct Options {
     version: bool,
     /// Options that only make sense when mounting, in the order given.
     mount_only: Vec<String>,
+    /// `--tmpfs[=OPTIONS]`: the options (empty for a bare `--tmpfs`).
+    tmpfs: Option<String>,
+    /// `--overlay=OPTIONS`.
+    overlay: Option<String>,
     operands: Vec<PathBuf>,
 }
 
@@ -142,6 +175,37 @@ pub enum Command {
     Check(CheckRequest),
     Demo,
     Mount(MountRequest),
+    /// `--tmpfs` or `--overlay`: a new filesystem at TARGET.
+    NewFs(NewFsRequest),
+    /// `--check --overlay`: per layer.
+    CheckOverlay(OverlayCheckRequest),
+}
+
+/// What `--tmpfs` or `--overlay` makes.
+#[derive(Debug)]
+pub enum NewFs {
+    Tmpfs(NewFilesystem),
+    Overlay(Overlay<'static>),
+}
+
+#[derive(Debug)]
+pub struct NewFsRequest {
+    pub fs: NewFs,
+    pub target: PathBuf,
+    /// `--beneath=ROOT`, `--mkdir`, `--replace`: as for a bind mount.
+    pub beneath: Option<PathBuf>,
+    pub mkdir: bool,
+    pub replace: bool,
+    pub ids: IdSource,
+    pub flags: MountAttrFlags,
+    pub propagation: Option<Propagation>,
+    pub json: bool,
+}
+
+#[derive(Debug)]
+pub struct OverlayCheckRequest {
+    pub overlay: Overlay<'static>,
+    pub json: bool,
 }
 
 #[derive(Debug)]
@@ -200,6 +264,14 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, Failure> {
             Some((name, value)) => (name, Some(value.to_owned())),
             None => (text, None),
         };
+        // Its value is optional, so only ever inline: `--tmpfs TARGET`
+        // must not take TARGET for options.
+        if name == "--tmpfs" {
+            if opts.tmpfs.replace(inline.unwrap_or_default()).is_some() {
+                return Err(Failure::usage("--tmpfs given twice"));
+            }
+            continue;
+        }
         if takes_value(name) {
             let value = match inline {
                 Some(value) => value,
@@ -229,7 +301,12 @@ fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
 fn takes_value(name: &str) -> bool {
     matches!(
         name,
-        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range" | "--beneath"
+        "--map-mount"
+            | "--propagation"
+            | "--strategy"
+            | "--out-of-range"
+            | "--beneath"
+            | "--overlay"
     )
 }
 
@@ -256,6 +333,13 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
                 return Err(Failure::usage("--beneath may be given only once"));
             }
             opts.beneath = Some(PathBuf::from(value));
+        }
+        "--overlay" => {
+            if opts.overlay.replace(value).is_some() {
+                return Err(Failure::usage("--overlay given twice"));
+            }
+            // Allowed with --check: not a mount-only option.
+            return Ok(());
         }
         "--propagation" => {
             let propagation = value.parse().map_err(|_| {
@@ -340,6 +424,8 @@ fn command(opts: Options) -> Result<Command, Failure> {
         let stray = opts.mount_only.first().map(String::as_str);
         let stray = stray.or(opts.check.then_some("--check"));
         let stray = stray.or(opts.json.then_some("--json"));
+        let stray = stray.or(opts.tmpfs.as_ref().map(|_| "--tmpfs"));
+        let stray = stray.or(opts.overlay.as_ref().map(|_| "--overlay"));
         if let Some(option) = stray {
             return Err(Failure::usage(format_args!(
                 "--demo cannot be combined with {option}"
@@ -348,10 +434,93 @@ fn command(opts: Options) -> Result<Command, Failure> {
         no_more_operands(&opts.operands, 0)?;
         return Ok(Command::Demo);
     }
+    if opts.tmpfs.is_some() && opts.overlay.is_some() {
+        return Err(Failure::usage("--tmpfs and --overlay cannot be combined"));
+    }
     if opts.check {
+        if opts.tmpfs.is_some() {
+            return Err(Failure::usage(
+                "--check takes SOURCE or --overlay=..., not --tmpfs (a new tmpfs has no layers to check)",
+            ));
+        }
+        if opts.overlay.is_some() {
+            return check_overlay_command(opts);
+        }
         return check_command(opts);
     }
+    if opts.tmpfs.is_some() || opts.overlay.is_some() {
+        return new_fs_command(opts);
+    }
     mount_command(opts)
+}
+
+/// `--overlay=...` as the library reads it; a malformed value is a usage error.
+fn parse_overlay(text: &str) -> Result<Overlay<'static>, Failure> {
+    Overlay::parse_options(text).map_err(|e| Failure::usage(format_args!("--overlay: {e}")))
+}
+
+fn check_overlay_command(opts: Options) -> Result<Command, Failure> {
+    if let Some(option) = opts.mount_only.first() {
+        return Err(Failure::usage(format_args!(
+            "--check cannot be combined with {option}"
+        )));
+    }
+    if opts.recursive {
+        return Err(Failure::usage("--check --overlay takes no --recursive"));
+    }
+    no_more_operands(&opts.operands, 0)?;
+    Ok(Command::CheckOverlay(OverlayCheckRequest {
+        overlay: parse_overlay(opts.overlay.as_deref().unwrap_or_default())?,
+        json: opts.json,
+    }))
+}
+
+fn new_fs_command(opts: Options) -> Result<Command, Failure> {
+    let what = if opts.tmpfs.is_some() {
+        "--tmpfs"
+    } else {
+        "--overlay"
+    };
+    if opts.recursive {
+        return Err(Failure::usage(format_args!(
+            "{what} cannot be combined with --recursive"
+        )));
+    }
+    if let Some(option) = opts
+        .mount_only
+        .iter()
+        .find(|o| matches!(o.as_str(), "--strategy" | "--out-of-range"))
+    {
+        return Err(Failure::usage(format_args!(
+            "{what} cannot be combined with {option}: a new filesystem is idmapped, never shifted on disk"
+        )));
+    }
+    no_more_operands(&opts.operands, 1)?;
+    let target = opts
+        .operands
+        .first()
+        .cloned()
+        .ok_or_else(|| Failure::usage(format_args!("{what}: missing TARGET")))?;
+    let fs = match (&opts.tmpfs, &opts.overlay) {
+        (Some(options), _) => NewFs::Tmpfs(
+            NewFilesystem::tmpfs()
+                .parse_options(options)
+                .map_err(|e| Failure::usage(format_args!("--tmpfs: {e}")))?,
+        ),
+        (None, Some(text)) => NewFs::Overlay(parse_overlay(text)?),
+        (None, None) => return Err(Failure::usage("missing --tmpfs or --overlay")),
+    };
+    Ok(Command::NewFs(NewFsRequest {
+        fs,
+        target,
+        beneath: opts.beneath,
+        mkdir: opts.mkdir,
+        replace: opts.replace,
+        ids: id_source(&opts.maps)?,
+        flags: opts.flags,
+        propagation: opts.propagation,
+        json: opts.json,
+    }))
 }
 
 fn check_command(opts: Options) -> Result<Command, Failure> {

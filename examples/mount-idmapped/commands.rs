@@ -1,5 +1,6 @@
 //! The commands: mount SOURCE at TARGET (`idmapped::strategy` does the
-//! work), and `--check`.
+//! work), a new tmpfs or an overlay of idmapped layers at TARGET
+//! (`idmapped::NewFilesystem`, `idmapped::rootfs`), and `--check`.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
+use idmapped::rootfs::OverlayMethod;
 use idmapped::strategy::{mount_with_ownership_at, Destination, Outcome, Plan, Strategy};
-use idmapped::{AttachOptions, Attached, Mapping, UserNamespace};
+use idmapped::{AttachOptions, Attached, DetachedMount, Mapping, MountAttr, UserNamespace};
 
-use crate::args::{CheckRequest, IdSource, MountRequest};
+use crate::args::{CheckRequest, IdSource, MountRequest, NewFs, NewFsRequest, OverlayCheckRequest};
 use crate::output::{self, emit};
 use crate::Failure;
 
@@ -22,7 +24,12 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // Nothing to mount (or shift on disk) if the report cannot be written.
         output::require_stdout()?;
     }
-    let target = Target::open(request)?;
+    let target = Target::open(
+        &request.target,
+        request.beneath.as_deref(),
+        request.mkdir,
+        request.replace,
+    )?;
     let (outcome, mapping, attached) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
         because: Some(why), ..
@@ -35,10 +42,7 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // mount away again rather than exit 1 with something left mounted.
         let json = output::mount_json(request, &outcome, mapping.as_ref(), attached.as_ref());
         if let Err(failure) = emit(&json) {
-            let at = match (&target, &attached) {
-                (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
-                (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
-            };
+            let at = target.mounted_at(attached.as_ref());
             let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
@@ -61,16 +65,22 @@ enum Target {
 }
 
 impl Target {
-    fn open(request: &MountRequest) -> Result<Target, Failure> {
-        if request.beneath.is_none() && !request.mkdir && !request.replace {
-            return follow_target(&request.target).map(Target::Path);
+    /// TARGET with `--beneath=ROOT`, `--mkdir` and `--replace`.
+    fn open(
+        target: &Path,
+        beneath: Option<&Path>,
+        mkdir: bool,
+        replace: bool,
+    ) -> Result<Target, Failure> {
+        if beneath.is_none() && !mkdir && !replace {
+            return follow_target(target).map(Target::Path);
         }
-        let (root_path, path) = match &request.beneath {
-            Some(root) => (root.clone(), request.target.clone()),
+        let (root_path, path) = match beneath {
+            Some(root) => (root.to_path_buf(), target.to_path_buf()),
             None => (
                 PathBuf::from("/"),
-                std::path::absolute(&request.target)
-                    .map_err(Failure::io(format_args!("{}", request.target.display())))?,
+                std::path::absolute(target)
+                    .map_err(Failure::io(format_args!("{}", target.display())))?,
             ),
         };
         let root = rustix::fs::open(
@@ -83,10 +93,32 @@ impl Target {
             root,
             root_path,
             path,
-            options: AttachOptions::new()
-                .create(request.mkdir)
-                .replace(request.replace),
+            options: AttachOptions::new().create(mkdir).replace(replace),
         })
+    }
+
+    /// Attach `mount` here: at the path, or to the fd resolved inside ROOT.
+    fn attach(&self, mount: DetachedMount) -> Result<Option<Attached>, Failure> {
+        Ok(match self {
+            Target::Path(p) => {
+                mount.attach(p)?;
+                None
+            }
+            Target::Beneath {
+                root,
+                path,
+                options,
+                ..
+            } => Some(mount.attach_beneath(root, path, options)?),
+        })
+    }
+
+    /// Where a mount made by [`attach`](Self::attach) is, in our namespace.
+    fn mounted_at(&self, attached: Option<&Attached>) -> PathBuf {
+        match (self, attached) {
+            (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
+            (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
+        }
     }
 
     fn destination(&self) -> Destination<'_> {
@@ -221,5 +253,98 @@ pub fn check(request: &CheckRequest) -> Result<ExitCode, Failure> {
     Ok(match blocker {
         None => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(1),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// --tmpfs and --overlay
+
+/// What [`new_fs`] made, for `--json`.
+pub enum Made {
+    Tmpfs {
+        options: String,
+    },
+    Overlay {
+        method: OverlayMethod,
+        layers: Vec<(idmapped::rootfs::LayerRole, PathBuf)>,
+        staged_mounts: usize,
+    },
+}
+
+/// Make the new filesystem, idmap it (a tmpfs) or its layers (an overlay),
+/// set the attributes, then attach it at TARGET: everything that can fail
+/// happens on the detached mount first.
+pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
+    if request.json {
+        // Nothing to mount if the report cannot be written.
+        output::require_stdout()?;
+    }
+    let target = Target::open(
+        &request.target,
+        request.beneath.as_deref(),
+        request.mkdir,
+        request.replace,
+    )?;
+    let userns = match &request.ids {
+        IdSource::Mapping(m) => UserNamespace::from_mapping(m)?,
+        IdSource::Userns(path) => UserNamespace::open(path)?,
+    };
+    let mut attr = MountAttr::new().set(request.flags);
+    if let Some(p) = request.propagation {
+        attr = attr.propagation(p);
+    }
+    let (made, mount) = match &request.fs {
+        NewFs::Tmpfs(fs) => {
+            let mount = fs.create(&attr.idmap(&userns))?;
+            let made = Made::Tmpfs {
+                options: fs.options_text(),
+            };
+            (made, mount)
+        }
+        NewFs::Overlay(overlay) => {
+            let ov = overlay.clone().userns(&userns).attr(attr).create()?;
+            let made = Made::Overlay {
+                method: ov.method(),
+                layers: ov.layers().to_vec(),
+                staged_mounts: ov.staged_mounts(),
+            };
+            (made, ov.into_mount())
+        }
+    };
+    let attached = target.attach(mount)?;
+    if request.json {
+        let mapping = match &request.ids {
+            IdSource::Mapping(m) => Some(m),
+            IdSource::Userns(_) => userns.mapping(),
+        };
+        let json = output::new_fs_json(request, &made, mapping, attached.as_ref());
+        if let Err(failure) = emit(&json) {
+            let at = target.mounted_at(attached.as_ref());
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
+            return Err(failure);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--check --overlay`: per layer, whether it can be idmapped and why not,
+/// and how this kernel would build the overlay. Exit 1 when it cannot.
+pub fn check_overlay(request: &OverlayCheckRequest) -> Result<ExitCode, Failure> {
+    let layers = request.overlay.check()?;
+    let method = OverlayMethod::for_this_kernel();
+    let ok = method.is_ok()
+        && layers
+            .iter()
+            .all(|l| l.support == probe::Support::Supported);
+    let text = if request.json {
+        output::overlay_check_json(&layers, &method, ok)
+    } else {
+        output::overlay_check_text(&layers, &method)
+    };
+    emit(&text)?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }

@@ -11,7 +11,7 @@
 //! idmapped); 2 usage error.
 //!
 //! One file per concern: `args` (the command line and `--help`), `commands`
-//! (mounting and `--check`), `output` (what goes to stdout, JSON by hand),
+//! (mounting, `--tmpfs`, `--overlay` and `--check`), `output` (what goes to stdout, JSON by hand),
 //! `demo` (`--demo`). What a runtime would also need lives in the library.
 
 mod args;
@@ -60,6 +60,8 @@ fn run(args: Vec<OsString>) -> Result<ExitCode, Failure> {
         Command::Check(request) => commands::check(&request),
         Command::Demo => demo::run(),
         Command::Mount(request) => commands::mount(&request),
+        Command::NewFs(request) => commands::new_fs(&request),
+        Command::CheckOverlay(request) => commands::check_overlay(&request),
     }
 }
 

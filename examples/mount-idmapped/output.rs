@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use idmapped::chown::ShiftReport;
+use idmapped::probe::Support;
+use idmapped::rootfs::{LayerCheck, LayerRole, OverlayMethod};
 use idmapped::strategy::Outcome;
-use idmapped::{Attached, IdMap, Mapping, MountAttrFlags};
+use idmapped::{Attached, IdMap, Mapping, MountAttrFlags, Propagation};
 
-use crate::args::{CheckRequest, IdSource, MountRequest};
-use crate::commands::Blocker;
+use crate::args::{CheckRequest, IdSource, MountRequest, NewFsRequest};
+use crate::commands::{Blocker, Made};
 use crate::Failure;
 
 /// Whether fd 1 was closed when the program started. Rust's runtime opens
@@ -96,28 +98,8 @@ pub fn mount_json(
                 .finish_inline()
         },
     );
-    // With --beneath, the target as resolved, relative to ROOT ("." for ROOT
-    // itself); otherwise TARGET made absolute.
-    let target = match (&request.beneath, attached) {
-        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
-        (Some(_), Some(a)) => json::path(&a.target),
-        _ => json::path(&absolute(&request.target)),
-    };
-    let beneath = request
-        .beneath
-        .as_ref()
-        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
-    let resolver = attached.map_or_else(
-        || json::NULL.to_owned(),
-        |a| json::string(a.resolver.name()),
-    );
-    json::Object::new()
-        .raw("source", json::path(&absolute(&request.source)))
-        .raw("target", target)
-        .raw("beneath", beneath)
-        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
-        .raw("created", attached.is_some_and(|a| a.created).to_string())
-        .raw("resolver", resolver)
+    let o = json::Object::new().raw("source", json::path(&absolute(&request.source)));
+    where_attached(o, &request.target, request.beneath.as_deref(), attached)
         .raw("strategy", json::string(strategy))
         .raw("requested_strategy", json::string(request.strategy.name()))
         .raw("recursive", request.recursive.to_string())
@@ -177,7 +159,11 @@ fn extents_json(map: &IdMap) -> String {
 }
 
 fn attributes_json(request: &MountRequest) -> String {
-    let flag = |f: MountAttrFlags| request.flags.contains(f).to_string();
+    flags_json(request.flags, request.propagation)
+}
+
+fn flags_json(flags: MountAttrFlags, propagation: Option<Propagation>) -> String {
+    let flag = |f: MountAttrFlags| flags.contains(f).to_string();
     json::Object::new()
         .raw("read_only", flag(MountAttrFlags::RDONLY))
         .raw("nosuid", flag(MountAttrFlags::NOSUID))
@@ -186,9 +172,7 @@ fn attributes_json(request: &MountRequest) -> String {
         .raw("nosymfollow", flag(MountAttrFlags::NOSYMFOLLOW))
         .raw(
             "propagation",
-            request
-                .propagation
-                .map_or_else(|| json::NULL.to_owned(), |p| json::string(p.name())),
+            propagation.map_or_else(|| json::NULL.to_owned(), |p| json::string(p.name())),
         )
         .finish_inline()
 }
@@ -197,6 +181,181 @@ fn attributes_json(request: &MountRequest) -> String {
 /// symlinks (falls back to `path` itself if the directory is gone).
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// `--json` for `--tmpfs` and `--overlay`: what was made and how.
+/// The `target`, `beneath`, `replaced`, `created` and `resolver` fields: with
+/// --beneath, the target as resolved, relative to ROOT ("." for ROOT itself);
+/// otherwise TARGET made absolute.
+fn where_attached(
+    o: json::Object,
+    target: &Path,
+    beneath: Option<&Path>,
+    attached: Option<&Attached>,
+) -> json::Object {
+    let shown = match (beneath, attached) {
+        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
+        (Some(_), Some(a)) => json::path(&a.target),
+        _ => json::path(&absolute(target)),
+    };
+    let beneath = beneath.map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
+    let resolver = attached.map_or_else(
+        || json::NULL.to_owned(),
+        |a| json::string(a.resolver.name()),
+    );
+    o.raw("target", shown)
+        .raw("beneath", beneath)
+        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
+        .raw("created", attached.is_some_and(|a| a.created).to_string())
+        .raw("resolver", resolver)
+}
+
+pub fn new_fs_json(
+    request: &NewFsRequest,
+    made: &Made,
+    mapping: Option<&Mapping>,
+    attached: Option<&Attached>,
+) -> String {
+    let userns = match &request.ids {
+        IdSource::Userns(path) => json::path(path),
+        IdSource::Mapping(_) => json::NULL.to_owned(),
+    };
+    let mut o = where_attached(
+        json::Object::new(),
+        &request.target,
+        request.beneath.as_deref(),
+        attached,
+    );
+    o = match made {
+        Made::Tmpfs { options } => o
+            .raw("filesystem", json::string("tmpfs"))
+            .raw("method", json::string("fsmount"))
+            .raw(
+                "kernel_path",
+                json::string("fsopen+fsconfig+fsmount+mount_setattr"),
+            )
+            .raw("options", json::string(options)),
+        Made::Overlay {
+            method,
+            layers,
+            staged_mounts,
+        } => {
+            let items: Vec<String> = layers
+                .iter()
+                .map(|(role, path)| {
+                    let index = match role {
+                        LayerRole::Lower(i) => i.to_string(),
+                        _ => json::NULL.to_owned(),
+                    };
+                    json::Object::new()
+                        .raw("role", json::string(role.kind()))
+                        .raw("index", index)
+                        .raw("path", json::path(&absolute(path)))
+                        .raw("fs", json::string(&idmapped::probe::fs_type(path)))
+                        .finish_inline()
+                })
+                .collect();
+            let read_only = !layers.iter().any(|(r, _)| *r == LayerRole::Upper);
+            o.raw("filesystem", json::string("overlay"))
+                .raw("method", json::string(method.name()))
+                .raw("layer_options", json::string(method.layer_options()))
+                .raw("staged_mounts", staged_mounts.to_string())
+                .raw("read_only", read_only.to_string())
+                .raw("layers", format!("[{}]", items.join(",")))
+        }
+    };
+    o.raw(
+        "mapping",
+        mapping.map_or_else(|| json::NULL.to_owned(), mapping_json),
+    )
+    .raw("userns", userns)
+    .raw("attributes", flags_json(request.flags, request.propagation))
+    .finish()
+}
+
+/// How this kernel would build the overlay, in words.
+fn method_text(method: &Result<OverlayMethod, idmapped::Error>) -> String {
+    match method {
+        Ok(OverlayMethod::LayerFds) => {
+            "would be built from layer fds (idmapped detached clones; Linux 6.13)".into()
+        }
+        Ok(OverlayMethod::StagedStrings) => "would be built from idmapped clones staged in a private mount namespace, layers as lowerdir+ strings (Linux 6.8)".into(),
+        Ok(OverlayMethod::StagedMountData) => "would be built from idmapped clones staged in a private mount namespace, layers in one lowerdir= string (Linux 5.19)".into(),
+        Err(e) => format!("cannot be built here: {e}"),
+    }
+}
+
+fn support_text(support: &Support) -> String {
+    match support {
+        Support::Supported => "can be idmapped".into(),
+        Support::Unsupported(reason) => format!("cannot be idmapped: {reason}"),
+    }
+}
+
+/// `--check --overlay`: one line per layer, then the overlay's.
+pub fn overlay_check_text(
+    layers: &[LayerCheck],
+    method: &Result<OverlayMethod, idmapped::Error>,
+) -> String {
+    let mut out = String::new();
+    for l in layers {
+        out.push_str(&format!(
+            "{} {}: {} (filesystem type {})\n",
+            l.role,
+            l.path.display(),
+            support_text(&l.support),
+            l.fs
+        ));
+    }
+    out.push_str(&format!("overlay: {}\n", method_text(method)));
+    out
+}
+
+pub fn overlay_check_json(
+    layers: &[LayerCheck],
+    method: &Result<OverlayMethod, idmapped::Error>,
+    ok: bool,
+) -> String {
+    let items: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            let index = match l.role {
+                LayerRole::Lower(i) => i.to_string(),
+                _ => json::NULL.to_owned(),
+            };
+            let reason = match &l.support {
+                Support::Supported => json::NULL.to_owned(),
+                Support::Unsupported(r) => json::string(&r.to_string()),
+            };
+            json::Object::new()
+                .raw("role", json::string(l.role.kind()))
+                .raw("index", index)
+                .raw("path", json::path(&absolute(&l.path)))
+                .raw("fs", json::string(&l.fs))
+                .raw("supported", (l.support == Support::Supported).to_string())
+                .raw("reason", reason)
+                .finish_inline()
+        })
+        .collect();
+    let (m, opts, why) = match method {
+        Ok(m) => (
+            json::string(m.name()),
+            json::string(m.layer_options()),
+            json::NULL.to_owned(),
+        ),
+        Err(e) => (
+            json::NULL.to_owned(),
+            json::NULL.to_owned(),
+            json::string(&e.to_string()),
+        ),
+    };
+    json::Object::new()
+        .raw("supported", ok.to_string())
+        .raw("method", m)
+        .raw("layer_options", opts)
+        .raw("reason", why)
+        .raw("layers", format!("[{}]", items.join(",")))
+        .finish()
 }
 
 pub fn check_text(request: &CheckRequest, fs: Option<&str>, blocker: Option<&Blocker>) -> String {
