@@ -52,3 +52,9 @@ IDMAPPED_FORCE_FALLBACK=open_tree_attr,statmount cargo test --test mount
 # or seccomp): single-name openat(O_NOFOLLOW) plus the (dev, ino, mount) check.
 step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat2"
 IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree
+# The helper, procfs and namespace-file tests through every older rung: no
+# pidfds (helper by pid), no PIDFD_GET_USER_NAMESPACE, the checked /proc
+# mount instead of a private procfs, no openat2, mountinfo instead of listmount.
+step "cargo test --test helper --test userns with every procfs/pidfd fallback forced"
+IDMAPPED_FORCE_FALLBACK=fsopen_proc,openat2,pidfd,pidfd_get_user_namespace,listmount,statmount \
+	cargo test --test helper --test userns

@@ -254,7 +254,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InitialUserns => {
                 f.write_str("the initial user namespace cannot be used to idmap a mount")
             }
-            ErrorKind::NotUserns => f.write_str("the file descriptor is not a user namespace"),
+            ErrorKind::NotUserns => f.write_str("not a user namespace"),
             ErrorKind::UsernsMissingMap => {
                 f.write_str("the user namespace lacks a uid map or a gid map")
             }
@@ -394,6 +394,16 @@ impl Error {
     /// Attach the path the failing operation concerned.
     pub(crate) fn with_path(mut self, path: impl AsRef<Path>) -> Error {
         self.0.path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Record the check that failed when no system call did (the call that
+    /// revealed the problem, with what it found), without an errno.
+    pub(crate) fn with_call(mut self, name: &'static str, args: impl Into<String>) -> Error {
+        self.0.syscall = Some(Syscall {
+            name,
+            args: args.into(),
+        });
         self
     }
 

@@ -35,6 +35,20 @@ pub struct Features {
     pub open_tree_attr: Availability,
     /// `statmount(2)` with `STATMOUNT_MNT_UIDMAP`, Linux 6.15: read a mount's idmap back.
     pub statmount_idmap: Availability,
+    /// `openat2(2)` with `RESOLVE_*`, Linux 5.6: procfs lookups that refuse
+    /// symlinks, magic links and mount crossings in one call.
+    pub openat2: Availability,
+    /// `pidfd_send_signal(2)`, Linux 5.1: the namespace helper is signalled
+    /// through its pidfd (`CLONE_PIDFD`, 5.2) rather than by pid.
+    pub pidfd_send_signal: Availability,
+    /// `waitid(P_PIDFD)`, Linux 5.4: the helper is reaped through its pidfd.
+    pub waitid_pidfd: Availability,
+    /// `ioctl(PIDFD_GET_USER_NAMESPACE)`, Linux 6.11: a process's user
+    /// namespace straight from its pidfd ([`UserNamespace::from_pidfd`](crate::UserNamespace::from_pidfd)).
+    pub pidfd_get_user_namespace: Availability,
+    /// `listmount(2)` + `statmount(2)`, Linux 6.8: the mounts of a subtree and
+    /// their type, flags and idmap, without reading the whole mount table.
+    pub listmount: Availability,
 }
 
 /// Whether `IDMAPPED_FORCE_FALLBACK` (a comma-separated list, read once per
@@ -51,9 +65,12 @@ pub(crate) fn forced_fallback(feature: &str) -> bool {
 /// The features of the running kernel (probed on first use, then cached).
 ///
 /// Setting `IDMAPPED_FORCE_FALLBACK` to a comma-separated list of
-/// `open_tree_attr`, `statmount` makes those report [`Availability::Missing`],
-/// so the fallback paths can be tested on a new kernel (`openat2` does the
-/// same for the [`chown`](crate::chown) walker's directory opens).
+/// `open_tree_attr`, `statmount`, `openat2`, `pidfd`, `pidfd_get_user_namespace`,
+/// `listmount` makes those report [`Availability::Missing`], so the fallback
+/// paths can be tested on a new kernel (`openat2` does the same for the
+/// [`chown`](crate::chown) walker's directory opens; `pidfd` covers both
+/// pidfd calls; `fsopen_proc` makes the procfs handle use the checked
+/// `/proc` mount instead of a private instance).
 pub fn features() -> &'static Features {
     static FEATURES: OnceLock<Features> = OnceLock::new();
     FEATURES.get_or_init(|| {
@@ -82,12 +99,80 @@ pub fn features() -> &'static Features {
         } else {
             probe_statmount_idmap()
         };
+        let gate = |name: &str, probe: fn() -> Availability| {
+            if forced(name) {
+                Availability::Missing
+            } else {
+                probe()
+            }
+        };
         Features {
             mount_setattr,
             open_tree_attr,
             statmount_idmap,
+            openat2: gate("openat2", probe_openat2),
+            pidfd_send_signal: gate("pidfd", || {
+                // fd -1: EBADF when the call exists.
+                availability(sys::pidfd_send_signal(bad_fd_raw(), 0))
+            }),
+            waitid_pidfd: gate("pidfd", probe_waitid_pidfd),
+            pidfd_get_user_namespace: gate("pidfd_get_user_namespace", probe_pidfd_userns),
+            listmount: gate("listmount", || {
+                availability(sys::listmount(sys::LSMT_ROOT, 0, &mut [0u64; 1]).map(drop))
+            }),
         }
     })
+}
+
+/// A descriptor number no call accepts (rustix's `ABS` is `-EBADF`).
+fn bad_fd_raw() -> rustix::fd::BorrowedFd<'static> {
+    rustix::fs::ABS
+}
+
+fn probe_openat2() -> Availability {
+    let how = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_MAGICLINKS;
+    availability(
+        rustix::fs::openat2(
+            CWD,
+            ".",
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            how,
+        )
+        .map(drop),
+    )
+}
+
+/// `waitid(P_PIDFD)` on a pidfd of our own process: ECHILD (we are not our
+/// own child) where P_PIDFD is known, EINVAL before 5.4. (A negative fd
+/// would not do: the kernel rejects it with EINVAL before looking at it.)
+fn probe_waitid_pidfd() -> Availability {
+    let Some(me) = rustix::process::Pid::from_raw(std::process::id() as i32) else {
+        return Availability::Missing;
+    };
+    let Ok(pidfd) = rustix::process::pidfd_open(me, rustix::process::PidfdFlags::empty()) else {
+        return Availability::Missing;
+    };
+    match sys::waitid_pidfd(rustix::fd::AsFd::as_fd(&pidfd)) {
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => Availability::Missing,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        _ => Availability::Available,
+    }
+}
+
+/// The ioctl on a pidfd of our own: ENOTTY (or EINVAL) before 6.11.
+fn probe_pidfd_userns() -> Availability {
+    let Some(me) = rustix::process::Pid::from_raw(std::process::id() as i32) else {
+        return Availability::Missing;
+    };
+    let Ok(pidfd) = rustix::process::pidfd_open(me, rustix::process::PidfdFlags::empty()) else {
+        return Availability::Missing;
+    };
+    match sys::pidfd_get_user_namespace(rustix::fd::AsFd::as_fd(&pidfd)) {
+        Ok(_) => Availability::Available,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        Err(_) => Availability::Missing,
+    }
 }
 
 fn availability(r: std::result::Result<(), Errno>) -> Availability {

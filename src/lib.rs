@@ -19,7 +19,7 @@
 //!
 //! The user namespace comes from a validated [`Mapping`]
 //! ([`UserNamespace::from_mapping`], no `fork()` of the caller), from a path
-//! such as `/proc/PID/ns/user`, or from an fd. When the kernel refuses, the
+//! such as `/proc/PID/ns/user`, from a pidfd, or from an fd. When the kernel refuses, the
 //! [`Error`] says which rule was hit ([`ErrorKind`]): the filesystem (naming
 //! its type, and with a recursive clone the submount), a mount that is not
 //! detached or already idmapped, the initial namespace, a missing map, a busy
@@ -64,8 +64,9 @@ pub mod error;
 pub mod features;
 pub mod map;
 pub mod mount;
-mod mountinfo;
+mod mounttable;
 pub mod probe;
+mod procfs;
 pub mod ranges;
 pub mod strategy;
 mod sys;

@@ -20,7 +20,7 @@ use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::features::{self, Availability};
 use crate::map::Mapping;
-use crate::mountinfo;
+use crate::mounttable;
 use crate::sys::{self, RawMountAttr};
 use crate::userns::UserNamespace;
 
@@ -733,8 +733,10 @@ impl IdmapReadback {
 /// Read back the idmap of the mount attached at `path`.
 ///
 /// Linux >= 6.15: `statmount(STATMOUNT_MNT_UIDMAP | STATMOUNT_MNT_GIDMAP)`
-/// gives the mapping itself. Older kernels: the `idmapped` option in
-/// `/proc/self/mountinfo` tells only *whether* it is idmapped.
+/// gives the mapping itself. Older kernels tell only *whether* it is
+/// idmapped: `statmount`'s `MOUNT_ATTR_IDMAP` (6.8), else the `idmapped`
+/// option in our mountinfo, read through a verified procfs handle. A mount
+/// table that cannot be read or parsed is an error, not "not idmapped".
 pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
     let path = path.as_ref();
     if features::features().statmount_idmap == Availability::Available {
@@ -772,13 +774,9 @@ pub fn read_idmap(path: impl AsRef<Path>) -> Result<IdmapReadback> {
         };
         return Ok(IdmapReadback::Idmapped(mapping));
     }
-    let entry = mountinfo::entry_of(path).ok_or_else(|| {
-        Error::new(ErrorKind::InvalidInput(format!(
-            "{path:?} is not on a mount listed in /proc/self/mountinfo"
-        )))
-        .with_path(path)
-    })?;
-    Ok(if entry.is_idmapped() {
+    // Linux 6.8..6.14: statmount's attributes; older: mountinfo, through
+    // the verified procfs. Either way a table that cannot be read is an error.
+    Ok(if mounttable::mount_of(path)?.idmapped {
         IdmapReadback::Idmapped(None)
     } else {
         IdmapReadback::NotIdmapped

@@ -124,7 +124,12 @@ fn probe_userns() -> Result<Arc<UserNamespace>> {
 ///
 /// Errors only when `path` itself cannot be looked up.
 pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
-    let path = path.as_ref();
+    support_of(path.as_ref(), None)
+}
+
+/// [`idmap_support`], with whether the mount is idmapped already when the
+/// caller read it from the mount table (so it is not looked up again).
+fn support_of(path: &Path, known_idmapped: Option<bool>) -> Result<Support> {
     let st = rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::BASIC_STATS)
         .map_err(|e| Error::sys("statx", format!("{path:?}"), e).with_path(path))?;
     let magic = rustix::fs::statfs(path)
@@ -135,8 +140,15 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     // Whether the mount is idmapped already is a property of the mount, not
     // of the filesystem: checked every time, never cached. Only
     // `open_tree_attr` can give an idmapped source a new idmap.
-    if !replace_idmap && crate::mount::read_idmap(path).is_ok_and(|r| r.is_idmapped()) {
-        return Ok(Support::Unsupported(Reason::AlreadyIdmapped));
+    // A mount table that cannot be read is an error, not "not idmapped".
+    if !replace_idmap {
+        let idmapped = match known_idmapped {
+            Some(b) => b,
+            None => crate::mount::read_idmap(path)?.is_idmapped(),
+        };
+        if idmapped {
+            return Ok(Support::Unsupported(Reason::AlreadyIdmapped));
+        }
     }
     if let Some(s) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(s.clone());
@@ -206,18 +218,27 @@ pub fn idmap_support(path: impl AsRef<Path>) -> Result<Support> {
     Ok(verdict)
 }
 
-/// The filesystem type of the mount `path` is on, as mountinfo names it
-/// (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be found.
+/// The filesystem type of the mount `path` is on, as the mount table names
+/// it (`ext4`, `tmpfs`, `fuse.sshfs`, ...); `unknown` when it cannot be
+/// found. A label for messages: decisions never rest on it.
 pub fn fs_type(path: impl AsRef<Path>) -> String {
-    crate::mountinfo::entry_of(path.as_ref())
+    crate::mounttable::mount_of(path.as_ref())
         .map(|e| e.fs_type)
-        .unwrap_or_else(|| "unknown".to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// The first mount of the tree at `path` that cannot be idmapped, with the
 /// reason: `path`'s own mount, then (with `recursive`) every submount below
 /// `path`, parents first — what a recursive idmap would trip over, since the
 /// kernel idmaps a tree all or nothing. `None` when every mount can be.
+///
+/// With `recursive`, the whole tree is probed first with one recursive
+/// clone, idmapped recursively (what the real call does; the kernel copies
+/// only the subtree, so this costs the same however many other mounts the
+/// namespace holds). Only if that is refused is the subtree listed
+/// (`listmount`/`statmount` on Linux >= 6.8, else mountinfo) to name the
+/// mount that blocks it; a table that cannot be read is then an error,
+/// never "no submounts".
 pub fn first_unsupported(
     path: impl AsRef<Path>,
     recursive: bool,
@@ -226,14 +247,48 @@ pub fn first_unsupported(
     if let Support::Unsupported(reason) = idmap_support(path)? {
         return Ok(Some((path.to_path_buf(), reason)));
     }
-    if recursive {
-        for m in crate::mountinfo::tree_of(path).into_iter().skip(1) {
-            if let Support::Unsupported(reason) = idmap_support(&m.mount_point)? {
-                return Ok(Some((m.mount_point, reason)));
-            }
+    if !recursive || whole_tree_idmaps(path)? {
+        return Ok(None);
+    }
+    let tree = crate::mounttable::subtree(path)?;
+    for m in tree.into_iter().skip(1) {
+        if let Support::Unsupported(reason) = support_of(&m.mount_point, Some(m.idmapped))? {
+            return Ok(Some((m.mount_point, reason)));
         }
     }
     Ok(None)
+}
+
+/// One probe of the whole tree at `path`: a recursive clone idmapped
+/// recursively with the probe namespace, never attached, dropped at once.
+/// `false` when the kernel refused (the caller then finds out which mount).
+fn whole_tree_idmaps(path: &Path) -> Result<bool> {
+    let ns = match probe_userns() {
+        Ok(ns) => ns,
+        Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let raw = sys::RawMountAttr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: rustix::fd::AsRawFd::as_raw_fd(&rustix::fd::AsFd::as_fd(&*ns)) as u64,
+    };
+    let result = if features().open_tree_attr == Availability::Available {
+        let cp = crate::mount::cpath(path)?;
+        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
+        sys::open_tree_attr(CWD, &cp, flags, Some(&raw)).map(drop)
+    } else {
+        let clone = match DetachedMount::clone_tree(path, CloneFlags::RECURSIVE) {
+            Ok(m) => m,
+            Err(e) if e.errno() == Some(Errno::PERM) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let fd = rustix::fd::AsFd::as_fd(&clone);
+        let flags = libc::AT_EMPTY_PATH as u32 | libc::AT_RECURSIVE as u32;
+        sys::mount_setattr(fd, c"", flags, &raw)
+    };
+    Ok(result.is_ok())
 }
 
 /// Whether the idmap attribute can be set on `path`'s mount, as an

@@ -360,6 +360,50 @@ fn failures_exit_1_and_leave_nothing_mounted() {
     assert!(mounts_below(&target).is_empty());
 }
 
+/// The namespace named by `--map-mount=PATH` is the one used (its fd), so
+/// the kernel's refusal of the initial namespace reaches the user; paths
+/// that are not namespaces fail at once without being opened.
+#[test]
+#[serial]
+fn map_mount_path_uses_that_namespace_and_opens_nothing_else() {
+    privileged!();
+    needs_mount_setattr!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    for strategy in ["idmap", "auto"] {
+        let run = cli(&[
+            "--map-mount=/proc/self/ns/user",
+            &format!("--strategy={strategy}"),
+            s(&src),
+            s(&target),
+        ])
+        .expect(1);
+        run.stderr_line_names(&["the initial user namespace cannot be used to idmap a mount"]);
+        assert!(
+            mounts_below(&target).is_empty(),
+            "{strategy}: something was mounted"
+        );
+    }
+    // A FIFO would block an open(2) forever; a device's driver would run.
+    let fifo = fs.scratch("ns").join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    for (path, what) in [(s(&fifo), "a FIFO"), ("/dev/null", "a character device")] {
+        let start = std::time::Instant::now();
+        let run = cli(&[&format!("--map-mount={path}"), s(&src), s(&target)]).expect(1);
+        run.stderr_line_names(&[path, "not a user namespace", what]);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(mounts_below(&target).is_empty());
+    }
+}
+
 #[test]
 fn json_says_what_was_done() {
     privileged!();
