@@ -3,7 +3,8 @@
 //! pod's root writes a file. On disk both files are 0:0, each pod sees
 //! both as its root's, and on the host the pods run as unprivileged ids.
 //!
-//! Each pod's volume is a plain attach into a per-pod directory. The pod
+//! Each pod's volume is attached beneath the pod's root directory
+//! ([`DetachedMount::attach_beneath`]: resolved inside it, created there). The pod
 //! processes are this program again ([`HELPER`]): a fresh single-threaded
 //! process can join a user namespace (`setns`), which a threaded one cannot.
 
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::process::{Command as Process, ExitCode, Stdio};
 
 use idmapped::ranges::{Allocation, Allocator, Config};
-use idmapped::{CloneFlags, DetachedMount, MountAttr, UserNamespace};
+use idmapped::{AttachOptions, CloneFlags, DetachedMount, MountAttr, UserNamespace};
 use rustix::thread::LinkNameSpaceType;
 
 use super::Mounted;
@@ -41,11 +42,15 @@ pub fn run(dir: &Path, fs_root: &Path) -> Result<String, Failure> {
     let mut mounts = Vec::new();
     for pod in &pods {
         let ns = UserNamespace::from_mapping(pod.mapping())?;
-        let target = dir.join("pods").join(pod.key()).join("volume");
-        std::fs::create_dir_all(&target).map_err(Failure::io(target.display()))?;
-        DetachedMount::clone_with(&volume, CloneFlags::empty(), &MountAttr::new().idmap(&ns))?
-            .attach(&target)?;
-        mounts.push(Mounted::new(target));
+        // The pod's root, which a pod could fill with symlinks: the volume
+        // is attached beneath it, resolved inside it, never by a host path.
+        let root = dir.join("pods").join(pod.key());
+        std::fs::create_dir_all(&root).map_err(Failure::io(root.display()))?;
+        let root_fd = std::fs::File::open(&root).map_err(Failure::io(root.display()))?;
+        let attached =
+            DetachedMount::clone_with(&volume, CloneFlags::empty(), &MountAttr::new().idmap(&ns))?
+                .attach_beneath(&root_fd, "volume", &AttachOptions::new().create(true))?;
+        mounts.push(Mounted::new(root.join(attached.target)));
         namespaces.push(ns);
     }
     // Each pod's root writes its file, then each pod looks at both.
@@ -62,7 +67,8 @@ pub fn run(dir: &Path, fs_root: &Path) -> Result<String, Failure> {
     let mut out = String::from(
         "\nPods (hostUsers: false): two ranges from an allocator (idmapped::ranges,\n\
          state in a temporary directory); each pod gets a user namespace of its\n\
-         own and the same volume idmapped for it; each pod's root writes a file.\n\n",
+         own and the same volume idmapped for it, attached beneath the pod's\n\
+         root; each pod's root writes a file.\n\n",
     );
     for (pod, ids) in pods.iter().zip(&host_ids) {
         out.push_str(&format!(
