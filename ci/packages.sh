@@ -12,7 +12,7 @@
 # lacks them (ci/test.sh runs both).
 set -euo pipefail
 
-PACKAGES=(e2fsprogs xfsprogs btrfs-progs dosfstools mount util-linux acl libcap2-bin coreutils)
+PACKAGES=(e2fsprogs xfsprogs btrfs-progs dosfstools mount util-linux acl libcap2-bin coreutils uidmap)
 
 check_only=false
 case "${1:-}" in

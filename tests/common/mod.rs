@@ -92,6 +92,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("getcap", "libcap2-bin"),
     ("chown", "coreutils"),
     ("sleep", "coreutils"),
+    ("getsubids", "uidmap"),
 ];
 
 /// Why `program` could not be started, for a panic message: a program that
