@@ -58,6 +58,11 @@ IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mou
 step "cargo test --test helper --test userns with every procfs/pidfd fallback forced"
 IDMAPPED_FORCE_FALLBACK=fsopen_proc,openat2,pidfd,pidfd_get_user_namespace,listmount,statmount \
 	cargo test --test helper --test userns
+# The resolver and runtime tests once more as on a kernel without openat2
+# (before 5.6, or seccomp refusing it: the userspace resolver is the probed
+# default) and without MOVE_MOUNT_BENEATH (before 6.5: replace refused).
+step "cargo test --test resolve --test runtime --test cli_beneath with IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath"
+IDMAPPED_FORCE_FALLBACK=openat2,move_mount_beneath cargo test --test resolve --test runtime --test cli_beneath
 # The overlay ladder's choice with the newer rungs switched off: create() and
 # the CLI must pick staged mounts with lowerdir+, then with one lowerdir= page
 # (tests/rootfs.rs runs every rung directly anyway).

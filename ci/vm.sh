@@ -22,7 +22,8 @@
 # (named after it), bin/mount-idmapped, ARGS "--nocapture --test-threads=1"
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
-# VM_TEST_TARGETS (space separated), or "matrix mount userns cli helper ranges id_ranges rootfs".
+# VM_TEST_TARGETS (space separated), or "matrix mount userns cli helper ranges
+# id_ranges resolve runtime cli_beneath rootfs".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -61,7 +62,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges rootfs}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath rootfs}"
 cli_test_targets=()
 selftest=0
 quiet=0

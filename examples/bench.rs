@@ -40,6 +40,11 @@
 //!    namespace (containerd's first approach): total time, mount operations
 //!    and the peak number of mounts in the caller's namespace.
 //!
+//! 4. **Resolving beneath a root**: `resolve::resolve_in_root` of a
+//!    10-component path through two symlinks and a `..`, with `openat2`
+//!    against the userspace resolver (the fallback for kernels before 5.6
+//!    or seccomp), and a full `attach_beneath` against a path `attach`.
+//!
 //! Each figure is the median of the runs, with min and max. It prints a
 //! markdown table and the ratios that matter; `--csv FILE` writes the rows.
 
@@ -102,6 +107,7 @@ enum Scenario {
     Ranges,
     MountTable,
     NodeScale,
+    Resolve,
     Rootfs,
 }
 
@@ -116,7 +122,7 @@ struct Config {
 const USAGE: &str = "usage: bench [--quick] [--repeats K] [--csv FILE]
   --quick        trees up to 100k files only (under a minute)
   --only S       run one scenario: ownership, userns, mount-calls, mount-table,
-                 node-scale, ranges or rootfs
+                 node-scale, ranges, resolve or rootfs
   --repeats K    timed runs per figure, K >= 5 (default 5); microsecond-scale
                  figures take 20*K calls
   --csv FILE     also write the rows as CSV: scenario,fs,n,method,median_s,min_s,max_s
@@ -142,10 +148,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
                     "ranges" => Scenario::Ranges,
                     "mount-table" => Scenario::MountTable,
                     "node-scale" => Scenario::NodeScale,
+                    "resolve" => Scenario::Resolve,
                     "rootfs" => Scenario::Rootfs,
                     _ => {
                         return Err(format!(
-                            "--only {v:?}: expected ownership, userns, mount-calls, mount-table, node-scale, ranges or rootfs"
+                            "--only {v:?}: expected ownership, userns, mount-calls, mount-table, node-scale, ranges, resolve or rootfs"
                         ))
                     }
                 });
@@ -1130,6 +1137,80 @@ fn mount_calls(cfg: &Config, fs_name: &str, path: &Path, userns: &UserNamespace)
     Ok(rows)
 }
 
+// ------------------------------------------------------------------ resolve
+
+/// Scenario 4: the cost of resolving a mount target inside an untrusted
+/// root, per resolver, and of the whole beneath attach against a path attach.
+fn resolve_beneath(cfg: &Config, scratch: &Scratch) -> Res<Vec<Row>> {
+    use idmapped::resolve::{resolve_in_root, ResolveOptions, Resolver};
+    use idmapped::AttachOptions;
+    let runs = cfg.repeats * MICRO_FACTOR;
+    let root = scratch.path("resolve-root");
+    let deep = "a/b/c/d/e/f/g/h";
+    fs::create_dir_all(root.join(deep)).ctx("resolve tree")?;
+    std::os::unix::fs::symlink("/a/b/c", root.join("abs")).ctx("symlink")?;
+    std::os::unix::fs::symlink("../c/d", root.join("a/b/c/rel")).ctx("symlink")?;
+    // abs -> /a/b/c, then rel -> ../c/d, "..", and down to h: 10 components.
+    let path = "abs/rel/../d/e/f/g/h/../h";
+    let src = scratch.path("resolve-src");
+    fs::create_dir_all(&src).ctx("resolve source")?;
+    let rootfd = rustix::fs::open(&root, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+        .ctx("open root")?;
+    let fs_name = idmapped::probe::fs_type(&root);
+    let fs_name = fs_name.as_str();
+    let mut rows = Vec::new();
+    for r in [Resolver::Openat2, Resolver::Userspace] {
+        let method = format!("resolve_in_root ({})", r.name());
+        if r == Resolver::Openat2 && features::features().openat2 != Availability::Available {
+            rows.push(Row::new("resolve", fs_name, None, &method).note("openat2 not usable here"));
+            continue;
+        }
+        let opts = ResolveOptions::new().resolver(r);
+        let stats = measure(
+            runs,
+            || Ok(()),
+            || time(|| resolve_in_root(&rootfd, path, &opts).ctx("resolve")),
+            |res| {
+                assert_eq!(res.path(), Path::new("a/b/c/d/e/f/g/h"));
+                Ok(())
+            },
+        )?;
+        rows.push(Row::new("resolve", fs_name, None, &method).measured(stats));
+    }
+    let target = root.join(deep);
+    let detach = |_: ()| {
+        rustix::mount::unmount(&target, UnmountFlags::DETACH).ctx("unmount")?;
+        Ok(())
+    };
+    let stats = measure(
+        runs,
+        || Ok(()),
+        || {
+            let m = DetachedMount::clone_tree(&src, CloneFlags::empty()).ctx("clone")?;
+            time(|| m.attach(&target).ctx("attach"))
+        },
+        detach,
+    )?;
+    rows.push(Row::new("resolve", fs_name, None, "attach (path, no resolution)").measured(stats));
+    let stats = measure(
+        runs,
+        || Ok(()),
+        || {
+            let m = DetachedMount::clone_tree(&src, CloneFlags::empty()).ctx("clone")?;
+            time(|| {
+                m.attach_beneath(&rootfd, path, &AttachOptions::new())
+                    .ctx("attach_beneath")
+                    .map(drop)
+            })
+        },
+        detach,
+    )?;
+    rows.push(
+        Row::new("resolve", fs_name, None, "attach_beneath (probed resolver)").measured(stats),
+    );
+    Ok(rows)
+}
+
 // ------------------------------------------------------------------ ratios
 
 /// Looks up figures by (scenario, fs, n, method).
@@ -1397,6 +1478,11 @@ fn run(cfg: &Config) -> Res<()> {
         rows.extend(rootfs_setup(cfg, &ext4, &attach, &mapping, &progress)?);
         progress("mount mayhem: 100 pods x 50 layers".into());
         rows.extend(mount_mayhem(&ext4)?);
+    }
+
+    if cfg.runs(Scenario::Resolve) {
+        progress("resolving beneath a root".into());
+        rows.extend(resolve_beneath(cfg, &scratch)?);
     }
 
     println!();

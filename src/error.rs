@@ -80,6 +80,21 @@ pub enum ErrorKind {
     /// probes with clones of each mount); the mount calls themselves make no
     /// such probe.
     IdmapRefused,
+    /// A path inside a root could not be resolved ([`crate::resolve`]):
+    /// `component` is the path, relative to the root and with the symlinks
+    /// met so far expanded, of the component that failed.
+    Unresolvable {
+        /// The failing component, relative to the root (e.g. `etc/evil`).
+        component: PathBuf,
+        /// Why it could not be resolved.
+        reason: ResolveReason,
+        /// The last symlink followed on the way (relative to the root), if
+        /// any: how the path got to `component`.
+        via: Option<PathBuf>,
+    },
+    /// A file descriptor that should be the root of a mount is not
+    /// ([`crate::DetachedMount::from_fd`]).
+    NotAMount,
     /// The source and the mount point cannot be mounted one onto the other:
     /// the kernel mounts a directory only onto a directory, and anything
     /// else only onto a non-directory (`move_mount` says only `EINVAL`).
@@ -174,6 +189,35 @@ pub enum ErrorKind {
     ShiftThroughOverlay,
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
+}
+
+/// Why a component of a path inside a root could not be resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResolveReason {
+    /// It does not exist (and creating it was not asked for).
+    Missing,
+    /// A component before the last is not a directory.
+    NotADirectory,
+    /// More than 40 symlinks were met (`ELOOP`, as the kernel counts).
+    SymlinkLoop,
+    /// It is a procfs magic link (`/proc/*/fd/*`, `/proc/*/root`, ...),
+    /// which could jump anywhere: always refused.
+    MagicLink,
+    /// The system call failed otherwise; see [`Error::errno`].
+    Failed,
+}
+
+impl fmt::Display for ResolveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResolveReason::Missing => "does not exist",
+            ResolveReason::NotADirectory => "is not a directory",
+            ResolveReason::SymlinkLoop => "leads through more than 40 symlinks (a loop?)",
+            ResolveReason::MagicLink => "is a procfs magic link, which is never followed",
+            ResolveReason::Failed => "cannot be opened",
+        })
+    }
 }
 
 /// What a path is, as mounting cares: `move_mount` pairs directories with
@@ -308,6 +352,20 @@ impl fmt::Display for ErrorKind {
             ErrorKind::IdmapRefused => f.write_str(
                 "the kernel refused to idmap the mount: a filesystem of the tree cannot be idmapped on this kernel, or the namespace owns it (probe::diagnose tells which)",
             ),
+            ErrorKind::Unresolvable {
+                component,
+                reason,
+                via,
+            } => {
+                write!(f, "cannot resolve {component:?} inside the root: it {reason}")?;
+                match via {
+                    Some(link) => write!(f, " (reached through the symlink {link:?})"),
+                    None => Ok(()),
+                }
+            }
+            ErrorKind::NotAMount => {
+                f.write_str("the file descriptor is not the root of a mount")
+            }
             ErrorKind::MountPointMismatch {
                 source,
                 source_kind,
@@ -405,6 +463,9 @@ struct Inner {
     syscall: Option<Syscall>,
     path: Option<PathBuf>,
     errno: Option<Errno>,
+    /// Where the operation ran, when that is not evident (e.g. "in the mount
+    /// namespace of pid 42").
+    context: Option<String>,
 }
 
 impl Error {
@@ -415,6 +476,7 @@ impl Error {
             syscall: None,
             path: None,
             errno: None,
+            context: None,
         }))
     }
 
@@ -429,6 +491,7 @@ impl Error {
             }),
             path: None,
             errno: Some(errno),
+            context: None,
         }))
     }
 
@@ -436,6 +499,18 @@ impl Error {
     pub(crate) fn with_path(mut self, path: impl AsRef<Path>) -> Error {
         self.0.path = Some(path.as_ref().to_path_buf());
         self
+    }
+
+    /// Say where the operation ran (shown before the path).
+    pub(crate) fn with_context(mut self, context: impl Into<String>) -> Error {
+        self.0.context = Some(context.into());
+        self
+    }
+
+    /// Where the operation ran, when the error says (e.g. "in the mount
+    /// namespace of pid 42").
+    pub fn context(&self) -> Option<&str> {
+        self.0.context.as_deref()
     }
 
     /// Record the check that failed when no system call did (the call that
@@ -503,6 +578,9 @@ fn generic_kind(errno: Errno) -> ErrorKind {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(context) = &self.0.context {
+            write!(f, "{context}: ")?;
+        }
         if let Some(path) = &self.0.path {
             write!(f, "{}: ", path.display())?;
         }

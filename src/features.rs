@@ -36,7 +36,9 @@ pub struct Features {
     /// `statmount(2)` with `STATMOUNT_MNT_UIDMAP`, Linux 6.15: read a mount's idmap back.
     pub statmount_idmap: Availability,
     /// `openat2(2)` with `RESOLVE_*`, Linux 5.6: procfs lookups that refuse
-    /// symlinks, magic links and mount crossings in one call.
+    /// symlinks, magic links and mount crossings in one call, and resolving a
+    /// path inside a root in one call ([`crate::resolve`]; without it a
+    /// userspace resolver with the same semantics is used).
     pub openat2: Availability,
     /// `pidfd_send_signal(2)`, Linux 5.1: the namespace helper is signalled
     /// through its pidfd (`CLONE_PIDFD`, 5.2) rather than by pid.
@@ -49,6 +51,8 @@ pub struct Features {
     /// `listmount(2)` + `statmount(2)`, Linux 6.8: the mounts of a subtree and
     /// their type, flags and idmap, without reading the whole mount table.
     pub listmount: Availability,
+    /// `move_mount(MOVE_MOUNT_BENEATH)`, Linux 6.5: atomic replace of a mount.
+    pub move_mount_beneath: Availability,
 }
 
 /// Whether `IDMAPPED_FORCE_FALLBACK` (a comma-separated list, read once per
@@ -120,6 +124,7 @@ pub fn features() -> &'static Features {
             listmount: gate("listmount", || {
                 availability(sys::listmount(sys::LSMT_ROOT, 0, &mut [0u64; 1]).map(drop))
             }),
+            move_mount_beneath: gate("move_mount_beneath", probe_move_mount_beneath),
         }
     })
 }
@@ -178,6 +183,25 @@ fn probe_pidfd_userns() -> Availability {
 fn availability(r: std::result::Result<(), Errno>) -> Availability {
     match r {
         Err(Errno::NOSYS) => Availability::Missing,
+        Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
+        _ => Availability::Available,
+    }
+}
+
+/// `move_mount` checks privilege (EPERM), then rejects flags it does not know
+/// (EINVAL: `MOVE_MOUNT_BENEATH` is unknown before 6.5), then looks at the fds
+/// (EBADF: the flag is known).
+fn probe_move_mount_beneath() -> Availability {
+    use rustix::mount::MoveMountFlags as M;
+    let r = rustix::mount::move_mount(
+        rustix::fs::ABS,
+        "",
+        rustix::fs::ABS,
+        "",
+        M::MOVE_MOUNT_F_EMPTY_PATH | M::MOVE_MOUNT_T_EMPTY_PATH | M::MOVE_MOUNT_BENEATH,
+    );
+    match r {
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => Availability::Missing,
         Err(e @ (Errno::PERM | Errno::ACCESS)) => Availability::Blocked(e),
         _ => Availability::Available,
     }

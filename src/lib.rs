@@ -46,6 +46,25 @@
 //! # Ok::<(), idmapped::Error>(())
 //! ```
 //!
+//! # Runtimes: attach into a container's root only beneath it
+//! A container can write to its root filesystem and volumes, so a path into
+//! them is attacker-chosen. [`DetachedMount::attach`] follows symlinks in
+//! the caller's namespace; attach there only with
+//! [`DetachedMount::attach_beneath`] (or [`resolve::resolve_in_root`] and
+//! [`DetachedMount::attach_to`]), which resolves the target as if the root
+//! were `/` and attaches to the resolved fd. A mount made in one process can
+//! be sent to another ([`DetachedMount::send`], [`DetachedMount::recv`]),
+//! attached inside another mount namespace
+//! ([`DetachedMount::attach_in_namespace`]) or replace a mount atomically
+//! ([`DetachedMount::replace`]). OCI's mount options map onto
+//! [`CloneFlags`] and [`MountAttr`] (`idmap` vs `idmap_recursive` for
+//! `idmap`/`ridmap`, `set` vs `set_recursive` for `ro`/`rro`, ...), and its
+//! `uidMappings` onto [`Mapping::from_oci`]; the README's "For runtime
+//! authors" has the full table.
+//!
+//! The public API uses `std` fd and path types and its own flags; the one
+//! rustix type in it is [`Errno`], re-exported (see the README for why).
+//!
 //! # Root filesystems and fresh filesystems
 //! A container's root filesystem is an overlay of shared image layers;
 //! [`rootfs::Overlay`] builds one whose layers are each seen through the
@@ -62,7 +81,9 @@
 //! [`map`] for the syntaxes accepted and the names of the two columns.
 //!
 //! # Minimum kernels
-//! `open_tree`/`move_mount` 5.2; `mount_setattr` (idmapping at all) 5.12;
+//! `open_tree`/`move_mount` 5.2 (attaching to an fd too); `openat2` (the
+//! in-kernel resolver; a userspace one before) 5.6; `mount_setattr`
+//! (idmapping at all) 5.12; `MOVE_MOUNT_BENEATH` (atomic replace) 6.5;
 //! `open_tree_attr` (one-call clone+idmap, replacing or clearing an idmap)
 //! 6.15; `statmount` idmap read-back 6.15; an overlay of idmapped layers
 //! 5.19 (layers as `lowerdir+` strings 6.8, as fds 6.13); an idmapped fresh
@@ -80,16 +101,18 @@ mod mounttable;
 pub mod probe;
 mod procfs;
 pub mod ranges;
+pub mod resolve;
 pub mod rootfs;
 pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, FileKind, Result};
-pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
+pub use error::{Errno, Error, ErrorKind, FileKind, ResolveReason, Result};
+pub use map::{Extent, IdKind, IdMap, MapError, Mapping, OciIdMapping};
 pub use mount::{
-    check_mount_point, read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount,
-    IdmapReadback, MountAttr, MountAttrFlags, Propagation,
+    check_mount_point, read_idmap, set_attr_at_path, Atime, AttachOptions, Attached, CloneFlags,
+    CloneMethod, DetachedMount, IdmapReadback, MountAttr, MountAttrFlags, MountNamespace,
+    Propagation,
 };
 pub use mount::{FsContext, NewFilesystem};
 pub use userns::{UserNamespace, UsernsCache};

@@ -1035,6 +1035,59 @@ fn parse_x_mount_entry(entry: &str) -> Result<(IdKind, Extent), MapErrorReason> 
     }
 }
 
+// ---- OCI: a mount's uidMappings / gidMappings ----
+
+/// One entry of an OCI runtime spec mount's `uidMappings` or `gidMappings`:
+/// `{"containerID": C, "hostID": H, "size": N}`.
+///
+/// **For a mount**, `containerID` is the **on-disk** id and `hostID` the id
+/// **seen** through the mount: a file stored as `C+n` is seen as `H+n`. (The
+/// names come from a process's user namespace, where the same line of
+/// `uid_map` reads "id C inside is H outside"; a mount idmapped with that
+/// namespace translates the filesystem's ids the opposite way round from
+/// what the names suggest.) So the entry is [`Extent::new(C, H, N)`](Extent::new)
+/// and the `uid_map` line the kernel is given is `C H N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OciIdMapping {
+    /// `containerID`: the first on-disk id.
+    pub container_id: u32,
+    /// `hostID`: the first id seen through the mount.
+    pub host_id: u32,
+    /// `size`: how many ids.
+    pub size: u32,
+}
+
+impl Mapping {
+    /// The mapping of an OCI mount's `uidMappings` and `gidMappings`
+    /// ([`OciIdMapping`]: `containerID` = on-disk id, `hostID` = id seen).
+    /// Both must be non-empty (the runtime spec requires both for an idmapped
+    /// mount); each entry is validated like [`Extent::new`] and the maps like
+    /// [`IdMap::new`]. Errors number the entries uid entries first, then gid
+    /// entries, from 1.
+    ///
+    /// ```
+    /// use idmapped::map::{Mapping, OciIdMapping};
+    /// // "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    /// let m = OciIdMapping { container_id: 0, host_id: 100000, size: 65536 };
+    /// let mapping = Mapping::from_oci(&[m], &[m])?;
+    /// assert_eq!(mapping.uids().seen(1000), Some(101000)); // on-disk 1000 is seen as 101000
+    /// # Ok::<(), idmapped::MapError>(())
+    /// ```
+    pub fn from_oci(
+        uid_mappings: &[OciIdMapping],
+        gid_mappings: &[OciIdMapping],
+    ) -> Result<Mapping, MapError> {
+        let mut entries = Vec::with_capacity(uid_mappings.len() + gid_mappings.len());
+        for (kind, list) in [(IdKind::Uid, uid_mappings), (IdKind::Gid, gid_mappings)] {
+            for m in list {
+                let extent = Extent::new(m.container_id, m.host_id, m.size)?;
+                entries.push((kind, extent));
+            }
+        }
+        Mapping::from_entries(entries)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,13 @@
 //! A [`DetachedMount`] owns the fd of a mount tree that is not attached
 //! anywhere; dropping it unmounts the tree. [`DetachedMount::attach`]
 //! consumes it, so a mount cannot be attached twice or changed after.
+//!
+//! For a runtime: [`DetachedMount::attach_beneath`] attaches inside an
+//! untrusted root (resolved by [`crate::resolve`]),
+//! [`DetachedMount::attach_to`] onto an fd, [`DetachedMount::replace`]
+//! atomically over a mount, [`DetachedMount::attach_in_namespace`] inside
+//! another mount namespace; [`DetachedMount::send`] / [`DetachedMount::recv`]
+//! hand a mount to another process.
 #![forbid(unsafe_code)]
 
 use std::ffi::CString;
@@ -21,6 +28,7 @@ use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::features::{self, Availability};
 use crate::map::Mapping;
 use crate::mounttable;
+use crate::resolve::{self, Create, ResolveOptions, Resolver};
 use crate::sys::{self, RawMountAttr};
 use crate::userns::UserNamespace;
 
@@ -438,6 +446,9 @@ pub enum CloneMethod {
     OpenTree,
     /// `open_tree_attr(OPEN_TREE_CLONE)`: cloned with its attributes in one call (Linux 6.15).
     OpenTreeAttr,
+    /// Made elsewhere and adopted from an fd ([`DetachedMount::from_fd`],
+    /// [`DetachedMount::recv`]): how is not known.
+    Adopted,
     /// `fsopen`+`fsconfig`+`fsmount`: a new filesystem instance, attributes by `mount_setattr`.
     FsMount,
 }
@@ -448,6 +459,7 @@ impl CloneMethod {
         match self {
             CloneMethod::OpenTree => "open_tree+mount_setattr",
             CloneMethod::OpenTreeAttr => "open_tree_attr",
+            CloneMethod::Adopted => "adopted fd",
             CloneMethod::FsMount => "fsopen+fsmount+mount_setattr",
         }
     }
@@ -631,7 +643,8 @@ impl DetachedMount {
     ///
     /// `target` is resolved in the caller's mount namespace and symlinks in
     /// its components are followed: never use it for a path inside a root
-    /// filesystem a container can write to.
+    /// filesystem a container can write to; use
+    /// [`attach_beneath`](Self::attach_beneath) there.
     ///
     /// # References
     /// - [`move_mount(2)`](https://man7.org/linux/man-pages/man2/move_mount.2.html)
@@ -640,7 +653,10 @@ impl DetachedMount {
         self.attach_at(CWD, target)
     }
 
-    /// [`attach`](Self::attach) with `target` relative to `dirfd`.
+    /// [`attach`](Self::attach) with `target` relative to `dirfd`. Symlinks,
+    /// `..` and absolute paths in `target` are followed out of `dirfd`: to
+    /// stay inside a root use [`attach_beneath`](Self::attach_beneath), or
+    /// [`attach_to`](Self::attach_to) on an fd you resolved.
     pub fn attach_at(self, dirfd: impl AsFd, target: impl AsRef<Path>) -> Result<()> {
         let target = target.as_ref();
         rustix::mount::move_mount(
@@ -819,7 +835,7 @@ fn classify(
         Errno::PERM if idmapping => {
             if userns.is_some_and(UserNamespace::is_initial) {
                 err.with_kind(ErrorKind::InitialUserns)
-            } else if detached && source_is_idmapped(source) {
+            } else if detached && !source.as_os_str().is_empty() && source_is_idmapped(source) {
                 err.with_kind(ErrorKind::AlreadyIdmapped)
             } else {
                 err.with_kind(ErrorKind::PermissionDenied)
@@ -841,6 +857,543 @@ fn classify(
 /// Whether the mount `path` is on is idmapped already.
 fn source_is_idmapped(path: &Path) -> bool {
     matches!(read_idmap(path), Ok(IdmapReadback::Idmapped(_)))
+}
+
+// ---- runtime: attach to an fd, beneath a root, in another namespace; replace; hand over ----
+
+/// How [`DetachedMount::attach_beneath`] and
+/// [`DetachedMount::attach_in_namespace`] find and treat their target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    create: bool,
+    replace: bool,
+    resolver: Option<Resolver>,
+}
+
+impl AttachOptions {
+    /// Resolve the target, which must exist; attach on top of whatever is there.
+    pub fn new() -> AttachOptions {
+        AttachOptions::default()
+    }
+
+    /// Create the target if it is missing, confined to the root like the
+    /// resolution: parents as directories (0755), the target itself as a
+    /// directory for a directory mount or an empty file for a file mount.
+    pub fn create(mut self, yes: bool) -> AttachOptions {
+        self.create = yes;
+        self
+    }
+
+    /// A mount on the target is replaced atomically
+    /// ([`DetachedMount::replace`]); with nothing mounted there, a plain attach.
+    pub fn replace(mut self, yes: bool) -> AttachOptions {
+        self.replace = yes;
+        self
+    }
+
+    /// Force a resolver instead of probing (for tests; see [`crate::resolve`]).
+    pub fn resolver(mut self, resolver: Resolver) -> AttachOptions {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// Whether [`create`](Self::create) was asked for.
+    pub fn creates(&self) -> bool {
+        self.create
+    }
+
+    /// Whether [`replace`](Self::replace) was asked for.
+    pub fn replaces(&self) -> bool {
+        self.replace
+    }
+
+    /// The resolver forced with [`resolver`](Self::resolver), if any.
+    pub fn forced_resolver(&self) -> Option<Resolver> {
+        self.resolver
+    }
+}
+
+/// What [`DetachedMount::attach_beneath`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Attached {
+    /// The target as resolved, relative to the root, symlinks expanded.
+    pub target: PathBuf,
+    /// Whether a mount on the target was replaced.
+    pub replaced: bool,
+    /// Whether the target (or a parent) was created.
+    pub created: bool,
+    /// Which resolver found the target.
+    pub resolver: Resolver,
+}
+
+/// A mount namespace to attach in ([`DetachedMount::attach_in_namespace`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum MountNamespace<'a> {
+    /// The mount namespace of this process (in our pid namespace), through
+    /// `pidfd_open` (Linux 5.3) and `setns(pidfd, CLONE_NEWNS)` (Linux 5.8).
+    Pid(i32),
+    /// The mount namespace of the process of this pidfd (Linux 5.8).
+    Pidfd(BorrowedFd<'a>),
+    /// A mount-namespace fd, e.g. `/proc/PID/ns/mnt` opened, or a bind mount of one.
+    Fd(BorrowedFd<'a>),
+}
+
+impl MountNamespace<'_> {
+    /// For errors: "in the mount namespace of pid 42".
+    fn describe(&self) -> String {
+        match self {
+            MountNamespace::Pid(pid) => format!("in the mount namespace of pid {pid}"),
+            MountNamespace::Pidfd(fd) => format!(
+                "in the mount namespace of pidfd {}",
+                rustix::fd::AsRawFd::as_raw_fd(fd)
+            ),
+            MountNamespace::Fd(fd) => format!(
+                "in mount namespace fd {}",
+                rustix::fd::AsRawFd::as_raw_fd(fd)
+            ),
+        }
+    }
+}
+
+/// The byte sent along with a mount fd: stream sockets need one byte of data
+/// to carry ancillary data; exactly one is read, so nothing after it is consumed.
+const SCM_TAG: &[u8] = b"M";
+
+fn raw(fd: BorrowedFd<'_>) -> i32 {
+    rustix::fd::AsRawFd::as_raw_fd(&fd)
+}
+
+/// Whether `fd` is the root of a mount (`STATX_ATTR_MOUNT_ROOT`, Linux 5.8;
+/// `None` when the kernel cannot say).
+fn is_mount_root(fd: BorrowedFd<'_>) -> Result<Option<bool>> {
+    use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::TYPE).map_err(|e| {
+        Error::sys(
+            "statx",
+            format!("fd {}, \"\", AT_EMPTY_PATH, STATX_TYPE", raw(fd)),
+            e,
+        )
+    })?;
+    Ok(st
+        .stx_attributes_mask
+        .contains(StatxAttributes::MOUNT_ROOT)
+        .then(|| st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)))
+}
+
+/// Whether the mount `fd` is the root of is attached in the caller's mount
+/// namespace: `statmount` (Linux 6.8) finds only those by id. `false` when
+/// the kernel cannot tell.
+fn attached_here(fd: BorrowedFd<'_>) -> bool {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let Ok(st) = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE),
+    ) else {
+        return false;
+    };
+    st.stx_mask & STATX_MNT_ID_UNIQUE != 0
+        && sys::statmount(st.stx_mnt_id, sys::STATMOUNT_MNT_BASIC).is_ok()
+}
+
+/// Run `f` on a new thread with its own fs context (`unshare(CLONE_FS)`),
+/// so a `chdir`/`setns` there moves no other thread; the thread exits when
+/// `f` returns and is never reused.
+fn on_own_fs_thread<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            sys::unshare_fs().map_err(|e| Error::sys("unshare", "CLONE_FS", e))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(Error::new(ErrorKind::Process(
+                "the attach thread panicked".into(),
+            )))
+        })
+    })
+}
+
+impl DetachedMount {
+    /// Adopt an fd that refers to a detached mount, e.g. one received from
+    /// another process or made by `fsmount`/`open_tree` outside this crate.
+    ///
+    /// Checked: the fd is the root of a mount (`STATX_ATTR_MOUNT_ROOT`,
+    /// Linux 5.8; [`ErrorKind::NotAMount`] otherwise), and, on Linux >= 6.8
+    /// (`statmount`), that the mount is not attached in the caller's mount
+    /// namespace ([`ErrorKind::NotDetached`] otherwise). **Not checked**,
+    /// because no kernel call says so for an fd: that a mount attached in
+    /// *another* namespace (or, before 6.8, in any) is not one. Attaching an
+    /// attached mount's fd *moves* that mount; accept fds only from a
+    /// process you trust to send detached ones. Whether it has submounts is
+    /// not known either: attribute changes are made as for a recursive clone
+    /// (the `_recursive` part with `AT_RECURSIVE`), which is right for both.
+    pub fn from_fd(fd: OwnedFd) -> Result<DetachedMount> {
+        if is_mount_root(fd.as_fd())? == Some(false) {
+            return Err(Error::new(ErrorKind::NotAMount));
+        }
+        if attached_here(fd.as_fd()) {
+            return Err(Error::new(ErrorKind::NotDetached));
+        }
+        Ok(DetachedMount {
+            fd,
+            method: CloneMethod::Adopted,
+            recursive: true,
+            source: PathBuf::new(),
+        })
+    }
+
+    /// Attach the tree onto the file or directory `target` refers to
+    /// (`move_mount(fd, "", target, "", MOVE_MOUNT_F_EMPTY_PATH |
+    /// MOVE_MOUNT_T_EMPTY_PATH)`); an `O_PATH` fd is enough. This is how a
+    /// mount lands on a target resolved safely, e.g. by
+    /// [`crate::resolve::resolve_in_root`]. On failure nothing is mounted.
+    #[doc(alias = "MOVE_MOUNT_T_EMPTY_PATH")]
+    pub fn attach_to(self, target: impl AsFd) -> Result<()> {
+        let target = target.as_fd();
+        rustix::mount::move_mount(
+            self.fd.as_fd(),
+            "",
+            target,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| {
+            Error::sys(
+                "move_mount",
+                format!(
+                    "fd {}, \"\", fd {}, \"\", MOVE_MOUNT_F_EMPTY_PATH|MOVE_MOUNT_T_EMPTY_PATH",
+                    raw(self.fd.as_fd()),
+                    raw(target)
+                ),
+                e,
+            )
+            .with_path(&self.source)
+        })
+    }
+
+    /// Replace the mount on `target` atomically: attach this tree *beneath*
+    /// the top mount there (`MOVE_MOUNT_BENEATH`, Linux 6.5), then detach the
+    /// old top (`umount2(MNT_DETACH)`), so a reader of the target sees the
+    /// old mount, then the new one, and never the directory underneath.
+    /// Returns `true` when a mount was replaced; with nothing mounted on
+    /// `target` (it is not a mount root) this is a plain
+    /// [`attach_to`](Self::attach_to) and returns `false`.
+    ///
+    /// `target` must be the root of the top mount, as a resolved fd of the
+    /// mount point is. With a mount there and a kernel without
+    /// `MOVE_MOUNT_BENEATH` (found by probing): [`ErrorKind::KernelTooOld`],
+    /// nothing changed. The kernel may refuse (`EINVAL`): where propagation
+    /// would put a copy of the new mount on top, and (Linux 6.18 and earlier
+    /// here; 7.3 allows it) beneath the caller's root. Unlike systemd's
+    /// `mount_exchange_graceful` this does not then
+    /// mount on top (that would leave the old mount stacked under the new
+    /// one, not replaced): it fails and changes nothing. The old top is
+    /// detached through the fd (`fchdir` to it on a thread of its own, then
+    /// `umount2(".")`), never by a path.
+    #[doc(alias = "MOVE_MOUNT_BENEATH")]
+    pub fn replace(self, target: impl AsFd) -> Result<bool> {
+        let target = target.as_fd();
+        match is_mount_root(target)? {
+            Some(false) => {
+                self.attach_to(target)?;
+                return Ok(false);
+            }
+            Some(true) => {}
+            // Before 5.8 the kernel cannot say whether a mount is there;
+            // a plain attach might stack on one instead of replacing it.
+            None => {
+                return Err(Error::new(ErrorKind::KernelTooOld {
+                    feature: "statx(STATX_ATTR_MOUNT_ROOT)",
+                    since: "5.8",
+                }))
+            }
+        }
+        if features::features().move_mount_beneath != Availability::Available {
+            return Err(Error::new(ErrorKind::KernelTooOld {
+                feature: "move_mount(MOVE_MOUNT_BENEATH)",
+                since: "6.5",
+            }));
+        }
+        let flags = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_BENEATH;
+        rustix::mount::move_mount(self.fd.as_fd(), "", target, "", flags).map_err(|e| {
+            let err = Error::sys(
+                "move_mount",
+                format!(
+                    "fd {}, \"\", fd {}, \"\", MOVE_MOUNT_F_EMPTY_PATH|MOVE_MOUNT_T_EMPTY_PATH|MOVE_MOUNT_BENEATH",
+                    raw(self.fd.as_fd()),
+                    raw(target)
+                ),
+                e,
+            )
+            .with_path(&self.source);
+            if e == Errno::INVAL {
+                err.with_kind(ErrorKind::InvalidInput(
+                    "the kernel refused to mount beneath the target (propagation would put the new mount on top, or the target is the caller's root)".into(),
+                ))
+            } else {
+                err
+            }
+        })?;
+        detach_top(target)?;
+        Ok(true)
+    }
+
+    /// Attach at `path` resolved inside the directory `root` as if `root`
+    /// were `/` ([`crate::resolve`]): `..` stops at `root`, symlinks (the
+    /// last component's too) are expanded inside it, magic links refused.
+    /// Optionally create the target ([`AttachOptions::create`]) and replace a
+    /// mount on it ([`AttachOptions::replace`]).
+    ///
+    /// **Attach into a root a container can write to only this way**: the
+    /// target is resolved to an fd and the mount attached to that fd
+    /// ([`attach_to`](Self::attach_to)), so a symlink exchanged for a path
+    /// component at any moment cannot send the mount outside `root`.
+    pub fn attach_beneath(
+        self,
+        root: impl AsFd,
+        path: impl AsRef<Path>,
+        options: &AttachOptions,
+    ) -> Result<Attached> {
+        let mut ropts = ResolveOptions::new();
+        if options.create {
+            ropts = ropts.create(if self.is_dir()? {
+                Create::Directory
+            } else {
+                Create::File
+            });
+        }
+        if let Some(r) = options.resolver {
+            ropts = ropts.resolver(r);
+        }
+        let resolved = resolve::resolve_in_root(root, path, &ropts)?;
+        // A failure from here on concerns the target, named as resolved.
+        let at = |e: Error| match resolved.path() {
+            p if p.as_os_str().is_empty() => e.with_path("."),
+            p => e.with_path(p),
+        };
+        let replaced = if options.replace {
+            self.replace(&resolved).map_err(at)?
+        } else {
+            self.attach_to(&resolved).map_err(at)?;
+            false
+        };
+        Ok(Attached {
+            target: resolved.path().to_path_buf(),
+            replaced,
+            created: resolved.created(),
+            resolver: resolved.resolver(),
+        })
+    }
+
+    /// [`attach_beneath`](Self::attach_beneath) in another mount namespace,
+    /// with `path` resolved beneath that namespace's root.
+    ///
+    /// A dedicated thread does `unshare(CLONE_FS)` (`setns` refuses while
+    /// the fs context is shared), `setns(CLONE_NEWNS)` (its root and cwd
+    /// become the namespace's root), resolves, attaches and exits; it is
+    /// never reused and the calling thread's namespace does not change.
+    /// Needs `CAP_SYS_ADMIN` over the namespace's owner and `CAP_SYS_CHROOT`.
+    /// Errors say which namespace ([`Error::context`]) and the path.
+    #[doc(alias = "setns")]
+    pub fn attach_in_namespace(
+        self,
+        ns: MountNamespace<'_>,
+        path: impl AsRef<Path>,
+        options: &AttachOptions,
+    ) -> Result<Attached> {
+        let path = path.as_ref();
+        let context = ns.describe();
+        let opened: OwnedFd;
+        let (ns_fd, is_pidfd) = match ns {
+            MountNamespace::Pid(pid) => {
+                opened = open_pidfd(pid).map_err(|e| e.with_context(context.clone()))?;
+                (opened.as_fd(), true)
+            }
+            MountNamespace::Pidfd(fd) => (fd, true),
+            MountNamespace::Fd(fd) => (fd, false),
+        };
+        let path_owned = path.to_path_buf();
+        on_own_fs_thread(move || {
+            let r = if is_pidfd {
+                rustix::thread::move_into_thread_name_spaces(
+                    ns_fd,
+                    rustix::thread::ThreadNameSpaceType::MOUNT,
+                )
+            } else {
+                rustix::thread::move_into_link_name_space(
+                    ns_fd,
+                    Some(rustix::thread::LinkNameSpaceType::Mount),
+                )
+            };
+            r.map_err(|e| Error::sys("setns", format!("fd {}, CLONE_NEWNS", raw(ns_fd)), e))?;
+            let root = rustix::fs::open(
+                "/",
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| Error::sys("open", "\"/\", O_PATH|O_DIRECTORY|O_CLOEXEC", e))?;
+            self.attach_beneath(&root, &path_owned, options)
+        })
+        .map_err(|e| {
+            let e = if e.path().is_none() {
+                e.with_path(path)
+            } else {
+                e
+            };
+            e.with_context(context)
+        })
+    }
+
+    /// Send this mount to the process at the other end of a Unix socket
+    /// (`sendmsg` with one `SCM_RIGHTS` fd and one byte of data); the peer
+    /// gets it with [`recv`](Self::recv). Consumes the mount: our copy of the
+    /// fd is closed once sent, so only the receiver can attach it (the tree
+    /// lives as long as any process holds an fd to it).
+    #[doc(alias = "SCM_RIGHTS")]
+    pub fn send(self, socket: impl AsFd) -> Result<()> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let fds = [self.fd.as_fd()];
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(Error::sys(
+                "sendmsg",
+                "SCM_RIGHTS: control buffer too small",
+                Errno::NOBUFS,
+            ));
+        }
+        let iov = [std::io::IoSlice::new(SCM_TAG)];
+        loop {
+            match rustix::net::sendmsg(socket.as_fd(), &iov, &mut control, SendFlags::NOSIGNAL) {
+                Err(Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(Error::sys(
+                        "sendmsg",
+                        format!(
+                            "fd {}, 1 byte, SCM_RIGHTS [fd {}], MSG_NOSIGNAL",
+                            raw(socket.as_fd()),
+                            raw(self.fd.as_fd())
+                        ),
+                        e,
+                    ))
+                }
+                Ok(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Receive a mount sent by [`send`](Self::send) (or by any process that
+    /// sends one fd with `SCM_RIGHTS`): `recvmsg` of one byte with
+    /// `MSG_CMSG_CLOEXEC`, then [`from_fd`](Self::from_fd). Exactly one fd
+    /// must arrive; any extra fds are closed and the message refused.
+    pub fn recv(socket: impl AsFd) -> Result<DetachedMount> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut byte = [0u8; 1];
+        let args = || format!("fd {}, 1 byte, MSG_CMSG_CLOEXEC", raw(socket.as_fd()));
+        let msg = loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+            match rustix::net::recvmsg(
+                socket.as_fd(),
+                &mut iov,
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(Error::sys("recvmsg", args(), e)),
+                Ok(m) => break m,
+            }
+        };
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = m {
+                fds.extend(received);
+            }
+        }
+        if msg.bytes == 0 && fds.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidInput(
+                "the peer closed the socket without sending a mount".into(),
+            )));
+        }
+        if msg.flags.contains(ReturnFlags::CTRUNC) || fds.len() != 1 {
+            return Err(Error::new(ErrorKind::InvalidInput(format!(
+                "expected exactly one file descriptor, got {}{}",
+                fds.len(),
+                if msg.flags.contains(ReturnFlags::CTRUNC) {
+                    " and more that did not fit (MSG_CTRUNC)"
+                } else {
+                    ""
+                }
+            ))));
+        }
+        let fd = fds.pop().ok_or_else(|| Error::new(ErrorKind::NotAMount))?;
+        DetachedMount::from_fd(fd)
+    }
+
+    /// Whether the tree's root is a directory (else a file).
+    fn is_dir(&self) -> Result<bool> {
+        use rustix::fs::{AtFlags, FileType, StatxFlags};
+        let st = rustix::fs::statx(&self.fd, "", AtFlags::EMPTY_PATH, StatxFlags::TYPE).map_err(
+            |e| {
+                Error::sys(
+                    "statx",
+                    format!(
+                        "fd {}, \"\", AT_EMPTY_PATH, STATX_TYPE",
+                        raw(self.fd.as_fd())
+                    ),
+                    e,
+                )
+            },
+        )?;
+        Ok(FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory)
+    }
+}
+
+fn open_pidfd(pid: i32) -> Result<OwnedFd> {
+    let p = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput(format!("pid {pid}"))))?;
+    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).map_err(|e| {
+        let err = Error::sys("pidfd_open", format!("{pid}, 0"), e);
+        if e == Errno::NOSYS {
+            err.with_kind(ErrorKind::KernelTooOld {
+                feature: "pidfd_open",
+                since: "5.3",
+            })
+        } else {
+            err
+        }
+    })
+}
+
+/// Detach the mount whose root `top` is, by fd: a thread of its own
+/// `fchdir`s to it and unmounts `"."`, which names the mount the fd refers
+/// to even where another is mounted on top (no path is looked up).
+fn detach_top(top: BorrowedFd<'_>) -> Result<()> {
+    on_own_fs_thread(|| {
+        rustix::process::fchdir(top)
+            .map_err(|e| Error::sys("fchdir", format!("fd {}", raw(top)), e))?;
+        match rustix::mount::unmount(
+            ".",
+            rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+        ) {
+            // Someone unmounted it first: the new mount is in place all the same.
+            Ok(()) | Err(Errno::INVAL) => Ok(()),
+            Err(e) => Err(Error::sys(
+                "umount2",
+                "\".\", MNT_DETACH|UMOUNT_NOFOLLOW",
+                e,
+            )),
+        }
+    })
 }
 
 // ---- mount point checks ----

@@ -8,14 +8,15 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use crate::chown::{shift_tree, ShiftOptions, ShiftReport};
 use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::map::Mapping;
 use crate::mount::{
-    check_mount_point, file_kind, CloneFlags, CloneMethod, DetachedMount, MountAttr,
-    MountAttrFlags, Propagation,
+    check_mount_point, file_kind, AttachOptions, Attached, CloneFlags, CloneMethod, DetachedMount,
+    MountAttr, MountAttrFlags, Propagation,
 };
 use crate::probe::{self, Reason};
 use crate::userns::UserNamespace;
@@ -214,20 +215,144 @@ impl<'a> Plan<'a> {
 /// Before anything else, [`check_operands`] says why `source` and `target`
 /// do not fit together, if they do not.
 pub fn mount_with_ownership(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
-    check_operands(source, target, plan.strategy)?;
+    mount_with_ownership_at(source, Destination::Path(target), plan).map(|(outcome, _)| outcome)
+}
+
+/// Where [`mount_with_ownership_at`] attaches the result.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination<'a> {
+    /// A path of the caller's namespace, symlinks followed
+    /// ([`DetachedMount::attach`]): not for a root a container can write to.
+    Path(&'a Path),
+    /// `path` resolved inside the directory `root` as if it were `/`
+    /// ([`DetachedMount::attach_beneath`]), created if asked, a mount on it
+    /// replaced if asked ([`AttachOptions`]).
+    Beneath {
+        /// The root (e.g. a container's rootfs), as a directory fd.
+        root: BorrowedFd<'a>,
+        /// The target inside it, with or without a leading `/`.
+        path: &'a Path,
+        /// Create the target, replace a mount on it.
+        options: AttachOptions,
+    },
+}
+
+/// [`mount_with_ownership`] to any [`Destination`]. The operands are
+/// checked and the target is resolved (and, if asked, created) **before**
+/// anything else is done, so a target that cannot be resolved or does not
+/// fit the source fails the call with nothing shifted on disk and nothing
+/// mounted. Returns what the attach did for [`Destination::Beneath`].
+pub fn mount_with_ownership_at(
+    source: &Path,
+    destination: Destination<'_>,
+    plan: &Plan<'_>,
+) -> Result<(Outcome, Option<Attached>)> {
+    match destination {
+        Destination::Path(target) => check_operands(source, target, plan.strategy)?,
+        Destination::Beneath { .. } => {
+            let kind = file_kind(source, true)?;
+            require_source(source, kind, plan.strategy == Strategy::Chown)?;
+        }
+    }
     if plan.strategy == Strategy::Chown {
         plan.shift_mapping()?;
     }
-    match plan.strategy {
-        Strategy::Idmap => idmap(source, target, plan),
-        Strategy::Chown => chown(source, target, plan, None),
+    let landing = Landing::prepare(source, destination)?;
+    let (outcome, attached) = match plan.strategy {
+        Strategy::Idmap => idmap(source, landing, plan)?,
+        Strategy::Chown => chown(source, landing, plan, None)?,
         Strategy::Auto => match probe::first_unsupported(source, plan.recursive)? {
-            None => idmap(source, target, plan),
+            None => idmap(source, landing, plan)?,
             Some((mount, reason @ (Reason::Filesystem { .. } | Reason::KernelTooOld { .. }))) => {
-                chown(source, target, plan, Some(Fallback { mount, reason }))
+                chown(source, landing, plan, Some(Fallback { mount, reason }))?
             }
-            Some((mount, reason)) => Err(Error::new(reason.into()).with_path(mount)),
+            Some((mount, reason)) => return Err(Error::new(reason.into()).with_path(mount)),
         },
+    };
+    Ok((outcome, attached))
+}
+
+/// A destination made ready before the mount exists.
+enum Landing<'a> {
+    Path(&'a Path),
+    Fd {
+        resolved: crate::resolve::Resolved,
+        replace: bool,
+    },
+}
+
+impl<'a> Landing<'a> {
+    /// Resolve (and create) a [`Destination::Beneath`] target, and check it
+    /// fits the source: a directory onto a directory, anything else onto a
+    /// non-directory ([`ErrorKind::MountPointMismatch`]).
+    fn prepare(source: &Path, destination: Destination<'a>) -> Result<Landing<'a>> {
+        use crate::resolve::{resolve_in_root, Create, ResolveOptions};
+        match destination {
+            Destination::Path(p) => Ok(Landing::Path(p)),
+            Destination::Beneath {
+                root,
+                path,
+                options,
+            } => {
+                let source_kind = file_kind(source, true)?;
+                let mut ropts = ResolveOptions::new();
+                if options.creates() {
+                    ropts = ropts.create(if source_kind.is_dir() {
+                        Create::Directory
+                    } else {
+                        Create::File
+                    });
+                }
+                if let Some(r) = options.forced_resolver() {
+                    ropts = ropts.resolver(r);
+                }
+                let resolved = resolve_in_root(root, path, &ropts)?;
+                let st = rustix::fs::statx(
+                    &resolved,
+                    "",
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                    rustix::fs::StatxFlags::TYPE,
+                )
+                .map_err(|e| Error::sys("statx", "resolved target, \"\", AT_EMPTY_PATH", e))?;
+                let target_kind = FileKind::from_mode(st.stx_mode.into());
+                if source_kind.is_dir() != target_kind.is_dir() {
+                    let shown = match resolved.path() {
+                        p if p.as_os_str().is_empty() => Path::new("."),
+                        p => p,
+                    };
+                    return Err(Error::new(ErrorKind::MountPointMismatch {
+                        source: source.to_path_buf(),
+                        source_kind,
+                        target_kind,
+                    })
+                    .with_path(shown));
+                }
+                Ok(Landing::Fd {
+                    resolved,
+                    replace: options.replaces(),
+                })
+            }
+        }
+    }
+
+    fn attach(self, mount: DetachedMount) -> Result<Option<Attached>> {
+        match self {
+            Landing::Path(p) => mount.attach(p).map(|()| None),
+            Landing::Fd { resolved, replace } => {
+                let replaced = if replace {
+                    mount.replace(&resolved)?
+                } else {
+                    mount.attach_to(&resolved)?;
+                    false
+                };
+                Ok(Some(Attached {
+                    target: resolved.path().to_path_buf(),
+                    replaced,
+                    created: resolved.created(),
+                    resolver: resolved.resolver(),
+                }))
+            }
+        }
     }
 }
 
@@ -265,7 +390,11 @@ fn require_source(source: &Path, kind: FileKind, chown: bool) -> Result<()> {
     .with_path(source))
 }
 
-fn idmap(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
+fn idmap(
+    source: &Path,
+    landing: Landing<'_>,
+    plan: &Plan<'_>,
+) -> Result<(Outcome, Option<Attached>)> {
     let owned;
     let ns = match plan.userns {
         Some(ns) => ns,
@@ -277,16 +406,16 @@ fn idmap(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
     let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(Some(ns)))
         .map_err(|e| probe::diagnose(e, source, plan.recursive))?;
     let method = clone.method();
-    clone.attach(target)?;
-    Ok(Outcome::Idmapped { method })
+    let attached = landing.attach(clone)?;
+    Ok((Outcome::Idmapped { method }, attached))
 }
 
 fn chown(
     source: &Path,
-    target: &Path,
+    landing: Landing<'_>,
     plan: &Plan<'_>,
     because: Option<Fallback>,
-) -> Result<Outcome> {
+) -> Result<(Outcome, Option<Attached>)> {
     // Auto may fall back here for a regular file, which only idmaps.
     require_source(source, file_kind(source, true)?, true)?;
     refuse_overlay(source, plan.recursive)?;
@@ -295,8 +424,9 @@ fn chown(
         ..plan.shift.clone()
     };
     let report = shift_tree(source, plan.shift_mapping()?, &options)?;
-    DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?.attach(target)?;
-    Ok(Outcome::Chowned { report, because })
+    let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?;
+    let attached = landing.attach(clone)?;
+    Ok((Outcome::Chowned { report, because }, attached))
 }
 
 /// `OVERLAYFS_SUPER_MAGIC`.

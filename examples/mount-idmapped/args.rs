@@ -42,6 +42,16 @@ Where:
   TARGET            an existing directory for a directory SOURCE, an existing
                     file for a file; a symlink as TARGET is followed, as
                     mount(8) does, and the mount is made where it points
+  --beneath=ROOT    resolve TARGET inside ROOT as if ROOT were \"/\" (symlinks,
+                    \"..\", absolute links stay inside ROOT; magic links
+                    refused); TARGET may be written with or without a
+                    leading \"/\". SOURCE stays a path of the caller's namespace
+  --mkdir           create TARGET if missing (parents too, mode 0755): a
+                    directory, or an empty file when SOURCE is a file;
+                    confined to ROOT with --beneath
+  --replace         TARGET has a mount on it: attach beneath it, then detach
+                    the old one, so TARGET never shows the directory under
+                    both (Linux 6.5); nothing mounted there: a plain attach
 
 Attributes (of the new mount; with --recursive, of each of its mounts):
   --read-only       make the mount read-only
@@ -108,6 +118,10 @@ Examples, one per form:
   # shift on disk where idmapping cannot work, and report it as JSON
   mount-idmapped --map-mount=b:0:10000:10000 --strategy=auto \\
       --out-of-range=overflow --json /srv/volume /mnt/volume
+  # inside a container's root: TARGET resolved there (links stay inside),
+  # created if missing, a mount already on it replaced atomically
+  mount-idmapped --map-mount=b:0:10000:10000 --beneath=/run/ctr/rootfs \\
+      --mkdir --replace /srv/volume /data
   # can SOURCE and its submounts be idmapped, and if not, why
   mount-idmapped --check --recursive /srv/volume
   # the effect on a scratch filesystem, cleaned up after (root)
@@ -139,6 +153,9 @@ struct Options {
     check: bool,
     json: bool,
     demo: bool,
+    beneath: Option<PathBuf>,
+    mkdir: bool,
+    replace: bool,
     help: bool,
     version: bool,
     /// Options that only make sense when mounting, in the order given.
@@ -179,6 +196,12 @@ pub struct NewFsRequest {
     pub flags: MountAttrFlags,
     pub propagation: Option<Propagation>,
     pub json: bool,
+    /// `--beneath=ROOT`: TARGET is resolved inside ROOT.
+    pub beneath: Option<PathBuf>,
+    /// `--mkdir`: create TARGET if missing.
+    pub mkdir: bool,
+    /// `--replace`: replace a mount on TARGET atomically.
+    pub replace: bool,
 }
 
 #[derive(Debug)]
@@ -214,6 +237,12 @@ pub struct MountRequest {
     pub strategy: Strategy,
     pub out_of_range: OutOfRange,
     pub json: bool,
+    /// `--beneath=ROOT`: TARGET is resolved inside ROOT.
+    pub beneath: Option<PathBuf>,
+    /// `--mkdir`: create TARGET if missing.
+    pub mkdir: bool,
+    /// `--replace`: replace a mount on TARGET atomically.
+    pub replace: bool,
 }
 
 /// What the command line `args` (without the program name) asks for.
@@ -274,7 +303,12 @@ fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
 fn takes_value(name: &str) -> bool {
     matches!(
         name,
-        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range" | "--overlay"
+        "--map-mount"
+            | "--propagation"
+            | "--strategy"
+            | "--out-of-range"
+            | "--beneath"
+            | "--overlay"
     )
 }
 
@@ -299,6 +333,15 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
             }
             // Allowed with --check: not a mount-only option.
             return Ok(());
+        }
+        "--beneath" => {
+            if value.is_empty() {
+                return Err(Failure::usage("--beneath needs a directory (ROOT)"));
+            }
+            if opts.beneath.is_some() {
+                return Err(Failure::usage("--beneath may be given only once"));
+            }
+            opts.beneath = Some(PathBuf::from(value));
         }
         "--propagation" => {
             let propagation = value.parse().map_err(|_| {
@@ -340,6 +383,16 @@ fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
         "--json" => &mut opts.json,
         "--demo" => &mut opts.demo,
         "--recursive" => &mut opts.recursive,
+        "--mkdir" | "--replace" => {
+            let switch = if name == "--mkdir" {
+                &mut opts.mkdir
+            } else {
+                &mut opts.replace
+            };
+            *switch = true;
+            opts.mount_only.push(name.to_owned());
+            return Ok(());
+        }
         _ => {
             opts.flags |= mount_flag(name)?;
             opts.mount_only.push(name.to_owned());
@@ -466,6 +519,9 @@ fn new_fs_command(opts: Options) -> Result<Command, Failure> {
         flags: opts.flags,
         propagation: opts.propagation,
         json: opts.json,
+        beneath: opts.beneath,
+        mkdir: opts.mkdir,
+        replace: opts.replace,
     }))
 }
 
@@ -506,6 +562,9 @@ fn mount_command(opts: Options) -> Result<Command, Failure> {
         strategy: opts.strategy,
         out_of_range: opts.out_of_range,
         json: opts.json,
+        beneath: opts.beneath,
+        mkdir: opts.mkdir,
+        replace: opts.replace,
     }))
 }
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
 use idmapped::probe;
 use idmapped::rootfs::OverlayMethod;
-use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
-use idmapped::{Mapping, MountAttr, UserNamespace};
+use idmapped::strategy::{mount_with_ownership_at, Destination, Outcome, Plan, Strategy};
+use idmapped::{AttachOptions, Attached, DetachedMount, Mapping, MountAttr, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest, NewFs, NewFsRequest, OverlayCheckRequest};
 use crate::output::{self, emit};
@@ -24,8 +24,13 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // Nothing to mount (or shift on disk) if the report cannot be written.
         output::require_stdout()?;
     }
-    let target = follow_target(&request.target)?;
-    let (outcome, mapping) = give_ownership(request, &target)?;
+    let target = Target::open(
+        &request.target,
+        request.beneath.as_deref(),
+        request.mkdir,
+        request.replace,
+    )?;
+    let (outcome, mapping, attached) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
         because: Some(why), ..
     } = &outcome
@@ -35,12 +40,104 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     if request.json {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
-        if let Err(failure) = emit(&output::mount_json(request, &outcome, mapping.as_ref())) {
-            let _ = rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH);
+        let json = output::mount_json(request, &outcome, mapping.as_ref(), attached.as_ref());
+        if let Err(failure) = emit(&json) {
+            let at = match (&target, &attached) {
+                (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
+                (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
+            };
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the mount goes: TARGET as a path of our namespace (followed when
+/// it is a symlink, see [`follow_target`]); or, with --beneath, resolved to
+/// an fd inside ROOT; or, with --mkdir or --replace alone, resolved to an fd
+/// inside "/".
+enum Target {
+    Path(PathBuf),
+    Beneath {
+        root: rustix::fd::OwnedFd,
+        root_path: PathBuf,
+        path: PathBuf,
+        options: AttachOptions,
+    },
+}
+
+impl Target {
+    fn open(
+        target: &Path,
+        beneath: Option<&Path>,
+        mkdir: bool,
+        replace: bool,
+    ) -> Result<Target, Failure> {
+        if beneath.is_none() && !mkdir && !replace {
+            return follow_target(target).map(Target::Path);
+        }
+        let (root_path, path) = match beneath {
+            Some(root) => (root.to_path_buf(), target.to_path_buf()),
+            None => (
+                PathBuf::from("/"),
+                std::path::absolute(target)
+                    .map_err(Failure::io(format_args!("{}", target.display())))?,
+            ),
+        };
+        let root = rustix::fs::open(
+            &root_path,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Failure::io(format_args!("--beneath {}", root_path.display()))(e.into()))?;
+        Ok(Target::Beneath {
+            root,
+            root_path,
+            path,
+            options: AttachOptions::new().create(mkdir).replace(replace),
+        })
+    }
+
+    /// Attach a mount made here (a new tmpfs, an overlay) at the target.
+    fn attach(&self, mount: DetachedMount) -> Result<Option<Attached>, Failure> {
+        match self {
+            Target::Path(p) => {
+                mount.attach(p)?;
+                Ok(None)
+            }
+            Target::Beneath {
+                root,
+                path,
+                options,
+                ..
+            } => Ok(Some(mount.attach_beneath(root, path, options)?)),
+        }
+    }
+
+    /// Where the mount ended up, for taking it away again.
+    fn mounted_at(&self, attached: Option<&Attached>) -> PathBuf {
+        match (self, attached) {
+            (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
+            (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
+        }
+    }
+
+    fn destination(&self) -> Destination<'_> {
+        match self {
+            Target::Path(p) => Destination::Path(p),
+            Target::Beneath {
+                root,
+                path,
+                options,
+                ..
+            } => Destination::Beneath {
+                root: rustix::fd::AsFd::as_fd(root),
+                path,
+                options: *options,
+            },
+        }
+    }
 }
 
 /// Where to mount: TARGET, or where it points when its last component is a
@@ -63,11 +160,12 @@ fn follow_target(target: &Path) -> Result<PathBuf, Failure> {
 }
 
 /// Run the library's strategy: everything that can fail happens before the
-/// mount is attached at `target`. Returns the mapping used, when known.
+/// mount is attached at `target`. Returns the mapping used, when known, and
+/// what the attach did with --beneath, --mkdir or --replace.
 fn give_ownership(
     request: &MountRequest,
-    target: &Path,
-) -> Result<(Outcome, Option<Mapping>), Failure> {
+    target: &Target,
+) -> Result<(Outcome, Option<Mapping>, Option<Attached>), Failure> {
     let ns;
     let plan = match &request.ids {
         IdSource::Mapping(mapping) => Plan::new(request.strategy, mapping),
@@ -95,12 +193,12 @@ fn give_ownership(
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
     }
-    let outcome = mount_with_ownership(&request.source, target, &plan);
+    let done = mount_with_ownership_at(&request.source, target.destination(), &plan);
     if printed.load(Ordering::Relaxed) {
         eprintln!();
     }
-    let outcome = outcome?;
-    Ok((outcome, plan_mapping))
+    let (outcome, attached) = done?;
+    Ok((outcome, plan_mapping, attached))
 }
 
 /// A progress line on stderr while a walk runs, when stderr is a terminal:
@@ -183,7 +281,12 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
         // Nothing to mount if the report cannot be written.
         output::require_stdout()?;
     }
-    let target = follow_target(&request.target)?;
+    let target = Target::open(
+        &request.target,
+        request.beneath.as_deref(),
+        request.mkdir,
+        request.replace,
+    )?;
     let userns = match &request.ids {
         IdSource::Mapping(m) => UserNamespace::from_mapping(m)?,
         IdSource::Userns(path) => UserNamespace::open(path)?,
@@ -192,13 +295,14 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
     if let Some(p) = request.propagation {
         attr = attr.propagation(p);
     }
-    let made = match &request.fs {
+    let (made, attached) = match &request.fs {
         NewFs::Tmpfs(fs) => {
             let mount = fs.create(&attr.idmap(&userns))?;
-            mount.attach(&target)?;
-            Made::Tmpfs {
+            let attached = target.attach(mount)?;
+            let made = Made::Tmpfs {
                 options: fs.options_text(),
-            }
+            };
+            (made, attached)
         }
         NewFs::Overlay(overlay) => {
             let ov = overlay.clone().userns(&userns).attr(attr).create()?;
@@ -207,8 +311,7 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
                 layers: ov.layers().to_vec(),
                 staged_mounts: ov.staged_mounts(),
             };
-            ov.attach(&target)?;
-            made
+            (made, target.attach(ov.into_mount())?)
         }
     };
     if request.json {
@@ -216,8 +319,10 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
             IdSource::Mapping(m) => Some(m),
             IdSource::Userns(_) => userns.mapping(),
         };
-        if let Err(failure) = emit(&output::new_fs_json(request, &made, mapping)) {
-            let _ = rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH);
+        let json = output::new_fs_json(request, &made, mapping, attached.as_ref());
+        if let Err(failure) = emit(&json) {
+            let at = target.mounted_at(attached.as_ref());
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
     }

@@ -8,7 +8,7 @@ use idmapped::chown::ShiftReport;
 use idmapped::probe::Support;
 use idmapped::rootfs::{LayerCheck, LayerRole, OverlayMethod};
 use idmapped::strategy::Outcome;
-use idmapped::{IdMap, Mapping, MountAttrFlags, Propagation};
+use idmapped::{Attached, IdMap, Mapping, MountAttrFlags, Propagation};
 
 use crate::args::{CheckRequest, IdSource, MountRequest, NewFsRequest};
 use crate::commands::{Blocker, Made};
@@ -69,7 +69,12 @@ pub fn emit(text: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mapping>) -> String {
+pub fn mount_json(
+    request: &MountRequest,
+    outcome: &Outcome,
+    mapping: Option<&Mapping>,
+    attached: Option<&Attached>,
+) -> String {
     let userns = match &request.ids {
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
@@ -93,9 +98,28 @@ pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Ma
                 .finish_inline()
         },
     );
+    // With --beneath, the target as resolved, relative to ROOT ("." for ROOT
+    // itself); otherwise TARGET made absolute.
+    let target = match (&request.beneath, attached) {
+        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
+        (Some(_), Some(a)) => json::path(&a.target),
+        _ => json::path(&absolute(&request.target)),
+    };
+    let beneath = request
+        .beneath
+        .as_ref()
+        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
+    let resolver = attached.map_or_else(
+        || json::NULL.to_owned(),
+        |a| json::string(a.resolver.name()),
+    );
     json::Object::new()
         .raw("source", json::path(&absolute(&request.source)))
-        .raw("target", json::path(&absolute(&request.target)))
+        .raw("target", target)
+        .raw("beneath", beneath)
+        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
+        .raw("created", attached.is_some_and(|a| a.created).to_string())
+        .raw("resolver", resolver)
         .raw("strategy", json::string(strategy))
         .raw("requested_strategy", json::string(request.strategy.name()))
         .raw("recursive", request.recursive.to_string())
@@ -180,12 +204,37 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// `--json` for `--tmpfs` and `--overlay`: what was made and how.
-pub fn new_fs_json(request: &NewFsRequest, made: &Made, mapping: Option<&Mapping>) -> String {
+pub fn new_fs_json(
+    request: &NewFsRequest,
+    made: &Made,
+    mapping: Option<&Mapping>,
+    attached: Option<&Attached>,
+) -> String {
     let userns = match &request.ids {
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
     };
-    let mut o = json::Object::new().raw("target", json::path(&absolute(&request.target)));
+    // As for SOURCE TARGET: with --beneath, the target as resolved relative
+    // to ROOT ("." for ROOT itself); otherwise TARGET made absolute.
+    let target = match (&request.beneath, attached) {
+        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
+        (Some(_), Some(a)) => json::path(&a.target),
+        _ => json::path(&absolute(&request.target)),
+    };
+    let beneath = request
+        .beneath
+        .as_ref()
+        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
+    let resolver = attached.map_or_else(
+        || json::NULL.to_owned(),
+        |a| json::string(a.resolver.name()),
+    );
+    let mut o = json::Object::new()
+        .raw("target", target)
+        .raw("beneath", beneath)
+        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
+        .raw("created", attached.is_some_and(|a| a.created).to_string())
+        .raw("resolver", resolver);
     o = match made {
         Made::Tmpfs { options } => o
             .raw("filesystem", json::string("tmpfs"))
