@@ -855,7 +855,7 @@ fn cli_new_filesystems_attach_beneath_a_root_with_mkdir() {
             "run/secrets".into(),
         ])
         .expect(0);
-        let st = rustix::fs::statfs(&root.join("run/secrets")).unwrap();
+        let st = rustix::fs::statfs(root.join("run/secrets")).unwrap();
         assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 1 << 20);
     }
 }
