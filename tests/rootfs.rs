@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::{as_fsid, mount_count, owner, run, touch_owned, TestFs};
-use idmapped::features::{overlay_features, Availability};
+use idmapped::features::{self, overlay_features, Availability};
 use idmapped::rootfs::{LayerRole, Overlay, OverlayMethod};
 use idmapped::strategy::{mount_with_ownership, Plan, Strategy};
 use idmapped::{ErrorKind, Mapping, MountAttr, NewFilesystem, UserNamespace};
@@ -858,4 +858,59 @@ fn cli_new_filesystems_attach_beneath_a_root_with_mkdir() {
         let st = rustix::fs::statfs(root.join("run/secrets")).unwrap();
         assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 1 << 20);
     }
+}
+
+/// `--tmpfs` with `--beneath`, `--mkdir` and `--replace`: the target is
+/// resolved inside ROOT (an absolute symlink restarts at ROOT, never the
+/// host), created there, and a second tmpfs replaces the first.
+#[test]
+#[serial]
+fn cli_tmpfs_beneath_a_root_stays_inside_it() {
+    privileged!();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    let before = mount_count();
+    let beneath = format!("--beneath={}", root.display());
+    let tmpfs = |extra: &str| {
+        common::cli(&[
+            format!("--map-mount={MAP}"),
+            "--json".into(),
+            "--tmpfs=size=1m".into(),
+            beneath.clone(),
+            extra.into(),
+            "/link/secrets".into(),
+        ])
+    };
+    if !tmpfs_idmappable() {
+        // Refused before anything is created or mounted.
+        let run = tmpfs("--mkdir").expect(1);
+        assert!(run.stderr.contains("tmpfs"), "{run:?}");
+        assert_eq!(mount_count(), before);
+        assert!(!outside.join("secrets").exists());
+        return;
+    }
+    let run = tmpfs("--mkdir").expect(0);
+    let inside = root
+        .join(outside.strip_prefix("/").unwrap())
+        .join("secrets");
+    let shown = inside.strip_prefix(&root).unwrap().display().to_string();
+    assert!(
+        run.stdout.contains(&format!("\"target\":\"{shown}\"")),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("\"created\":true"), "{run:?}");
+    assert!(run.stdout.contains("\"replaced\":false"), "{run:?}");
+    assert!(!outside.join("secrets").exists(), "created outside ROOT");
+    assert_eq!(rustix::fs::statfs(&inside).unwrap().f_type, 0x0102_1994);
+    assert_eq!(mount_count(), before + 1);
+    if features::features().move_mount_beneath == Availability::Available {
+        let run = tmpfs("--replace").expect(0);
+        assert!(run.stdout.contains("\"replaced\":true"), "{run:?}");
+        assert_eq!(mount_count(), before + 1, "the old tmpfs was detached");
+    }
+    rustix::mount::unmount(&inside, rustix::mount::UnmountFlags::DETACH).unwrap();
+    assert_eq!(mount_count(), before);
 }

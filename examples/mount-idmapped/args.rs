@@ -192,16 +192,14 @@ pub enum NewFs {
 pub struct NewFsRequest {
     pub fs: NewFs,
     pub target: PathBuf,
+    /// `--beneath=ROOT`, `--mkdir`, `--replace`: as for a bind mount.
+    pub beneath: Option<PathBuf>,
+    pub mkdir: bool,
+    pub replace: bool,
     pub ids: IdSource,
     pub flags: MountAttrFlags,
     pub propagation: Option<Propagation>,
     pub json: bool,
-    /// `--beneath=ROOT`: TARGET is resolved inside ROOT.
-    pub beneath: Option<PathBuf>,
-    /// `--mkdir`: create TARGET if missing.
-    pub mkdir: bool,
-    /// `--replace`: replace a mount on TARGET atomically.
-    pub replace: bool,
 }
 
 #[derive(Debug)]
@@ -327,13 +325,6 @@ fn next_value(args: &mut impl Iterator<Item = OsString>, name: &str) -> Result<S
 fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Failure> {
     match name {
         "--map-mount" => opts.maps.push(value),
-        "--overlay" => {
-            if opts.overlay.replace(value).is_some() {
-                return Err(Failure::usage("--overlay given twice"));
-            }
-            // Allowed with --check: not a mount-only option.
-            return Ok(());
-        }
         "--beneath" => {
             if value.is_empty() {
                 return Err(Failure::usage("--beneath needs a directory (ROOT)"));
@@ -342,6 +333,13 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
                 return Err(Failure::usage("--beneath may be given only once"));
             }
             opts.beneath = Some(PathBuf::from(value));
+        }
+        "--overlay" => {
+            if opts.overlay.replace(value).is_some() {
+                return Err(Failure::usage("--overlay given twice"));
+            }
+            // Allowed with --check: not a mount-only option.
+            return Ok(());
         }
         "--propagation" => {
             let propagation = value.parse().map_err(|_| {
@@ -515,13 +513,13 @@ fn new_fs_command(opts: Options) -> Result<Command, Failure> {
     Ok(Command::NewFs(NewFsRequest {
         fs,
         target,
+        beneath: opts.beneath,
+        mkdir: opts.mkdir,
+        replace: opts.replace,
         ids: id_source(&opts.maps)?,
         flags: opts.flags,
         propagation: opts.propagation,
         json: opts.json,
-        beneath: opts.beneath,
-        mkdir: opts.mkdir,
-        replace: opts.replace,
     }))
 }
 

@@ -42,10 +42,7 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // mount away again rather than exit 1 with something left mounted.
         let json = output::mount_json(request, &outcome, mapping.as_ref(), attached.as_ref());
         if let Err(failure) = emit(&json) {
-            let at = match (&target, &attached) {
-                (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
-                (Target::Path(p), _) | (Target::Beneath { root_path: p, .. }, None) => p.clone(),
-            };
+            let at = target.mounted_at(attached.as_ref());
             let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
@@ -68,6 +65,7 @@ enum Target {
 }
 
 impl Target {
+    /// TARGET with `--beneath=ROOT`, `--mkdir` and `--replace`.
     fn open(
         target: &Path,
         beneath: Option<&Path>,
@@ -99,23 +97,23 @@ impl Target {
         })
     }
 
-    /// Attach a mount made here (a new tmpfs, an overlay) at the target.
+    /// Attach `mount` here: at the path, or to the fd resolved inside ROOT.
     fn attach(&self, mount: DetachedMount) -> Result<Option<Attached>, Failure> {
-        match self {
+        Ok(match self {
             Target::Path(p) => {
                 mount.attach(p)?;
-                Ok(None)
+                None
             }
             Target::Beneath {
                 root,
                 path,
                 options,
                 ..
-            } => Ok(Some(mount.attach_beneath(root, path, options)?)),
-        }
+            } => Some(mount.attach_beneath(root, path, options)?),
+        })
     }
 
-    /// Where the mount ended up, for taking it away again.
+    /// Where a mount made by [`attach`](Self::attach) is, in our namespace.
     fn mounted_at(&self, attached: Option<&Attached>) -> PathBuf {
         match (self, attached) {
             (Target::Beneath { root_path, .. }, Some(a)) => root_path.join(&a.target),
@@ -295,14 +293,13 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
     if let Some(p) = request.propagation {
         attr = attr.propagation(p);
     }
-    let (made, attached) = match &request.fs {
+    let (made, mount) = match &request.fs {
         NewFs::Tmpfs(fs) => {
             let mount = fs.create(&attr.idmap(&userns))?;
-            let attached = target.attach(mount)?;
             let made = Made::Tmpfs {
                 options: fs.options_text(),
             };
-            (made, attached)
+            (made, mount)
         }
         NewFs::Overlay(overlay) => {
             let ov = overlay.clone().userns(&userns).attr(attr).create()?;
@@ -311,9 +308,10 @@ pub fn new_fs(request: &NewFsRequest) -> Result<ExitCode, Failure> {
                 layers: ov.layers().to_vec(),
                 staged_mounts: ov.staged_mounts(),
             };
-            (made, target.attach(ov.into_mount())?)
+            (made, ov.into_mount())
         }
     };
+    let attached = target.attach(mount)?;
     if request.json {
         let mapping = match &request.ids {
             IdSource::Mapping(m) => Some(m),

@@ -98,28 +98,8 @@ pub fn mount_json(
                 .finish_inline()
         },
     );
-    // With --beneath, the target as resolved, relative to ROOT ("." for ROOT
-    // itself); otherwise TARGET made absolute.
-    let target = match (&request.beneath, attached) {
-        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
-        (Some(_), Some(a)) => json::path(&a.target),
-        _ => json::path(&absolute(&request.target)),
-    };
-    let beneath = request
-        .beneath
-        .as_ref()
-        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
-    let resolver = attached.map_or_else(
-        || json::NULL.to_owned(),
-        |a| json::string(a.resolver.name()),
-    );
-    json::Object::new()
-        .raw("source", json::path(&absolute(&request.source)))
-        .raw("target", target)
-        .raw("beneath", beneath)
-        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
-        .raw("created", attached.is_some_and(|a| a.created).to_string())
-        .raw("resolver", resolver)
+    let o = json::Object::new().raw("source", json::path(&absolute(&request.source)));
+    where_attached(o, &request.target, request.beneath.as_deref(), attached)
         .raw("strategy", json::string(strategy))
         .raw("requested_strategy", json::string(request.strategy.name()))
         .raw("recursive", request.recursive.to_string())
@@ -204,6 +184,32 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// `--json` for `--tmpfs` and `--overlay`: what was made and how.
+/// The `target`, `beneath`, `replaced`, `created` and `resolver` fields: with
+/// --beneath, the target as resolved, relative to ROOT ("." for ROOT itself);
+/// otherwise TARGET made absolute.
+fn where_attached(
+    o: json::Object,
+    target: &Path,
+    beneath: Option<&Path>,
+    attached: Option<&Attached>,
+) -> json::Object {
+    let shown = match (beneath, attached) {
+        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
+        (Some(_), Some(a)) => json::path(&a.target),
+        _ => json::path(&absolute(target)),
+    };
+    let beneath = beneath.map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
+    let resolver = attached.map_or_else(
+        || json::NULL.to_owned(),
+        |a| json::string(a.resolver.name()),
+    );
+    o.raw("target", shown)
+        .raw("beneath", beneath)
+        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
+        .raw("created", attached.is_some_and(|a| a.created).to_string())
+        .raw("resolver", resolver)
+}
+
 pub fn new_fs_json(
     request: &NewFsRequest,
     made: &Made,
@@ -214,27 +220,12 @@ pub fn new_fs_json(
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
     };
-    // As for SOURCE TARGET: with --beneath, the target as resolved relative
-    // to ROOT ("." for ROOT itself); otherwise TARGET made absolute.
-    let target = match (&request.beneath, attached) {
-        (Some(_), Some(a)) if a.target.as_os_str().is_empty() => json::string("."),
-        (Some(_), Some(a)) => json::path(&a.target),
-        _ => json::path(&absolute(&request.target)),
-    };
-    let beneath = request
-        .beneath
-        .as_ref()
-        .map_or_else(|| json::NULL.to_owned(), |root| json::path(&absolute(root)));
-    let resolver = attached.map_or_else(
-        || json::NULL.to_owned(),
-        |a| json::string(a.resolver.name()),
+    let mut o = where_attached(
+        json::Object::new(),
+        &request.target,
+        request.beneath.as_deref(),
+        attached,
     );
-    let mut o = json::Object::new()
-        .raw("target", target)
-        .raw("beneath", beneath)
-        .raw("replaced", attached.is_some_and(|a| a.replaced).to_string())
-        .raw("created", attached.is_some_and(|a| a.created).to_string())
-        .raw("resolver", resolver);
     o = match made {
         Made::Tmpfs { options } => o
             .raw("filesystem", json::string("tmpfs"))
