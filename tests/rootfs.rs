@@ -814,6 +814,52 @@ fn five_hundred_layers_by_every_rung() {
     }
 }
 
+#[test]
+#[serial]
+fn cli_new_filesystems_attach_beneath_a_root_with_mkdir() {
+    privileged!();
+    let _ = overlay_rungs!();
+    let img = image();
+    // A container's root whose "etc" is a symlink pointing outside it: the
+    // target must be resolved inside the root, never on the host.
+    let root = img.target("ctr-root");
+    std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+    let before = mount_count();
+    let run = common::cli(&[
+        format!("--map-mount={MAP}"),
+        "--json".into(),
+        format!("--beneath={}", root.display()),
+        "--mkdir".into(),
+        format!(
+            "--overlay=lowerdir={}:{},upperdir={},workdir={}",
+            img.lower0.display(),
+            img.lower1.display(),
+            img.upper.display(),
+            img.work.display()
+        ),
+        "/escape/rootfs".into(),
+    ])
+    .expect(0);
+    assert!(run.stdout.contains("\"target\":\"rootfs\""), "{run:?}");
+    assert!(run.stdout.contains("\"created\":true"), "{run:?}");
+    assert_eq!(mount_count(), before + 1);
+    // Inside the root, not at the host's /rootfs.
+    assert!(!Path::new("/rootfs").exists());
+    check_overlay(&img, &root.join("rootfs"));
+    if tmpfs_idmappable() {
+        common::cli(&[
+            format!("--map-mount={MAP}"),
+            format!("--beneath={}", root.display()),
+            "--mkdir".into(),
+            "--tmpfs=size=1m".into(),
+            "run/secrets".into(),
+        ])
+        .expect(0);
+        let st = rustix::fs::statfs(root.join("run/secrets")).unwrap();
+        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, 1 << 20);
+    }
+}
+
 /// `--tmpfs` with `--beneath`, `--mkdir` and `--replace`: the target is
 /// resolved inside ROOT (an absolute symlink restarts at ROOT, never the
 /// host), created there, and a second tmpfs replaces the first.
