@@ -20,9 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idmapped::chown::{OutOfRange, Progress, ProgressFn, ShiftOptions, ShiftReport};
+use idmapped::chown::{
+    unshift_tree, OutOfRange, OutsideLinks, Progress, ProgressFn, ShiftOptions, ShiftReport,
+};
 use idmapped::probe;
-use idmapped::strategy::{mount_with_ownership, Outcome, Plan, Strategy};
+use idmapped::strategy::{mount_with_ownership, MountWay, Outcome, Plan, Strategy};
 use idmapped::{
     CloneFlags, CloneMethod, DetachedMount, IdMap, Mapping, MountAttr, MountAttrFlags, Propagation,
     UserNamespace,
@@ -31,6 +33,7 @@ use idmapped::{
 const USAGE: &str = "\
 Usage: mount-idmapped [OPTIONS] SOURCE TARGET
        mount-idmapped --check [--recursive] [--json] SOURCE
+       mount-idmapped --unshift [--recursive] [--json] SOURCE
        mount-idmapped --demo
 
 Make an idmapped mount of SOURCE at TARGET. SOURCE is a directory, or a file
@@ -44,7 +47,8 @@ Options:
                     65534. Repeatable; also written --map-mount VALUE
   --map-mount=PATH  use the mapping of an existing user namespace, such as
                     /proc/PID/ns/user; cannot be mixed with the form above
-  --recursive       include the submounts of SOURCE (all or nothing)
+  --recursive       include the submounts of SOURCE (idmap: all or nothing;
+                    auto: each mount idmapped if it can be, shifted if not)
   --read-only       make the mount read-only
   --nosuid          ignore setuid/setgid bits and file capabilities
   --nodev           deny access to device files
@@ -59,7 +63,14 @@ Options:
                     where the kernel and filesystem can, chown otherwise
   --out-of-range=keep|fail|overflow
                     chown: what to do with on-disk ids no value covers: leave
-                    them (default), fail, or write 65534 like the idmapped view
+                    them (default), fail (checked first: nothing changes),
+                    or write 65534 like the idmapped view
+  --outside-links=skip|shift|fail
+                    chown: a file also hard-linked from outside SOURCE is
+                    left unchanged and reported (skip, default), shifted
+                    anyway, or makes the command fail before any change
+  --unshift         undo the shift recorded on SOURCE (exactly the recorded
+                    mapping, inverted) and remove the record; takes SOURCE only
   --check           say whether SOURCE can be idmapped and, if not, why;
                     mount nothing; takes SOURCE only
   --json            print one JSON object on stdout saying what was done
@@ -102,6 +113,7 @@ fn run(args: Vec<OsString>) -> Result<ExitCode, Failure> {
         Command::Version => emit(&format!("mount-idmapped {}\n", env!("CARGO_PKG_VERSION")))
             .map(|()| ExitCode::SUCCESS),
         Command::Check(request) => check(&request),
+        Command::Unshift(request) => unshift(&request),
         Command::Demo => demo::run(),
         Command::Mount(request) => mount(&request),
     }
@@ -173,7 +185,9 @@ struct Options {
     propagation: Option<Propagation>,
     strategy: Strategy,
     out_of_range: OutOfRange,
+    outside_links: OutsideLinks,
     check: bool,
+    unshift: bool,
     json: bool,
     demo: bool,
     help: bool,
@@ -189,6 +203,7 @@ enum Command {
     Help,
     Version,
     Check(CheckRequest),
+    Unshift(CheckRequest),
     Demo,
     Mount(MountRequest),
 }
@@ -219,6 +234,7 @@ struct MountRequest {
     propagation: Option<Propagation>,
     strategy: Strategy,
     out_of_range: OutOfRange,
+    outside_links: OutsideLinks,
     json: bool,
 }
 
@@ -267,7 +283,7 @@ fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
 fn takes_value(name: &str) -> bool {
     matches!(
         name,
-        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range"
+        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range" | "--outside-links"
     )
 }
 
@@ -301,6 +317,13 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
                 ))
             })?;
         }
+        "--outside-links" => {
+            opts.outside_links = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--outside-links `{value}`: expected skip, shift or fail"
+                ))
+            })?;
+        }
         _ => {
             opts.out_of_range = match value.as_str() {
                 "keep" => OutOfRange::Keep,
@@ -323,6 +346,7 @@ fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
         "-h" | "--help" => &mut opts.help,
         "--version" => &mut opts.version,
         "--check" => &mut opts.check,
+        "--unshift" => &mut opts.unshift,
         "--json" => &mut opts.json,
         "--demo" => &mut opts.demo,
         "--recursive" => &mut opts.recursive,
@@ -367,8 +391,29 @@ fn command(opts: Options) -> Result<Command, Failure> {
         no_more_operands(&opts.operands, 0)?;
         return Ok(Command::Demo);
     }
+    if opts.check && opts.unshift {
+        return Err(Failure::usage("--check cannot be combined with --unshift"));
+    }
     if opts.check {
         return check_command(opts);
+    }
+    if opts.unshift {
+        if let Some(option) = opts.mount_only.first() {
+            return Err(Failure::usage(format_args!(
+                "--unshift cannot be combined with {option} (the record says how to undo)"
+            )));
+        }
+        no_more_operands(&opts.operands, 1)?;
+        let source = opts
+            .operands
+            .into_iter()
+            .next()
+            .ok_or_else(|| Failure::usage("--unshift: missing SOURCE"))?;
+        return Ok(Command::Unshift(CheckRequest {
+            source,
+            recursive: opts.recursive,
+            json: opts.json,
+        }));
     }
     mount_command(opts)
 }
@@ -409,6 +454,7 @@ fn mount_command(opts: Options) -> Result<Command, Failure> {
         propagation: opts.propagation,
         strategy: opts.strategy,
         out_of_range: opts.out_of_range,
+        outside_links: opts.outside_links,
         json: opts.json,
     }))
 }
@@ -455,6 +501,26 @@ fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     {
         eprintln!("mount-idmapped: cannot idmap ({why}); shifted ownership on disk instead");
     }
+    match &outcome {
+        Outcome::Chowned { report, .. } => {
+            tell_report(&request.source, report, request.outside_links)
+        }
+        Outcome::PerMount { mounts, report } => {
+            for m in mounts {
+                match &m.way {
+                    MountWay::Idmapped(_) => {
+                        eprintln!("mount-idmapped: {}: idmapped", m.mount.display())
+                    }
+                    MountWay::Shifted(why) => eprintln!(
+                        "mount-idmapped: {}: shifted ownership on disk ({why})",
+                        m.mount.display()
+                    ),
+                }
+            }
+            tell_report(&request.source, report, request.outside_links);
+        }
+        Outcome::Idmapped { .. } => {}
+    }
     if request.json {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
@@ -462,6 +528,70 @@ fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
             let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a walk did that a user must hear of, on stderr.
+fn tell_report(source: &Path, r: &ShiftReport, outside: OutsideLinks) {
+    let outside_verb = match outside {
+        OutsideLinks::Shift => "shifted anyway (--outside-links=shift)",
+        _ => "left unchanged",
+    };
+    if r.completed_before {
+        eprintln!(
+            "mount-idmapped: {}: already shifted with this mapping and policy (recorded on the tree); nothing walked",
+            source.display()
+        );
+    }
+    if r.resumed {
+        eprintln!(
+            "mount-idmapped: {}: finished an interrupted shift ({} entries done before, {} half-done entries completed)",
+            source.display(),
+            r.already_shifted,
+            r.recovered
+        );
+    }
+    if !r.kept_in_seen_range.is_empty() {
+        eprintln!(
+            "mount-idmapped: {} id(s) outside the mapping were kept although they lie inside a seen range (they now look like container ids); first:",
+            r.kept_in_seen_range.len()
+        );
+        for k in r.kept_in_seen_range.iter().take(5) {
+            eprintln!("  {}: {} {}", k.path.display(), k.kind, k.id);
+        }
+    }
+    if !r.outside_links.is_empty() {
+        eprintln!(
+            "mount-idmapped: {} file(s) are also hard-linked from outside the tree and were {}; first:",
+            r.outside_links.len(),
+            outside_verb
+        );
+        for p in r.outside_links.iter().take(5) {
+            eprintln!("  {}", p.display());
+        }
+    }
+    if r.tree_changed {
+        eprintln!(
+            "mount-idmapped: the tree changed during the walk (entries moved); the directories concerned were walked again"
+        );
+    }
+}
+
+fn unshift(request: &CheckRequest) -> Result<ExitCode, Failure> {
+    let options = ShiftOptions {
+        cross_mounts: request.recursive,
+        ..ShiftOptions::default()
+    };
+    let report = unshift_tree(&request.source, &options)?;
+    if request.json {
+        emit(
+            &json::Object::new()
+                .raw("source", json::path(&absolute(&request.source)))
+                .raw("unshifted", "true")
+                .raw("report", report_json(&report))
+                .finish(),
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -505,6 +635,7 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
         .flags(request.flags)
         .shift_options(ShiftOptions {
             out_of_range: request.out_of_range,
+            outside_links: request.outside_links,
             progress: progress_line(Arc::clone(&printed)),
             ..ShiftOptions::default()
         });
@@ -561,6 +692,7 @@ fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mappin
         IdSource::Mapping(_) => json::NULL.to_owned(),
     };
     let mapping = mapping.map_or_else(|| json::NULL.to_owned(), mapping_json);
+    let mut per_mount = json::NULL.to_owned();
     let (strategy, kernel_path, fallback, report) = match outcome {
         Outcome::Idmapped { method } => ("idmap", json::string(method.syscalls()), None, None),
         Outcome::Chowned { report, because } => (
@@ -569,6 +701,24 @@ fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mappin
             because.as_ref(),
             Some(report),
         ),
+        Outcome::PerMount { mounts, report } => {
+            let items: Vec<String> = mounts
+                .iter()
+                .map(|m| {
+                    let (way, reason) = match &m.way {
+                        MountWay::Idmapped(method) => ("idmap", json::string(method.syscalls())),
+                        MountWay::Shifted(why) => ("chown", json::string(&why.to_string())),
+                    };
+                    json::Object::new()
+                        .raw("mount", json::path(&absolute(&m.mount)))
+                        .raw("strategy", json::string(way))
+                        .raw(if way == "idmap" { "kernel_path" } else { "reason" }, reason)
+                        .finish_inline()
+                })
+                .collect();
+            per_mount = format!("[{}]", items.join(", "));
+            ("per-mount", json::NULL.to_owned(), None, Some(report))
+        }
     };
     let fallback = fallback.map_or_else(
         || json::NULL.to_owned(),
@@ -590,6 +740,7 @@ fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mappin
         .raw("attributes", attributes_json(request))
         .raw("kernel_path", kernel_path)
         .raw("fallback", fallback)
+        .raw("mounts", per_mount)
         .raw(
             "report",
             report.map_or_else(|| json::NULL.to_owned(), report_json),
@@ -614,6 +765,46 @@ fn report_json(r: &ShiftReport) -> String {
         .raw("out_of_range", r.out_of_range.to_string())
         .raw("skipped_mounts", r.skipped_mounts.to_string())
         .raw("recovered", r.recovered.to_string())
+        .raw("completed_before", r.completed_before.to_string())
+        .raw("resumed", r.resumed.to_string())
+        .raw("tree_changed", r.tree_changed.to_string())
+        .raw(
+            "kept_in_seen_range",
+            format!(
+                "[{}]",
+                r.kept_in_seen_range
+                    .iter()
+                    .map(|k| json::Object::new()
+                        .raw("path", json::path(&k.path))
+                        .raw("kind", json::string(k.kind))
+                        .raw("id", k.id.to_string())
+                        .finish_inline())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .raw(
+            "outside_links",
+            format!(
+                "[{}]",
+                r.outside_links
+                    .iter()
+                    .map(|p| json::path(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .raw(
+            "mounts_shifted",
+            format!(
+                "[{}]",
+                r.mounts_shifted
+                    .iter()
+                    .map(|p| json::path(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
         .raw("elapsed_s", format!("{:.6}", r.elapsed.as_secs_f64()))
         .finish_inline()
 }
