@@ -66,6 +66,8 @@ const PERMS: u32 = 0o7777;
 /// looked at again before the walk gives up with `TreeChanged`; also how
 /// many times a directory whose names moved is walked again.
 const RETRIES: usize = 8;
+/// How many times directories whose names moved are walked again.
+const RESCANS: usize = 64;
 /// getdents buffer: large, so a big directory takes few system calls.
 const DIRENT_BUF: usize = 256 * 1024;
 /// Push totals to the shared counters (and the callback) this often.
@@ -585,6 +587,12 @@ struct Worker<'c, 'a> {
     starts: Vec<usize>,
     inos: Vec<u64>,
     list: Vec<u8>,
+    /// Inodes pinned by the current pass over one directory.
+    pinned: Vec<u64>,
+    /// A name of the current pass did not lead to the inode listed.
+    mismatch: bool,
+    /// The current pass handed names to another worker.
+    split: bool,
 }
 
 impl<'c, 'a> Worker<'c, 'a> {
@@ -598,6 +606,9 @@ impl<'c, 'a> Worker<'c, 'a> {
             starts: Vec::new(),
             inos: Vec::new(),
             list: vec![0; 1024],
+            pinned: Vec::new(),
+            mismatch: false,
+            split: false,
         }
     }
 
@@ -765,7 +776,27 @@ impl<'c, 'a> Worker<'c, 'a> {
         let names = std::mem::take(&mut self.names);
         let starts = std::mem::take(&mut self.starts);
         let inos = std::mem::take(&mut self.inos);
+        self.pinned.clear();
+        self.mismatch = false;
+        self.split = false;
         let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos);
+        if result.is_ok() && self.mismatch {
+            // Names moved during the pass. Unless some of them went to
+            // another worker, check that every inode listed was pinned
+            // under some name; if one was not, it is still to do.
+            let again = self.split || {
+                let mut pinned = std::mem::take(&mut self.pinned);
+                pinned.sort_unstable();
+                let missing = inos.iter().any(|i| pinned.binary_search(i).is_err());
+                self.pinned = pinned;
+                missing
+            };
+            if again {
+                self.ctx.walk_again(dir, dmeta, path);
+            } else {
+                self.ctx.tree_changed.store(true, Ordering::Relaxed);
+            }
+        }
         self.names = names;
         self.starts = starts;
         self.inos = inos;
@@ -813,6 +844,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 });
                 if fed {
                     to = cut;
+                    self.split = true;
                 }
             }
             let start = starts[i];
@@ -851,7 +883,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {
                 // Renamed away or removed since the listing.
-                self.ctx.walk_again(dir, dmeta, dpath);
+                self.mismatch = true;
                 return Ok(());
             }
             Err(e) => {
@@ -860,15 +892,20 @@ impl<'c, 'a> Worker<'c, 'a> {
             }
         };
         let m = fstatx(fd.as_fd(), &path())?;
-        if d_ino.is_some_and(|ino| ino != m.ino) {
-            // Exchanged: the inode listed here is elsewhere now. Shift what
-            // is here (it is in this directory, so in the tree) and walk the
-            // directory again afterwards to find the one listed.
-            self.ctx.walk_again(dir, dmeta, dpath);
-        }
         if m.is_mount_below(dmeta) {
+            // The listing names the directory under the mount point, hidden.
+            if let Some(ino) = d_ino {
+                self.pinned.push(ino);
+            }
             self.counts.mounts += 1;
             return Ok(());
+        }
+        self.pinned.push(m.ino);
+        if d_ino.is_some_and(|ino| ino != m.ino) {
+            // Exchanged: the inode listed here is elsewhere now. Shift what
+            // is here (it is in this directory, so in the tree); the end of
+            // the pass checks that the one listed was met under another name.
+            self.mismatch = true;
         }
         if m.is_dir() {
             subdirs.push(SubDir {
@@ -1078,7 +1115,13 @@ impl<'c, 'a> Worker<'c, 'a> {
         let subdirs = match part {
             None => self.scan(fd.as_fd(), &meta, &path)?,
             Some(p) => {
-                self.visit_names(fd.as_fd(), &meta, &path, &p.names, &p.starts, &p.inos)?
+                self.mismatch = false;
+                let subdirs =
+                    self.visit_names(fd.as_fd(), &meta, &path, &p.names, &p.starts, &p.inos)?;
+                if self.mismatch {
+                    self.ctx.walk_again(fd.as_fd(), &meta, &path);
+                }
+                subdirs
             }
         };
         let mut stack = vec![Frame {
@@ -1139,11 +1182,13 @@ impl<'c, 'a> Worker<'c, 'a> {
                     // directory, so it is ours to shift (a symlink now, say).
                     tries += 1;
                     if tries > RETRIES {
-                        let p = path.join(OsStr::from_bytes(sd.name.to_bytes()));
-                        return Err(changed_under_us(
-                            &p,
-                            "directory kept changing while being opened",
-                        ));
+                        // Keeps changing: leave it to the next pass over
+                        // this directory (walk_again below).
+                        self.ctx.walk_again(parent, &pmeta, &path);
+                        top.next += 1;
+                        pending = pending.saturating_sub(1);
+                        tries = 0;
+                        continue;
                     }
                     let name = sd.name.clone();
                     // The directory listed under this name is elsewhere now.
@@ -1500,7 +1545,7 @@ pub(super) fn run(
     // Directories whose names moved during the walk: walk them again (an
     // inode changed already is never changed twice), until they hold still.
     let mut leftover = false;
-    for round in 0..=RETRIES {
+    for round in 0..=RESCANS {
         if lock(&ctx.error).is_some() {
             break;
         }
@@ -1509,7 +1554,7 @@ pub(super) fn run(
         if again.is_empty() {
             break;
         }
-        if round == RETRIES {
+        if round == RESCANS {
             leftover = true;
             break;
         }
