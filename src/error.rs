@@ -102,8 +102,11 @@ pub enum ErrorKind {
     },
     /// An entry that must change is immutable or append-only (`chattr +i`/`+a`).
     Immutable {
-        /// `"immutable (chattr +i)"` or `"append-only (chattr +a)"`.
+        /// `"immutable (chattr +i)"` or `"append-only (chattr +a)"` (of the
+        /// first such entry; `path` names it).
         attribute: &'static str,
+        /// How many entries that must change are immutable or append-only.
+        count: u64,
     },
     /// An inode of the tree has hard links outside it, and the caller asked to fail.
     LinkedOutside {
@@ -179,9 +182,10 @@ impl fmt::Display for ErrorKind {
             ErrorKind::ShiftRecorded { recorded, hint } => {
                 write!(f, "the tree records another shift: {recorded}; {hint}")
             }
-            ErrorKind::Immutable { attribute } => write!(
+            ErrorKind::Immutable { attribute, count } => write!(
                 f,
-                "the entry is {attribute} and its ownership must change: clear the attribute (chattr -i / chattr -a) and run the same command again, which resumes the shift"
+                "the entry is {attribute} and its ownership must change ({count} such entr{} in the tree, left untouched): clear the attribute (chattr -i / chattr -a) and run the same command again, which finishes the shift",
+                if *count == 1 { "y" } else { "ies" }
             ),
             ErrorKind::LinkedOutside { links, found } => write!(
                 f,

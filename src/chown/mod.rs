@@ -712,11 +712,15 @@ fn shift_one(
         nonce: record.as_ref().map_or_else(nonce, |r| r.nonce),
         since: record.as_ref().and_then(|r| r.since),
         scan: false,
+        redo: record
+            .as_ref()
+            .map(|r| r.redo.iter().copied().collect())
+            .unwrap_or_default(),
     };
     // Find out first where the run must change nothing if it cannot finish.
     if needs_scan(mapping, oor, links) || options.dry_run {
         spec.scan = true;
-        let scanned = walk::run(&fd, path, &spec, options, &mut || Ok(()))?;
+        let scanned = walk::run(&fd, path, &spec, options, &mut |_| Ok(()))?;
         if options.dry_run {
             return Ok(Some(ShiftReport {
                 resumed,
@@ -735,6 +739,7 @@ fn shift_one(
             nonce: spec.nonce,
             since: None,
             root: (dev, ino),
+            redo: Vec::new(),
         };
         begin(fd.as_fd(), path, &mut r)?;
         spec.since = None; // a first run trusts only its own in-memory set
@@ -745,8 +750,15 @@ fn shift_one(
         }
     }
     let mut record = record.unwrap_or_else(|| unreachable_record(mapping));
-    let mut finish = || {
-        record.state = RecordState::Done;
+    let mut finish = |frozen: &walk::Frozen| {
+        if frozen.is_empty() {
+            record.state = RecordState::Done;
+            record.redo.clear();
+        } else {
+            record.redo.extend(frozen.iter().map(|f| f.2));
+            record.redo.sort_unstable();
+            record.redo.dedup();
+        }
         store_record(fd.as_fd(), path, &record)
     };
     let mut report = walk::run(&fd, path, &spec, options, &mut finish)?;
@@ -765,6 +777,7 @@ fn unreachable_record(mapping: &Mapping) -> ShiftRecord {
         nonce: 0,
         since: None,
         root: (0, 0),
+        redo: Vec::new(),
     }
 }
 
@@ -891,8 +904,16 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
         nonce: record.nonce,
         since: if resumed { record.since } else { None },
         scan: options.dry_run,
+        redo: record.redo.iter().copied().collect(),
     };
-    let mut finish = || remove_record(fd.as_fd(), path);
+    let mut finish = |frozen: &walk::Frozen| {
+        if frozen.is_empty() {
+            remove_record(fd.as_fd(), path)
+        } else {
+            record.redo.extend(frozen.iter().map(|f| f.2));
+            store_record(fd.as_fd(), path, &record)
+        }
+    };
     let mut report = walk::run(&fd, path, &spec, options, &mut finish)?;
     report.resumed = resumed;
     report.elapsed = start.elapsed();

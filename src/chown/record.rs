@@ -72,6 +72,9 @@ pub struct ShiftRecord {
     pub(crate) since: Option<(i64, u32)>,
     /// Device and inode number of the root it was written for.
     pub(crate) root: (u64, u64),
+    /// Entries an earlier run found immutable or append-only and left
+    /// untouched: done by the next run whatever their ctime.
+    pub(crate) redo: Vec<(u64, u64)>,
 }
 
 impl ShiftRecord {
@@ -113,6 +116,9 @@ impl ShiftRecord {
         let _ = writeln!(s, "root: {} {}", self.root.0, self.root.1);
         let _ = writeln!(s, "out-of-range: {}", self.out_of_range.name());
         let _ = writeln!(s, "outside-links: {}", self.outside_links.name());
+        for (dev, ino) in &self.redo {
+            let _ = writeln!(s, "redo: {dev} {ino}");
+        }
         for (kind, map) in [("uid", self.mapping.uids()), ("gid", self.mapping.gids())] {
             for e in map.extents() {
                 let _ = writeln!(s, "{kind}: {} {} {}", e.on_disk(), e.seen(), e.count());
@@ -130,7 +136,7 @@ impl ShiftRecord {
         }
         let (mut state, mut nonce, mut since, mut root, mut oor, mut links) =
             (None, None, None, None, None, None);
-        let (mut uids, mut gids) = (Vec::new(), Vec::new());
+        let (mut uids, mut gids, mut redo) = (Vec::new(), Vec::new(), Vec::new());
         for line in lines {
             let (key, value) = line.split_once(": ")?;
             match key {
@@ -154,6 +160,10 @@ impl ShiftRecord {
                         }
                         Some((a.parse().ok()?, nsec))
                     })
+                }
+                "redo" => {
+                    let (a, b) = value.split_once(' ')?;
+                    redo.push((a.parse().ok()?, b.parse().ok()?));
                 }
                 "root" => {
                     let (a, b) = value.split_once(' ')?;
@@ -185,6 +195,7 @@ impl ShiftRecord {
             nonce: nonce?,
             since: since?,
             root: root?,
+            redo,
         })
     }
 }
@@ -221,6 +232,7 @@ mod tests {
                 nonce: 0xfeed,
                 since,
                 root: (2049, 12),
+                redo: vec![(2049, 77)],
             };
             let b = r.encode();
             assert_eq!(ShiftRecord::decode(&b), Some(r.clone()));

@@ -91,7 +91,14 @@ pub(super) struct Spec<'a> {
     pub(super) since: Option<(i64, u32)>,
     /// Read only: find out what would be done, and what stops the run.
     pub(super) scan: bool,
+    /// Inodes a resumed run must do whatever their ctime (they were
+    /// immutable when the earlier run met them).
+    pub(super) redo: HashSet<(u64, u64)>,
 }
+
+/// Entries that must change but are immutable or append-only: (path,
+/// attribute, (dev, ino)).
+pub(super) type Frozen = Vec<(PathBuf, &'static str, (u64, u64))>;
 
 /// The identity and attributes of one inode as `statx` reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +244,7 @@ struct Ctx<'a> {
     /// Multiply-linked inodes, by (dev, ino).
     links: Vec<Mutex<HashMap<(u64, u64), Links>>>,
     kept: Mutex<Vec<KeptId>>,
+    frozen: Mutex<Frozen>,
     uncovered: Mutex<Uncovered>,
     /// Directories whose listing and contents disagreed: walked again.
     rescan: Mutex<Vec<Work>>,
@@ -915,7 +923,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             return Ok(());
         }
         let p = path();
-        if m.nlink > 1 && !self.ctx.is_claimed(&m) && !self.ctx.link_found(&m, dmeta, name, &p) {
+        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &p) {
             self.counts.dedup += 1;
             return Ok(());
         }
@@ -951,7 +959,11 @@ impl<'c, 'a> Worker<'c, 'a> {
         // Resuming: changed since the record by a single call of the earlier
         // run. (The root is never taken as done this way: it always has a
         // stash while it is being changed.)
-        if stash.is_none() && !keep_stash && spec.since.is_some_and(|t| m.ctime >= t) {
+        if stash.is_none()
+            && !keep_stash
+            && spec.since.is_some_and(|t| m.ctime >= t)
+            && !spec.redo.contains(&m.key())
+        {
             self.counts.already += 1;
             return Ok(false);
         }
@@ -1026,11 +1038,18 @@ impl<'c, 'a> Worker<'c, 'a> {
         if spec.scan {
             if !ops.is_empty() {
                 self.ctx.claim(m);
+                if let Some(attr) = m.frozen {
+                    lock(&self.ctx.frozen).push((path.to_path_buf(), attr, m.key()));
+                }
             }
             return Ok(false);
         }
         if let (Some(attr), false) = (m.frozen, ops.is_empty()) {
-            return Err(Error::new(ErrorKind::Immutable { attribute: attr }).with_path(path));
+            // Nothing of it was changed: the record lists it, so that the
+            // run after `chattr -i` (which bumps its ctime) still does it.
+            lock(&self.ctx.frozen).push((path.to_path_buf(), attr, m.key()));
+            self.counts.changed -= 1;
+            return Ok(false);
         }
         if !ops.is_empty() && !self.ctx.claim(m) {
             // Another worker took it meanwhile (it moved): shifted once.
@@ -1459,7 +1478,7 @@ pub(super) fn run(
     root: &Path,
     spec: &Spec<'_>,
     opts: &ShiftOptions,
-    finish: &mut dyn FnMut() -> Result<()>,
+    finish: &mut dyn FnMut(&Frozen) -> Result<()>,
 ) -> Result<ShiftReport> {
     let start = Instant::now();
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -1507,6 +1526,7 @@ pub(super) fn run(
         claimed: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
         links: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         kept: Mutex::new(Vec::new()),
+        frozen: Mutex::new(Vec::new()),
         uncovered: Mutex::new(Uncovered::default()),
         rescan: Mutex::new(Vec::new()),
         rescan_keys: Mutex::new(HashSet::new()),
@@ -1568,6 +1588,17 @@ pub(super) fn run(
     if let Some(e) = lock(&ctx.error).take() {
         return Err(e);
     }
+    let mut frozen = std::mem::take(&mut *lock(&ctx.frozen));
+    if !frozen.is_empty() {
+        // Stop before the root: the record stays unfinished and lists them.
+        frozen.sort();
+        if !spec.scan {
+            finish(&frozen)?;
+        }
+        let (path, attribute, _) = frozen[0].clone();
+        return Err(Error::new(ErrorKind::Immutable { attribute, count: frozen.len() as u64 })
+            .with_path(path));
+    }
 
     // The root last. While it is being changed it has a stash; the record
     // becomes done before the stash goes, so a run killed anywhere here
@@ -1607,7 +1638,7 @@ pub(super) fn run(
             }
         }
     } else {
-        finish()?;
+        finish(&frozen)?;
         if stashed {
             drop_root_stash(root_fd.as_fd(), root)?;
         }
