@@ -1044,7 +1044,7 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
     eprintln!("uninterrupted: {ra:?}");
 
     let mut r = Rng::new(1234);
-    let (mut killed, mut finished, mut recovered) = (0, 0, 0);
+    let (mut killed, mut finished, mut recovered, mut resumed) = (0, 0, 0, 0u64);
     // Kill until 30 kills landed: the first ones interrupt real work, later
     // ones a run that is mostly checking what is done (also a crash point).
     // Each resumed run has less left to do, so the window to aim in shrinks
@@ -1075,6 +1075,7 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
                     .and_then(|s| s.split(',').next())
                     .and_then(|n| n.parse::<u64>().ok())
                     .unwrap_or(0);
+                resumed += u64::from(out.contains("resumed: true"));
                 finished += 1;
             }
             None => {
@@ -1084,8 +1085,9 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
             }
         }
     }
-    eprintln!("{killed} children killed, {finished} finished; entries recovered from a stash: {recovered}");
+    eprintln!("{killed} children killed, {finished} finished ({resumed} of them resuming a killed walk); entries recovered from a stash: {recovered}");
     assert!(killed >= kills, "too few kills landed: {killed}");
+    assert!(resumed > 0 || finished == 0, "no kill landed inside a walk");
     let rb = shift(&b, &map(mapping), &opts(0));
     eprintln!("final run after the kills: {rb:?}");
     let (sa, sb) = (snapshot(&a), snapshot(&b));
