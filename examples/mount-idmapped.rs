@@ -712,7 +712,14 @@ fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mappin
                     json::Object::new()
                         .raw("mount", json::path(&absolute(&m.mount)))
                         .raw("strategy", json::string(way))
-                        .raw(if way == "idmap" { "kernel_path" } else { "reason" }, reason)
+                        .raw(
+                            if way == "idmap" {
+                                "kernel_path"
+                            } else {
+                                "reason"
+                            },
+                            reason,
+                        )
                         .finish_inline()
                 })
                 .collect();

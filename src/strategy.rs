@@ -253,17 +253,22 @@ fn undo_command(source: &Path, recursive: bool) -> String {
 /// and its mount is in this mount namespace (else `move_mount` fails).
 fn check_target(target: &Path) -> Result<()> {
     use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
-    let st = statx(CWD, target, AtFlags::empty(), StatxFlags::TYPE | StatxFlags::MNT_ID)
-        .map_err(|e| {
-            Error::sys("statx", format!("{target:?}"), e)
-                .with_path(target)
-                .with_kind(match e {
-                    rustix::io::Errno::NOENT => ErrorKind::NotFound,
-                    _ => ErrorKind::InvalidInput(
-                        "the target cannot be looked up; nothing was shifted".into(),
-                    ),
-                })
-        })?;
+    let st = statx(
+        CWD,
+        target,
+        AtFlags::empty(),
+        StatxFlags::TYPE | StatxFlags::MNT_ID,
+    )
+    .map_err(|e| {
+        Error::sys("statx", format!("{target:?}"), e)
+            .with_path(target)
+            .with_kind(match e {
+                rustix::io::Errno::NOENT => ErrorKind::NotFound,
+                _ => ErrorKind::InvalidInput(
+                    "the target cannot be looked up; nothing was shifted".into(),
+                ),
+            })
+    })?;
     if u32::from(st.stx_mode) & 0o170000 != 0o040000 {
         return Err(Error::new(ErrorKind::InvalidInput(
             "the target is not a directory (a directory tree is mounted on a directory); nothing was shifted".into(),
@@ -284,7 +289,12 @@ fn check_target(target: &Path) -> Result<()> {
 }
 
 /// Attach `clone` at `target` after `source` was shifted: a failure says so.
-fn attach_shifted(clone: DetachedMount, target: &Path, source: &Path, recursive: bool) -> Result<()> {
+fn attach_shifted(
+    clone: DetachedMount,
+    target: &Path,
+    source: &Path,
+    recursive: bool,
+) -> Result<()> {
     clone.attach(target).map_err(|e| {
         let cause = e.to_string();
         e.with_kind(ErrorKind::SourceShifted {
@@ -312,7 +322,11 @@ fn auto_per_mount(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outco
     let mut ways = Vec::new();
     let mut all_idmap = true;
     for (i, m) in tree.iter().enumerate() {
-        let path = if i == 0 { source.to_path_buf() } else { m.mount_point.clone() };
+        let path = if i == 0 {
+            source.to_path_buf()
+        } else {
+            m.mount_point.clone()
+        };
         let way = match probe::idmap_support(&path)? {
             probe::Support::Supported => None,
             probe::Support::Unsupported(
@@ -440,13 +454,19 @@ fn beneath(target: &Path, _rel: &Path) -> Result<rustix::fd::OwnedFd> {
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| Error::sys("openat", format!("{target:?}, O_PATH|O_DIRECTORY"), e).with_path(target))
+    .map_err(|e| {
+        Error::sys("openat", format!("{target:?}, O_PATH|O_DIRECTORY"), e).with_path(target)
+    })
 }
 
 /// A directory `rel` beneath `root`, never through a symlink or `..`.
 fn beneath_fd(root: &rustix::fd::OwnedFd, rel: &Path) -> Result<rustix::fd::OwnedFd> {
     use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
-    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     openat2(
         root,
         rel,
@@ -455,8 +475,12 @@ fn beneath_fd(root: &rustix::fd::OwnedFd, rel: &Path) -> Result<rustix::fd::Owne
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .map_err(|e| {
-        Error::sys("openat2", format!("{rel:?}, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS"), e)
-            .with_path(rel)
+        Error::sys(
+            "openat2",
+            format!("{rel:?}, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS"),
+            e,
+        )
+        .with_path(rel)
     })
 }
 

@@ -462,7 +462,10 @@ fn random_tree_shift_matches_view_and_inverse_restores_bytes() {
     );
 
     let again = shift(&root, &map(MAP), &opts(0));
-    assert!(again.completed_before && again.visited == 0, "second run: {again:?}");
+    assert!(
+        again.completed_before && again.visited == 0,
+        "second run: {again:?}"
+    );
     assert_same(&after, &snapshot(&root), "second run");
 
     unshift(&root, 3);
@@ -1185,7 +1188,11 @@ fn random_idmap(r: &mut Rng) -> idmapped::IdMap {
                     ext.push((b, a, 1));
                 }
                 2 => ext.push((a, a + 1, n)),
-                _ => ext.push((a, r.below(3500) as u32 + [0, 100_000][r.below(2) as usize], n)),
+                _ => ext.push((
+                    a,
+                    r.below(3500) as u32 + [0, 100_000][r.below(2) as usize],
+                    n,
+                )),
             }
         }
         let ext: Result<Vec<_>, _> = ext
@@ -1219,7 +1226,9 @@ fn keep_view(
             (&b.acl_access, &mut v.acl_access),
             (&b.acl_default, &mut v.acl_default),
         ] {
-            let (Some(o), Some(s)) = (orig, seen.as_mut()) else { continue };
+            let (Some(o), Some(s)) = (orig, seen.as_mut()) else {
+                continue;
+            };
             let mut at = 4;
             while at + 8 <= o.len() {
                 let tag = u16::from_le_bytes([o[at], o[at + 1]]);
@@ -1264,7 +1273,10 @@ fn kernel_view(fs: &TestFs, root: &Path, m: &Mapping) -> BTreeMap<PathBuf, Snap>
     // refuses an invalid id), so the walker writes the overflow id 65534,
     // as documented; compare on those terms.
     for s in v.values_mut() {
-        for a in [&mut s.acl_access, &mut s.acl_default].into_iter().flatten() {
+        for a in [&mut s.acl_access, &mut s.acl_default]
+            .into_iter()
+            .flatten()
+        {
             let mut at = 4;
             while at + 8 <= a.len() {
                 let tag = u16::from_le_bytes([a[at], a[at + 1]]);
@@ -1303,7 +1315,9 @@ fn snapshot_lenient(root: &Path) -> BTreeMap<PathBuf, Snap> {
         } else {
             let get = |n: &str| {
                 let mut buf = vec![0u8; 65536];
-                rfs::lgetxattr(&p, n, &mut buf[..]).ok().map(|k| buf[..k].to_vec())
+                rfs::lgetxattr(&p, n, &mut buf[..])
+                    .ok()
+                    .map(|k| buf[..k].to_vec())
             };
             s.acl_access = get("system.posix_acl_access");
             s.acl_default = get("system.posix_acl_default");
@@ -1312,8 +1326,14 @@ fn snapshot_lenient(root: &Path) -> BTreeMap<PathBuf, Snap> {
         }
         if ft.is_dir() {
             s.kind = 'd';
-            let list = fs::read_dir(&p)
-                .unwrap_or_else(|e| panic!("{p:?} (mode {:o}, {}:{}): {e}", md.mode(), md.uid(), md.gid()));
+            let list = fs::read_dir(&p).unwrap_or_else(|e| {
+                panic!(
+                    "{p:?} (mode {:o}, {}:{}): {e}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid()
+                )
+            });
             for e in list {
                 todo.push(rel.join(e.unwrap().file_name()));
             }
@@ -1383,7 +1403,11 @@ fn differential_random_mappings_match_the_kernel_view() {
             ..opts(2)
         };
         shift(&over, &m, &o);
-        assert_same(&view, &snapshot_lenient(&over), &format!("overflow vs kernel view, {what}"));
+        assert_same(
+            &view,
+            &snapshot_lenient(&over),
+            &format!("overflow vs kernel view, {what}"),
+        );
 
         match shift_tree(&keep, &m, &opts(2)) {
             Ok(rep) => {
@@ -1422,8 +1446,15 @@ fn differential_random_mappings_match_the_kernel_view() {
             }
             Err(e) if matches!(e.kind(), ErrorKind::AclCollision { .. }) => {
                 refused += 1;
-                assert_same(&before, &snapshot(&keep), &format!("refused keep changed something, {what}"));
-                assert!(read_record(&keep).unwrap().is_none(), "refused run left a record");
+                assert_same(
+                    &before,
+                    &snapshot(&keep),
+                    &format!("refused keep changed something, {what}"),
+                );
+                assert!(
+                    read_record(&keep).unwrap().is_none(),
+                    "refused run left a record"
+                );
             }
             Err(e) => panic!("keep failed: {e} ({what})"),
         }
@@ -1465,10 +1496,24 @@ fn ids_inside_a_seen_range_are_translated_not_assumed_shifted() {
     lchown(&t.join("out"), 5000, 1001);
     let before = snapshot(&t);
     let m2 = map("b:1000:2000:10");
-    let e = shift_tree(&t, &m2, &ShiftOptions { out_of_range: OutOfRange::Fail, ..opts(2) })
-        .unwrap_err();
+    let e = shift_tree(
+        &t,
+        &m2,
+        &ShiftOptions {
+            out_of_range: OutOfRange::Fail,
+            ..opts(2)
+        },
+    )
+    .unwrap_err();
     assert!(
-        matches!(e.kind(), ErrorKind::IdOutOfRange { kind: "uid", id: 5000, count: 1 }),
+        matches!(
+            e.kind(),
+            ErrorKind::IdOutOfRange {
+                kind: "uid",
+                id: 5000,
+                count: 1
+            }
+        ),
         "{e}"
     );
     assert!(e.path().unwrap().ends_with("out"), "{e}");
@@ -1501,7 +1546,16 @@ fn ids_inside_a_seen_range_are_translated_not_assumed_shifted() {
     );
     let before = snapshot(&t);
     let e = shift_tree(&t, &m, &opts(1)).unwrap_err();
-    assert!(matches!(e.kind(), ErrorKind::AclCollision { kind: "uid", id: 1005 }), "{e}");
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::AclCollision {
+                kind: "uid",
+                id: 1005
+            }
+        ),
+        "{e}"
+    );
     assert!(e.path().unwrap().ends_with("f"), "{e}");
     assert_same(&before, &snapshot(&t), "refused keep changed something");
     shift(&t, &m, &over);
@@ -1545,13 +1599,23 @@ fn swaps_identity_extents_and_shift_by_one_are_exact_and_undone() {
             let e = shift_tree(&t, &m.inverse(), &opts(2)).unwrap_err();
             match e.kind() {
                 ErrorKind::ShiftRecorded { recorded, .. } => {
-                    assert!(recorded.contains(&spec[0][2..]) && recorded.contains("finished"), "{e}")
+                    assert!(
+                        recorded.contains(&spec[0][2..]) && recorded.contains("finished"),
+                        "{e}"
+                    )
                 }
                 k => panic!("{k:?}"),
             }
         }
-        let e = shift_tree(&t, &m, &ShiftOptions { out_of_range: OutOfRange::Overflow, ..opts(1) })
-            .unwrap_err();
+        let e = shift_tree(
+            &t,
+            &m,
+            &ShiftOptions {
+                out_of_range: OutOfRange::Overflow,
+                ..opts(1)
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e.kind(), ErrorKind::ShiftRecorded { .. }), "{e}");
         unshift(&t, 2);
         // Restored exactly, except ids kept although inside a seen range
@@ -1636,7 +1700,14 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
                     let a = format!("n{}", r.below(N as u64));
                     let b = format!("n{}", r.below(N as u64));
                     if a != b
-                        && rfs::renameat_with(&dir, a.as_str(), &dir, b.as_str(), rfs::RenameFlags::EXCHANGE).is_ok()
+                        && rfs::renameat_with(
+                            &dir,
+                            a.as_str(),
+                            &dir,
+                            b.as_str(),
+                            rfs::RenameFlags::EXCHANGE,
+                        )
+                        .is_ok()
                     {
                         swaps.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1653,7 +1724,10 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
         let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
         total_swaps += swaps.load(Ordering::Relaxed);
         changed_reported += u64::from(rep.tree_changed);
-        eprintln!("run {run}: {during} swaps during the walk, tree_changed {}", rep.tree_changed);
+        eprintln!(
+            "run {run}: {during} swaps during the walk, tree_changed {}",
+            rep.tree_changed
+        );
         // Per entry, by identity (content), never by name.
         for e in fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
@@ -1666,14 +1740,22 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
                 let c = fs::read_to_string(p.join("inner")).unwrap();
                 let i: usize = c[1..].parse().unwrap();
                 let want = m.uids().seen(id_of(i)).unwrap();
-                assert_eq!(owner(&p.join("inner")), (want, want), "run {run}: inner of D{i}");
+                assert_eq!(
+                    owner(&p.join("inner")),
+                    (want, want),
+                    "run {run}: inner of D{i}"
+                );
                 (i, 'd')
             } else {
                 let c = fs::read_to_string(&p).unwrap();
                 (c[1..].parse::<usize>().unwrap(), 'f')
             };
             let want = m.uids().seen(id_of(i)).unwrap();
-            assert_eq!((md.uid(), md.gid()), (want, want), "run {run}: {kind}{i} at {p:?}");
+            assert_eq!(
+                (md.uid(), md.gid()),
+                (want, want),
+                "run {run}: {kind}{i} at {p:?}"
+            );
             if kind == 'f' && i % 30 == 0 {
                 assert_eq!(md.mode() & 0o7777, 0o4755, "run {run}: setuid of F{i}");
                 assert_eq!(
@@ -1743,7 +1825,10 @@ fn virtual_filesystems_are_refused_before_anything_changes() {
         let e = mount_with_ownership(&root, &target, &plan).unwrap_err();
         match e.kind() {
             ErrorKind::NotShiftable { fs, .. } => {
-                assert!(["devtmpfs", "sysfs", "proc", "ramfs"].contains(&fs.as_str()), "{e}")
+                assert!(
+                    ["devtmpfs", "sysfs", "proc", "ramfs"].contains(&fs.as_str()),
+                    "{e}"
+                )
             }
             k => panic!("{strategy:?}: {k:?} ({e})"),
         }
@@ -1783,7 +1868,10 @@ fn hard_links_from_outside_are_left_reported_or_refused() {
         match policy {
             OutsideLinks::Fail => {
                 let e = shift_tree(&root, &m, &o).unwrap_err();
-                assert!(matches!(e.kind(), ErrorKind::LinkedOutside { links: 2, found: 1 }), "{e}");
+                assert!(
+                    matches!(e.kind(), ErrorKind::LinkedOutside { links: 2, found: 1 }),
+                    "{e}"
+                );
                 assert_eq!(owner(&root.join("a")), (0, 0), "fail changes nothing");
                 assert!(read_record(&root).unwrap().is_none());
             }
@@ -1791,7 +1879,11 @@ fn hard_links_from_outside_are_left_reported_or_refused() {
                 let rep = shift(&root, &m, &o);
                 assert_eq!(rep.outside_links, vec![root.join("sub/link")], "{rep:?}");
                 assert_eq!(owner(&root.join("a")), (100000, 100000));
-                let want = if policy == OutsideLinks::Skip { (0, 0) } else { (100000, 100000) };
+                let want = if policy == OutsideLinks::Skip {
+                    (0, 0)
+                } else {
+                    (100000, 100000)
+                };
                 assert_eq!(owner(&outside), want, "{policy:?}");
             }
         }
@@ -1812,7 +1904,11 @@ fn bad_target_changes_nothing_on_disk() {
     for target in [fs.root.join("missing"), file_target] {
         for strategy in [Strategy::Chown, Strategy::Auto] {
             let plan = Plan::new(strategy, &m);
-            if strategy == Strategy::Auto && idmapped::probe::first_unsupported(&root, false).unwrap().is_none() {
+            if strategy == Strategy::Auto
+                && idmapped::probe::first_unsupported(&root, false)
+                    .unwrap()
+                    .is_none()
+            {
                 continue; // auto idmaps here: nothing on disk either way
             }
             let e = mount_with_ownership(&root, &target, &plan).unwrap_err();
@@ -1848,7 +1944,10 @@ fn immutable_and_append_only_entries_stop_the_walk_and_it_resumes() {
         }
         let e = shift_tree(&root, &map(MAP), &o).unwrap_err();
         match e.kind() {
-            ErrorKind::Immutable { attribute, count: 2 } => {
+            ErrorKind::Immutable {
+                attribute,
+                count: 2,
+            } => {
                 assert!(attribute.contains("chattr +"), "{e}")
             }
             k => panic!("{k:?}: {e}"),
@@ -1874,6 +1973,9 @@ fn immutable_and_append_only_entries_stop_the_walk_and_it_resumes() {
             assert_eq!(owner(&root.join(name)), (100005, 100005), "{policy:?}");
         }
         assert_eq!(owner(&root.join("plain")), (100007, 100007));
-        assert_eq!(read_record(&root).unwrap().unwrap().state, RecordState::Done);
+        assert_eq!(
+            read_record(&root).unwrap().unwrap().state,
+            RecordState::Done
+        );
     }
 }

@@ -344,10 +344,7 @@ pub fn describe_range(start: u32, count: u32) -> String {
     match count {
         0 => format!("none at {start}"),
         1 => format!("{start} (1 id)"),
-        n => format!(
-            "{start}–{} ({n} ids)",
-            u64::from(start) + u64::from(n) - 1
-        ),
+        n => format!("{start}–{} ({n} ids)", u64::from(start) + u64::from(n) - 1),
     }
 }
 
@@ -359,16 +356,41 @@ pub fn describe_range(start: u32, count: u32) -> String {
 /// shifted: a wrong refusal costs an error message naming the type, a
 /// wrong shift gives host device nodes or kernel files to a container.
 pub const SHIFTABLE_FILESYSTEMS: &[&str] = &[
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "zfs", "bcachefs", "jfs",
-    "reiserfs", "nilfs2", "gfs2", "ocfs2",
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "zfs", "bcachefs", "jfs", "reiserfs",
+    "nilfs2", "gfs2", "ocfs2",
 ];
 
 /// Virtual filesystems, named as such in the refusal.
 const VIRTUAL_FILESYSTEMS: &[&str] = &[
-    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
-    "securityfs", "bpf", "configfs", "pstore", "efivarfs", "mqueue", "binfmt_misc",
-    "fusectl", "nsfs", "selinuxfs", "smackfs", "autofs", "rpc_pipefs", "hugetlbfs",
-    "hostfs", "sockfs", "pipefs", "anon_inodefs", "ramfs", "rootfs", "overlay",
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "bpf",
+    "configfs",
+    "pstore",
+    "efivarfs",
+    "mqueue",
+    "binfmt_misc",
+    "fusectl",
+    "nsfs",
+    "selinuxfs",
+    "smackfs",
+    "autofs",
+    "rpc_pipefs",
+    "hugetlbfs",
+    "hostfs",
+    "sockfs",
+    "pipefs",
+    "anon_inodefs",
+    "ramfs",
+    "rootfs",
+    "overlay",
 ];
 
 fn refusal(fs: &str) -> Option<String> {
@@ -445,8 +467,9 @@ fn open_root(root: &Path) -> Result<OwnedFd> {
 }
 
 fn mount_id(fd: BorrowedFd<'_>, path: &Path) -> Result<u64> {
-    let st = rfs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
-        .map_err(|e| Error::sys("statx", "fd, \"\", AT_EMPTY_PATH, STATX_MNT_ID", e).with_path(path))?;
+    let st = rfs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID).map_err(|e| {
+        Error::sys("statx", "fd, \"\", AT_EMPTY_PATH, STATX_MNT_ID", e).with_path(path)
+    })?;
     Ok(st.stx_mnt_id)
 }
 
@@ -463,7 +486,8 @@ fn load_record(fd: BorrowedFd<'_>, root: &Path) -> Result<Option<ShiftRecord>> {
             Some(r) => Ok(Some(r)),
             None => Err(Error::new(ErrorKind::ShiftRecorded {
                 recorded: format!("an unreadable {RECORD} value"),
-                hint: "it was not written by this version of idmapped; inspect it with getfattr".into(),
+                hint: "it was not written by this version of idmapped; inspect it with getfattr"
+                    .into(),
             })
             .with_path(root)),
         },
@@ -493,8 +517,9 @@ fn remove_record(fd: BorrowedFd<'_>, root: &Path) -> Result<()> {
 }
 
 fn ctime_of(fd: BorrowedFd<'_>, root: &Path) -> Result<(i64, u32)> {
-    let st = rfs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::CTIME)
-        .map_err(|e| Error::sys("statx", "fd, \"\", AT_EMPTY_PATH, STATX_CTIME", e).with_path(root))?;
+    let st = rfs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::CTIME).map_err(|e| {
+        Error::sys("statx", "fd, \"\", AT_EMPTY_PATH, STATX_CTIME", e).with_path(root)
+    })?;
     Ok((st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec))
 }
 
@@ -508,13 +533,13 @@ fn begin(fd: BorrowedFd<'_>, root: &Path, r: &mut ShiftRecord) -> Result<()> {
     let first = ctime_of(fd, root)?;
     // A chmod to the mode the root has changes nothing but its ctime (a
     // rewrite of an xattr with the same value may not even do that).
-    let st = rfs::fstat(fd)
-        .map_err(|e| Error::sys("fstat", "fd", e).with_path(root))?;
+    let st = rfs::fstat(fd).map_err(|e| Error::sys("fstat", "fd", e).with_path(root))?;
     let mode = Mode::from_bits_retain(st.st_mode & 0o7777);
     let mut waited = Duration::ZERO;
     loop {
-        rfs::fchmod(fd, mode)
-            .map_err(|e| Error::sys("fchmod", format!("fd, {:o}", mode.bits()), e).with_path(root))?;
+        rfs::fchmod(fd, mode).map_err(|e| {
+            Error::sys("fchmod", format!("fd, {:o}", mode.bits()), e).with_path(root)
+        })?;
         let now = ctime_of(fd, root)?;
         if now > first {
             r.since = Some(now);
@@ -587,8 +612,10 @@ fn submounts(root: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
         return Ok(vec![PathBuf::new()]);
     }
     let canon = std::fs::canonicalize(root).map_err(|e| {
-        Error::new(ErrorKind::InvalidInput(format!("cannot resolve the tree's path: {e}")))
-            .with_path(root)
+        Error::new(ErrorKind::InvalidInput(format!(
+            "cannot resolve the tree's path: {e}"
+        )))
+        .with_path(root)
     })?;
     let mut out = vec![PathBuf::new()];
     for m in mounts.into_iter().skip(1) {
@@ -655,7 +682,11 @@ fn shift_one(
         return Ok(None);
     };
     let joined = tree.join(rel);
-    let path: &Path = if rel.as_os_str().is_empty() { tree } else { &joined };
+    let path: &Path = if rel.as_os_str().is_empty() {
+        tree
+    } else {
+        &joined
+    };
     let (dev, ino) = walk::dev_ino(fd.as_fd(), path)?;
     let recorded = load_record(fd.as_fd(), path)?;
     let (oor, links) = (options.out_of_range, options.outside_links);
@@ -803,7 +834,12 @@ fn covered(map: &IdMap, lo: u64, hi: u64) -> bool {
     let mut ranges: Vec<(u64, u64)> = map
         .extents()
         .iter()
-        .map(|e| (u64::from(e.on_disk()), u64::from(e.on_disk()) + u64::from(e.count())))
+        .map(|e| {
+            (
+                u64::from(e.on_disk()),
+                u64::from(e.on_disk()) + u64::from(e.count()),
+            )
+        })
         .collect();
     ranges.sort_unstable();
     let mut at = lo;
@@ -852,7 +888,11 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
         return Ok(None);
     };
     let joined = tree.join(rel);
-    let path: &Path = if rel.as_os_str().is_empty() { tree } else { &joined };
+    let path: &Path = if rel.as_os_str().is_empty() {
+        tree
+    } else {
+        &joined
+    };
     let (dev, ino) = walk::dev_ino(fd.as_fd(), path)?;
     let Some(mut record) = load_record(fd.as_fd(), path)? else {
         return Err(Error::new(ErrorKind::InvalidInput(format!(
@@ -864,7 +904,9 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
     if record.root != (dev, ino) {
         return Err(Error::new(ErrorKind::ShiftRecorded {
             recorded: record.describe(),
-            hint: "the record was written for another directory: the tree was copied with its xattrs".into(),
+            hint:
+                "the record was written for another directory: the tree was copied with its xattrs"
+                    .into(),
         })
         .with_path(path));
     }
@@ -943,14 +985,27 @@ mod tests {
         assert!(needs_scan(&m(&["b:0:100000:65536"]), Overflow, L::Fail));
         assert!(needs_scan(&m(&["b:0:100000:65536"]), Fail, L::Skip));
         // A swap: every seen id is an on-disk id too.
-        assert!(!needs_scan(&m(&["b:1000:1001:1", "b:1001:1000:1"]), Keep, L::Skip));
+        assert!(!needs_scan(
+            &m(&["b:1000:1001:1", "b:1001:1000:1"]),
+            Keep,
+            L::Skip
+        ));
         assert!(needs_scan(&m(&["b:0:1:65536"]), Keep, L::Skip));
         assert!(!needs_scan(&m(&["b:0:1:10", "b:10:0:1"]), Keep, L::Skip));
     }
 
     #[test]
     fn refuses_virtual_and_unknown_filesystems() {
-        for fs in ["proc", "sysfs", "devtmpfs", "cgroup2", "ramfs", "nfs4", "fuse.sshfs", "overlay"] {
+        for fs in [
+            "proc",
+            "sysfs",
+            "devtmpfs",
+            "cgroup2",
+            "ramfs",
+            "nfs4",
+            "fuse.sshfs",
+            "overlay",
+        ] {
             assert!(refusal(fs).is_some(), "{fs}");
         }
         for fs in ["ext4", "xfs", "btrfs", "tmpfs"] {

@@ -79,7 +79,12 @@ pub struct ShiftRecord {
 
 impl ShiftRecord {
     /// Whether a run with these arguments is the recorded one.
-    pub(crate) fn same_shift(&self, mapping: &Mapping, oor: OutOfRange, links: OutsideLinks) -> bool {
+    pub(crate) fn same_shift(
+        &self,
+        mapping: &Mapping,
+        oor: OutOfRange,
+        links: OutsideLinks,
+    ) -> bool {
         self.mapping.canonical() == mapping.canonical()
             && self.out_of_range == oor
             && self.outside_links == links
@@ -222,7 +227,8 @@ mod tests {
 
     #[test]
     fn record_round_trips_and_rejects_garbage() {
-        let mapping = Mapping::parse_map_mount(["b:1000:1001:1", "b:1001:1000:1", "u:0:5:1"]).unwrap();
+        let mapping =
+            Mapping::parse_map_mount(["b:1000:1001:1", "b:1001:1000:1", "u:0:5:1"]).unwrap();
         for since in [None, Some((1_764_586_000, 5))] {
             let r = ShiftRecord {
                 state: RecordState::Running,

@@ -553,7 +553,14 @@ pub(super) fn drop_root_stash(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     Handle::Dir(fd)
         .remove(STASH)
         .or_else(|e| if e == Errno::NOTSUP { Ok(()) } else { Err(e) })
-        .map_err(|e| sys("fremovexattr", format!("fd {}, {STASH:?}", fd.as_raw_fd()), e, path))
+        .map_err(|e| {
+            sys(
+                "fremovexattr",
+                format!("fd {}, {STASH:?}", fd.as_raw_fd()),
+                e,
+                path,
+            )
+        })
 }
 
 /// A subdirectory found by a scan, to be opened when the walk gets to it.
@@ -669,8 +676,9 @@ impl<'c, 'a> Worker<'c, 'a> {
                 }
                 Ok(Tr::Kept(id))
             }
-            OutOfRange::Fail => Err(Error::new(ErrorKind::IdOutOfRange { kind, id, count: 1 })
-                .with_path(path)),
+            OutOfRange::Fail => {
+                Err(Error::new(ErrorKind::IdOutOfRange { kind, id, count: 1 }).with_path(path))
+            }
         }
     }
 
@@ -689,8 +697,9 @@ impl<'c, 'a> Worker<'c, 'a> {
                     .with_path(path)
                 })?;
                 match self.id(true, caps.rootid, path)? {
-                    Tr::Shifted(r) if self.ctx.spec.out_of_range == OutOfRange::Overflow
-                        && self.ctx.uids.seen(caps.rootid).is_none() =>
+                    Tr::Shifted(r)
+                        if self.ctx.spec.out_of_range == OutOfRange::Overflow
+                            && self.ctx.uids.seen(caps.rootid).is_none() =>
                     {
                         // Uncovered root id: through the mount it grants nothing.
                         let _ = r;
@@ -723,8 +732,9 @@ impl<'c, 'a> Worker<'c, 'a> {
                     if w.ctx.spec.out_of_range != OutOfRange::Overflow {
                         if let Some(&(kind, id)) = kept.iter().find(|k| shifted.contains(k)) {
                             let kind = if kind == AclId::User { "uid" } else { "gid" };
-                            return Err(Error::new(ErrorKind::AclCollision { kind, id })
-                                .with_path(path));
+                            return Err(
+                                Error::new(ErrorKind::AclCollision { kind, id }).with_path(path)
+                            );
                         }
                     }
                     Ok(Some(new.unwrap_or_else(|| value.clone())))
@@ -933,7 +943,13 @@ impl<'c, 'a> Worker<'c, 'a> {
 
     /// The procedure for one pinned inode. Returns whether a stash was
     /// written and left in place (only with `keep_stash`, for the root).
-    fn shift_inode(&mut self, h: Handle<'_>, m: &Meta, path: &Path, keep_stash: bool) -> Result<bool> {
+    fn shift_inode(
+        &mut self,
+        h: Handle<'_>,
+        m: &Meta,
+        path: &Path,
+        keep_stash: bool,
+    ) -> Result<bool> {
         if self.ctx.is_claimed(m) {
             self.counts.dedup += 1;
             return Ok(false);
@@ -1068,8 +1084,12 @@ impl<'c, 'a> Worker<'c, 'a> {
         }
         for op in &ops {
             match op {
-                Op::Acl(xname, Some(v)) => h.set(xname, v).map_err(|e| xerr("setxattr", xname, e))?,
-                Op::Acl(xname, None) => h.remove(xname).map_err(|e| xerr("removexattr", xname, e))?,
+                Op::Acl(xname, Some(v)) => {
+                    h.set(xname, v).map_err(|e| xerr("setxattr", xname, e))?
+                }
+                Op::Acl(xname, None) => {
+                    h.remove(xname).map_err(|e| xerr("removexattr", xname, e))?
+                }
                 Op::Chown(u, g) => h.chown(*u, *g).map_err(|e| {
                     sys(
                         "fchownat",
@@ -1079,10 +1099,19 @@ impl<'c, 'a> Worker<'c, 'a> {
                     )
                 })?,
                 Op::Chmod(mode) => h.chmod(*mode).map_err(|e| {
-                    sys("chmod", format!("{}, {:o}", h.describe(), mode & PERMS), e, path)
+                    sys(
+                        "chmod",
+                        format!("{}, {:o}", h.describe(), mode & PERMS),
+                        e,
+                        path,
+                    )
                 })?,
-                Op::Cap(Some(v)) => h.set(CAPABILITY, v).map_err(|e| xerr("setxattr", CAPABILITY, e))?,
-                Op::Cap(None) => h.remove(CAPABILITY).map_err(|e| xerr("removexattr", CAPABILITY, e))?,
+                Op::Cap(Some(v)) => h
+                    .set(CAPABILITY, v)
+                    .map_err(|e| xerr("setxattr", CAPABILITY, e))?,
+                Op::Cap(None) => h
+                    .remove(CAPABILITY)
+                    .map_err(|e| xerr("removexattr", CAPABILITY, e))?,
             }
         }
         if stashed && !keep_stash {
@@ -1275,7 +1304,11 @@ fn lost(path: &Path) -> Error {
 
 /// Open a directory entry as a directory, never through a symlink, never out
 /// of `parent`, never onto another mount.
-fn open_dir(ctx: &Ctx<'_>, parent: BorrowedFd<'_>, name: &CStr) -> std::result::Result<OwnedFd, Errno> {
+fn open_dir(
+    ctx: &Ctx<'_>,
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+) -> std::result::Result<OwnedFd, Errno> {
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if ctx.openat2.load(Ordering::Relaxed) != 2 {
         let resolve = ResolveFlags::BENEATH
@@ -1596,8 +1629,11 @@ pub(super) fn run(
             finish(&frozen)?;
         }
         let (path, attribute, _) = frozen[0].clone();
-        return Err(Error::new(ErrorKind::Immutable { attribute, count: frozen.len() as u64 })
-            .with_path(path));
+        return Err(Error::new(ErrorKind::Immutable {
+            attribute,
+            count: frozen.len() as u64,
+        })
+        .with_path(path));
     }
 
     // The root last. While it is being changed it has a stash; the record
