@@ -22,7 +22,7 @@
 # (named after it), bin/mount-idmapped, ARGS "--nocapture --test-threads=1"
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
-# VM_TEST_TARGETS (space separated), or "matrix mount userns cli".
+# VM_TEST_TARGETS (space separated), or "matrix mount userns cli chown".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -56,7 +56,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli chown}"
 cli_test_targets=()
 selftest=0
 quiet=0
@@ -193,7 +193,7 @@ build_tests() {
 	for name in "${test_targets[@]}"; do cp "${exe[$name]}" "$tests/$name"; done
 	cp "${exe[example:mount-idmapped]}" "$tests/bin/mount-idmapped"
 	echo "--nocapture --test-threads=1" >"$tests/ARGS"
-	echo "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" >"$tests/ENV"
+	printf 'MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped\nIDMAPPED_TEST_SCALE=10\n' >"$tests/ENV"
 }
 build_failed=0
 if ((build)); then

@@ -38,6 +38,17 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `n` divided by `IDMAPPED_TEST_SCALE` (the VMs, which emulate the CPU,
+/// set 10), at least `min`: the same tests with smaller trees and fewer rounds.
+fn scaled(n: usize, min: usize) -> usize {
+    let d: usize = std::env::var("IDMAPPED_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    (n / d).max(min)
+}
+
 fn map(spec: &str) -> Mapping {
     Mapping::parse_map_mount([spec]).expect("mapping")
 }
@@ -436,7 +447,7 @@ fn random_tree_shift_matches_view_and_inverse_restores_bytes() {
     let fs = TestFs::ext4_sized(256, 65536);
     let root = fs.root.join("tree");
     fs::create_dir(&root).unwrap();
-    random_tree(&root, 0xC0FFEE, 5000, 3);
+    random_tree(&root, 0xC0FFEE, scaled(5000, 500), 3);
     let before = snapshot(&root);
     for kind in ['d', 'f', 'l', 'p', 's', 'c'] {
         assert!(before.values().any(|s| s.kind == kind), "no {kind} in tree");
@@ -484,7 +495,7 @@ fn shifted_tree_equals_the_idmapped_mount_view() {
     fs::create_dir(&root).unwrap();
     // No ids outside the mapping: for those the idmapped mount shows 65534
     // and the default walker policy keeps them (see out_of_range_policies).
-    random_tree(&root, 0x1D3A9, 4000, 0);
+    random_tree(&root, 0x1D3A9, scaled(4000, 500), 0);
     let view = fs.scratch("view");
     let ns = UserNamespace::from_mapping(&map(MAP)).unwrap();
     DetachedMount::clone_with(&root, CloneFlags::empty(), &MountAttr::new().idmap(&ns))
@@ -945,7 +956,7 @@ fn second_run_changes_nothing_and_dry_run_changes_nothing() {
     let fs = TestFs::ext4_sized(128, 32768);
     let root = fs.root.join("tree");
     fs::create_dir(&root).unwrap();
-    random_tree(&root, 7, 3000, 0);
+    random_tree(&root, 7, scaled(3000, 500), 0);
     let before = snapshot(&root);
     let dry = ShiftOptions {
         dry_run: true,
@@ -1021,7 +1032,7 @@ fn child(root: &Path, m: &str) -> Command {
 #[test]
 fn crash_safety_sigkill_at_random_points() {
     privileged!();
-    crash_test(MAP, 40_500, 30);
+    crash_test(MAP, scaled(40_500, 3000), scaled(30, 5));
 }
 
 /// The same with a mapping whose on-disk and seen ranges overlap (each id
@@ -1029,7 +1040,7 @@ fn crash_safety_sigkill_at_random_points() {
 #[test]
 fn crash_safety_sigkill_with_an_overlapping_mapping() {
     privileged!();
-    crash_test("b:0:1:65536", 20_000, 25);
+    crash_test("b:0:1:65536", scaled(20_000, 2000), scaled(25, 5));
 }
 
 fn crash_test(mapping: &str, entries: usize, kills: usize) {
@@ -1364,7 +1375,7 @@ fn differential_random_mappings_match_the_kernel_view() {
     let cases: u64 = std::env::var("IDMAPPED_DIFF_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(scaled(40, 8) as u64);
     let (mut refused, mut kept_seen) = (0, 0);
     for case in 0..cases {
         let seed = seed0 + case;
@@ -1654,7 +1665,7 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
     let runs: u64 = std::env::var("IDMAPPED_ATTACK_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(scaled(12, 3) as u64);
     const N: usize = 600;
     let id_of = |i: usize| (i as u32 * 7) % 3000;
     let mut total_swaps = 0;
