@@ -429,12 +429,23 @@ impl Names {
 enum Handle<'f> {
     Dir(BorrowedFd<'f>),
     Path(BorrowedFd<'f>),
+    /// `/proc/self/fd/<dir>/<name>`, read with the `l*` xattr calls (the
+    /// last component not followed): for the read-only scan only.
+    Named(&'f CStr),
+}
+
+/// `/proc/self/fd/<dir>/<name>`.
+fn entry_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
+    let mut b = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    b.extend_from_slice(name.to_bytes());
+    CString::new(b).unwrap_or_default()
 }
 
 impl Handle<'_> {
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
         match *self {
-            Handle::Dir(fd) | Handle::Path(fd) => fd,
+            Handle::Dir(fd) | Handle::Path(fd) => Some(fd),
+            Handle::Named(_) => None,
         }
     }
 
@@ -443,6 +454,7 @@ impl Handle<'_> {
             let n = match *self {
                 Handle::Dir(fd) => rfs::flistxattr(fd, &mut buf[..]),
                 Handle::Path(fd) => rfs::listxattr(proc_fd_path(fd), &mut buf[..]),
+                Handle::Named(p) => rfs::llistxattr(p, &mut buf[..]),
             };
             match n {
                 Ok(n) => return Ok(Names::parse(&buf[..n])),
@@ -459,6 +471,7 @@ impl Handle<'_> {
             let n = match *self {
                 Handle::Dir(fd) => rfs::fgetxattr(fd, name, &mut buf[..]),
                 Handle::Path(fd) => rfs::getxattr(proc_fd_path(fd), name, &mut buf[..]),
+                Handle::Named(p) => rfs::lgetxattr(p, name, &mut buf[..]),
             };
             match n {
                 Ok(n) => {
@@ -477,6 +490,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => rfs::fsetxattr(fd, name, value, flags),
             Handle::Path(fd) => rfs::setxattr(proc_fd_path(fd), name, value, flags),
+            Handle::Named(_) => Err(Errno::PERM),
         }
     }
 
@@ -484,6 +498,7 @@ impl Handle<'_> {
         let r = match *self {
             Handle::Dir(fd) => rfs::fremovexattr(fd, name),
             Handle::Path(fd) => rfs::removexattr(proc_fd_path(fd), name),
+            Handle::Named(_) => Err(Errno::PERM),
         };
         match r {
             Err(Errno::NODATA) => Ok(()),
@@ -492,8 +507,11 @@ impl Handle<'_> {
     }
 
     fn chown(&self, uid: u32, gid: u32) -> std::result::Result<(), Errno> {
+        let Some(fd) = self.fd() else {
+            return Err(Errno::PERM);
+        };
         rfs::chownat(
-            self.fd(),
+            fd,
             c"",
             Some(Uid::from_raw_unchecked(uid)),
             Some(Gid::from_raw_unchecked(gid)),
@@ -506,6 +524,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => rfs::fchmod(fd, mode),
             Handle::Path(fd) => rfs::chmodat(CWD, proc_fd_path(fd), mode, AtFlags::empty()),
+            Handle::Named(_) => Err(Errno::PERM),
         }
     }
 
@@ -513,6 +532,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => format!("fd {}", fd.as_raw_fd()),
             Handle::Path(fd) => format!("\"/proc/self/fd/{}\"", fd.as_raw_fd()),
+            Handle::Named(p) => format!("{p:?}"),
         }
     }
 }
@@ -890,6 +910,9 @@ impl<'c, 'a> Worker<'c, 'a> {
     ) -> Result<()> {
         self.visited_one();
         let path = || dpath.join(OsStr::from_bytes(name.to_bytes()));
+        if self.ctx.spec.scan {
+            return self.look(dir, dmeta, dpath, name, subdirs);
+        }
         // O_PATH opens nothing (no fifo blocks, no device driver runs) and,
         // with O_NOFOLLOW, pins a symlink itself.
         let fd = match rfs::openat(
@@ -938,6 +961,52 @@ impl<'c, 'a> Worker<'c, 'a> {
             return Ok(());
         }
         self.shift_inode(Handle::Path(fd.as_fd()), &m, &p, false)
+            .map(|_| ())
+    }
+
+    /// [`visit`](Self::visit) for the read-only scan: no pinning (nothing
+    /// is written, and the shifting walk that follows checks everything
+    /// again on pinned inodes), so two calls per entry: `statx` and
+    /// `llistxattr` by name.
+    fn look(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        dmeta: &Meta,
+        dpath: &Path,
+        name: &CStr,
+        subdirs: &mut Vec<SubDir>,
+    ) -> Result<()> {
+        let path = dpath.join(OsStr::from_bytes(name.to_bytes()));
+        let m = match rfs::statx(
+            dir,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            STATX_MASK,
+        ) {
+            Ok(st) => Meta::new(&st),
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                let a = format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd());
+                return Err(sys("statx", a, e, &path));
+            }
+        };
+        if m.is_mount_below(dmeta) {
+            self.counts.mounts += 1;
+            return Ok(());
+        }
+        if m.is_dir() {
+            subdirs.push(SubDir {
+                name: name.to_owned(),
+                meta: m,
+            });
+            return Ok(());
+        }
+        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &path) {
+            self.counts.dedup += 1;
+            return Ok(());
+        }
+        let named = entry_path(dir, name);
+        self.shift_inode(Handle::Named(&named), &m, &path, false)
             .map(|_| ())
     }
 
