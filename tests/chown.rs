@@ -490,6 +490,7 @@ fn random_tree_shift_matches_view_and_inverse_restores_bytes() {
 #[test]
 fn shifted_tree_equals_the_idmapped_mount_view() {
     privileged!();
+    needs_mount_setattr!();
     let fs = TestFs::ext4_sized(256, 65536);
     let root = fs.root.join("tree");
     fs::create_dir(&root).unwrap();
