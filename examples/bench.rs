@@ -1177,7 +1177,12 @@ fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
                     fmt_n(n)
                 ),
                 value: ratio(
-                    r.get("ownership", fs, Some(n), "walker, all cores, --out-of-range=overflow"),
+                    r.get(
+                        "ownership",
+                        fs,
+                        Some(n),
+                        "walker, all cores, --out-of-range=overflow",
+                    ),
                     chown(fs, n),
                 ),
                 target: Some((Target::AtMost, 1.0 / 1.3)),

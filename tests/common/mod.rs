@@ -270,8 +270,8 @@ pub fn cli_binary() -> PathBuf {
     bin
 }
 
-/// When the example's inputs last changed: its source, or the library it
-/// links (cargo rebuilds `libidmapped-*.rlib` in `deps/` whenever any module
+/// When the example's inputs last changed: its source files
+/// (`examples/mount-idmapped/*.rs`), or the library it links (cargo rebuilds `libidmapped-*.rlib` in `deps/` whenever any module
 /// the crate compiles changes).
 fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -283,7 +283,11 @@ fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
             let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
             name.starts_with("libidmapped-") && name.ends_with(".rlib")
         });
-    std::iter::once(root.join("examples/mount-idmapped.rs"))
+    let sources = std::fs::read_dir(root.join("examples/mount-idmapped"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path());
+    sources
         .chain(rlibs)
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .max()

@@ -1,0 +1,386 @@
+//! The command line: options, operands, `--help`, and deciding what to do
+//! (every combination that makes no sense is a usage error, exit 2).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use idmapped::chown::{OutOfRange, OutsideLinks};
+use idmapped::strategy::Strategy;
+use idmapped::{Mapping, MountAttrFlags, Propagation};
+
+use crate::Failure;
+
+pub const USAGE: &str = "\
+Usage: mount-idmapped [OPTIONS] SOURCE TARGET
+       mount-idmapped --check [--recursive] [--json] SOURCE
+       mount-idmapped --unshift [--recursive] [--json] SOURCE
+       mount-idmapped --demo
+
+Make an idmapped mount of SOURCE at TARGET. SOURCE is a directory, or a file
+to mount onto the file TARGET.
+
+Options:
+  --map-mount=<b|u|g>:FROM:TO:RANGE
+                    files whose on-disk ids are FROM..FROM+RANGE-1 are seen
+                    through the mount as TO..TO+RANGE-1; b: uids and gids,
+                    u: uids only, g: gids only. Ids no value covers are seen as
+                    65534. Repeatable; also written --map-mount VALUE
+  --map-mount=PATH  use the mapping of an existing user namespace, such as
+                    /proc/PID/ns/user; cannot be mixed with the form above
+  --recursive       include the submounts of SOURCE (idmap: all or nothing;
+                    auto: each mount idmapped if it can be, shifted if not)
+  --read-only       make the mount read-only
+  --nosuid          ignore setuid/setgid bits and file capabilities
+  --nodev           deny access to device files
+  --noexec          deny program execution
+  --nosymfollow     do not follow symlinks
+  --propagation=private|shared|slave|unbindable
+                    propagation type of the new mount
+  --strategy=idmap|chown|auto
+                    idmap (default): idmapped mount, nothing on disk changes;
+                    chown: shift the ownership of SOURCE on disk (FROM..
+                    becomes TO..), then bind-mount it at TARGET; auto: idmap
+                    where the kernel and filesystem can, chown otherwise
+  --out-of-range=keep|fail|overflow
+                    chown: what to do with on-disk ids no value covers: leave
+                    them (default), fail (checked first: nothing changes),
+                    or write 65534 like the idmapped view
+  --outside-links=skip|shift|fail
+                    chown: a file also hard-linked from outside SOURCE is
+                    left unchanged and reported (skip, default), shifted
+                    anyway, or makes the command fail before any change
+  --unshift         undo the shift recorded on SOURCE (exactly the recorded
+                    mapping, inverted) and remove the record; takes SOURCE only
+  --check           say whether SOURCE can be idmapped and, if not, why;
+                    mount nothing; takes SOURCE only
+  --json            print one JSON object on stdout saying what was done
+  --demo            idmap a small tree on a scratch filesystem in a private
+                    mount namespace, print on-disk and seen owners, clean up
+  -h, --help        print this help
+  --version         print the version
+
+Example: on-disk 1000 is seen as 11000 and on-disk 15000 as 65534 through
+  mount-idmapped --map-mount=b:0:10000:10000 /srv/volume /mnt/volume
+
+Exit status: 0 done; 1 the operation failed (--check: SOURCE cannot be
+idmapped); 2 usage error.
+";
+
+/// The command line as given, before deciding what to do.
+#[derive(Debug, Default)]
+struct Options {
+    maps: Vec<String>,
+    recursive: bool,
+    flags: MountAttrFlags,
+    propagation: Option<Propagation>,
+    strategy: Strategy,
+    out_of_range: OutOfRange,
+    outside_links: OutsideLinks,
+    check: bool,
+    unshift: bool,
+    json: bool,
+    demo: bool,
+    help: bool,
+    version: bool,
+    /// Options that only make sense when mounting, in the order given.
+    mount_only: Vec<String>,
+    operands: Vec<PathBuf>,
+}
+
+/// What to do.
+#[derive(Debug)]
+pub enum Command {
+    Help,
+    Version,
+    Check(CheckRequest),
+    Unshift(CheckRequest),
+    Demo,
+    Mount(MountRequest),
+}
+
+#[derive(Debug)]
+pub struct CheckRequest {
+    pub source: PathBuf,
+    pub recursive: bool,
+    pub json: bool,
+}
+
+/// Where the idmap comes from.
+#[derive(Debug)]
+pub enum IdSource {
+    /// `--map-mount=<b|u|g>:FROM:TO:RANGE` values.
+    Mapping(Mapping),
+    /// `--map-mount=PATH`: an existing user namespace.
+    Userns(PathBuf),
+}
+
+#[derive(Debug)]
+pub struct MountRequest {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub ids: IdSource,
+    pub recursive: bool,
+    pub flags: MountAttrFlags,
+    pub propagation: Option<Propagation>,
+    pub strategy: Strategy,
+    pub out_of_range: OutOfRange,
+    pub outside_links: OutsideLinks,
+    pub json: bool,
+}
+
+/// What the command line `args` (without the program name) asks for.
+pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
+    command(parse_options(args)?)
+}
+
+fn parse_options(args: Vec<OsString>) -> Result<Options, Failure> {
+    let mut opts = Options::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let Some(text) = option_text(&arg)? else {
+            opts.operands.push(PathBuf::from(arg));
+            continue;
+        };
+        if text == "--" {
+            opts.operands.extend(args.by_ref().map(PathBuf::from));
+            break;
+        }
+        let (name, inline) = match text.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (text, None),
+        };
+        if takes_value(name) {
+            let value = match inline {
+                Some(value) => value,
+                None => next_value(&mut args, name)?,
+            };
+            apply_valued(&mut opts, name, value)?;
+        } else if inline.is_some() {
+            return Err(Failure::usage(format_args!("option {name} takes no value")));
+        } else {
+            apply_flag(&mut opts, name)?;
+        }
+    }
+    Ok(opts)
+}
+
+/// `Some(text)` when `arg` is an option (starts with `-` and is not `-`).
+fn option_text(arg: &OsString) -> Result<Option<&str>, Failure> {
+    let bytes = arg.as_encoded_bytes();
+    if bytes.len() < 2 || bytes.first() != Some(&b'-') {
+        return Ok(None);
+    }
+    arg.to_str()
+        .map(Some)
+        .ok_or_else(|| Failure::usage(format_args!("unknown option {}", arg.to_string_lossy())))
+}
+
+fn takes_value(name: &str) -> bool {
+    matches!(
+        name,
+        "--map-mount" | "--propagation" | "--strategy" | "--out-of-range" | "--outside-links"
+    )
+}
+
+fn next_value(args: &mut impl Iterator<Item = OsString>, name: &str) -> Result<String, Failure> {
+    let value = args
+        .next()
+        .ok_or_else(|| Failure::usage(format_args!("option {name} needs a value")))?;
+    value.into_string().map_err(|v| {
+        Failure::usage(format_args!(
+            "option {name}: value `{}` is not valid UTF-8",
+            v.to_string_lossy()
+        ))
+    })
+}
+
+fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Failure> {
+    match name {
+        "--map-mount" => opts.maps.push(value),
+        "--propagation" => {
+            let propagation = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--propagation `{value}`: expected private, shared, slave or unbindable"
+                ))
+            })?;
+            opts.propagation = Some(propagation);
+        }
+        "--strategy" => {
+            opts.strategy = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--strategy `{value}`: expected idmap, chown or auto"
+                ))
+            })?;
+        }
+        "--outside-links" => {
+            opts.outside_links = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--outside-links `{value}`: expected skip, shift or fail"
+                ))
+            })?;
+        }
+        _ => {
+            opts.out_of_range = match value.as_str() {
+                "keep" => OutOfRange::Keep,
+                "fail" => OutOfRange::Fail,
+                "overflow" => OutOfRange::Overflow,
+                _ => {
+                    return Err(Failure::usage(format_args!(
+                        "--out-of-range `{value}`: expected keep, fail or overflow"
+                    )))
+                }
+            };
+        }
+    }
+    opts.mount_only.push(name.to_owned());
+    Ok(())
+}
+
+fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
+    let switch = match name {
+        "-h" | "--help" => &mut opts.help,
+        "--version" => &mut opts.version,
+        "--check" => &mut opts.check,
+        "--unshift" => &mut opts.unshift,
+        "--json" => &mut opts.json,
+        "--demo" => &mut opts.demo,
+        "--recursive" => &mut opts.recursive,
+        _ => {
+            opts.flags |= mount_flag(name)?;
+            opts.mount_only.push(name.to_owned());
+            return Ok(());
+        }
+    };
+    *switch = true;
+    Ok(())
+}
+
+fn mount_flag(name: &str) -> Result<MountAttrFlags, Failure> {
+    match name {
+        "--read-only" => Ok(MountAttrFlags::RDONLY),
+        "--nosuid" => Ok(MountAttrFlags::NOSUID),
+        "--nodev" => Ok(MountAttrFlags::NODEV),
+        "--noexec" => Ok(MountAttrFlags::NOEXEC),
+        "--nosymfollow" => Ok(MountAttrFlags::NOSYMFOLLOW),
+        _ => Err(Failure::usage(format_args!("unknown option {name}"))),
+    }
+}
+
+/// Decide what to do, rejecting every combination that makes no sense.
+fn command(opts: Options) -> Result<Command, Failure> {
+    if opts.help {
+        return Ok(Command::Help);
+    }
+    if opts.version {
+        return Ok(Command::Version);
+    }
+    if opts.demo {
+        let stray = opts.mount_only.first().map(String::as_str);
+        let stray = stray.or(opts.check.then_some("--check"));
+        let stray = stray.or(opts.json.then_some("--json"));
+        if let Some(option) = stray {
+            return Err(Failure::usage(format_args!(
+                "--demo cannot be combined with {option}"
+            )));
+        }
+        no_more_operands(&opts.operands, 0)?;
+        return Ok(Command::Demo);
+    }
+    if opts.check && opts.unshift {
+        return Err(Failure::usage("--check cannot be combined with --unshift"));
+    }
+    if opts.check {
+        return check_command(opts);
+    }
+    if opts.unshift {
+        if let Some(option) = opts.mount_only.first() {
+            return Err(Failure::usage(format_args!(
+                "--unshift cannot be combined with {option} (the record says how to undo)"
+            )));
+        }
+        no_more_operands(&opts.operands, 1)?;
+        let source = opts
+            .operands
+            .into_iter()
+            .next()
+            .ok_or_else(|| Failure::usage("--unshift: missing SOURCE"))?;
+        return Ok(Command::Unshift(CheckRequest {
+            source,
+            recursive: opts.recursive,
+            json: opts.json,
+        }));
+    }
+    mount_command(opts)
+}
+
+fn check_command(opts: Options) -> Result<Command, Failure> {
+    if let Some(option) = opts.mount_only.first() {
+        return Err(Failure::usage(format_args!(
+            "--check cannot be combined with {option}"
+        )));
+    }
+    no_more_operands(&opts.operands, 1)?;
+    let source = opts
+        .operands
+        .into_iter()
+        .next()
+        .ok_or_else(|| Failure::usage("--check: missing SOURCE"))?;
+    Ok(Command::Check(CheckRequest {
+        source,
+        recursive: opts.recursive,
+        json: opts.json,
+    }))
+}
+
+fn mount_command(opts: Options) -> Result<Command, Failure> {
+    no_more_operands(&opts.operands, 2)?;
+    let mut operands = opts.operands.into_iter();
+    let (source, target) = match (operands.next(), operands.next()) {
+        (Some(source), Some(target)) => (source, target),
+        (Some(_), None) => return Err(Failure::usage("missing TARGET")),
+        _ => return Err(Failure::usage("missing SOURCE and TARGET")),
+    };
+    Ok(Command::Mount(MountRequest {
+        source,
+        target,
+        ids: id_source(&opts.maps)?,
+        recursive: opts.recursive,
+        flags: opts.flags,
+        propagation: opts.propagation,
+        strategy: opts.strategy,
+        out_of_range: opts.out_of_range,
+        outside_links: opts.outside_links,
+        json: opts.json,
+    }))
+}
+
+fn no_more_operands(operands: &[PathBuf], allowed: usize) -> Result<(), Failure> {
+    match operands.get(allowed) {
+        Some(extra) => Err(Failure::usage(format_args!(
+            "unexpected operand `{}`",
+            extra.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `--map-mount` values: one user-namespace path, or id extents.
+fn id_source(values: &[String]) -> Result<IdSource, Failure> {
+    let (paths, extents): (Vec<&String>, Vec<&String>) =
+        values.iter().partition(|v| v.trim_start().starts_with('/'));
+    match (paths.as_slice(), extents.as_slice()) {
+        ([], []) => Err(Failure::usage(
+            "no --map-mount given: nothing to idmap with",
+        )),
+        ([], extents) => Mapping::parse_map_mount(extents.iter().map(|v| v.as_str()))
+            .map(IdSource::Mapping)
+            .map_err(Failure::usage),
+        ([path], []) => Ok(IdSource::Userns(PathBuf::from(path.trim()))),
+        ([path], [extent, ..]) => Err(Failure::usage(format_args!(
+            "--map-mount: the user-namespace path `{path}` cannot be mixed with id extents (`{extent}`)"
+        ))),
+        ([_, second, ..], _) => Err(Failure::usage(format_args!(
+            "--map-mount: only one user-namespace path may be given (`{second}` is a second one)"
+        ))),
+    }
+}

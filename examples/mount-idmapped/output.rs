@@ -1,0 +1,294 @@
+//! What goes to stdout: the `--json` objects (written by hand: the crate has
+//! no JSON dependency) and the `--check` verdict line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use idmapped::chown::ShiftReport;
+use idmapped::strategy::{MountWay, Outcome};
+use idmapped::{IdMap, Mapping, MountAttrFlags};
+
+use crate::args::{CheckRequest, IdSource, MountRequest};
+use crate::commands::Blocker;
+use crate::Failure;
+
+/// Write `text` to stdout, reporting (not panicking on) a closed stdout.
+pub fn emit(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(Failure::io("cannot write to stdout"))
+}
+
+pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mapping>) -> String {
+    let mut per_mount = json::NULL.to_owned();
+    let userns = match &request.ids {
+        IdSource::Userns(path) => json::path(path),
+        IdSource::Mapping(_) => json::NULL.to_owned(),
+    };
+    let mapping = mapping.map_or_else(|| json::NULL.to_owned(), mapping_json);
+    let (strategy, kernel_path, fallback, report) = match outcome {
+        Outcome::Idmapped { method } => ("idmap", json::string(method.syscalls()), None, None),
+        Outcome::Chowned { report, because } => (
+            "chown",
+            json::NULL.to_owned(),
+            because.as_ref(),
+            Some(report),
+        ),
+        Outcome::PerMount { mounts, report } => {
+            let items: Vec<String> = mounts
+                .iter()
+                .map(|m| {
+                    let (way, key, value) = match &m.way {
+                        MountWay::Idmapped(method) => {
+                            ("idmap", "kernel_path", json::string(method.syscalls()))
+                        }
+                        MountWay::Shifted(why) => {
+                            ("chown", "reason", json::string(&why.to_string()))
+                        }
+                    };
+                    json::Object::new()
+                        .raw("mount", json::path(&absolute(&m.mount)))
+                        .raw("strategy", json::string(way))
+                        .raw(key, value)
+                        .finish_inline()
+                })
+                .collect();
+            per_mount = format!("[{}]", items.join(", "));
+            ("per-mount", json::NULL.to_owned(), None, Some(report))
+        }
+    };
+    let fallback = fallback.map_or_else(
+        || json::NULL.to_owned(),
+        |f| {
+            json::Object::new()
+                .raw("mount", json::path(&absolute(&f.mount)))
+                .raw("reason", json::string(&f.reason.to_string()))
+                .finish_inline()
+        },
+    );
+    json::Object::new()
+        .raw("source", json::path(&absolute(&request.source)))
+        .raw("target", json::path(&absolute(&request.target)))
+        .raw("strategy", json::string(strategy))
+        .raw("requested_strategy", json::string(request.strategy.name()))
+        .raw("recursive", request.recursive.to_string())
+        .raw("mapping", mapping)
+        .raw("userns", userns)
+        .raw("attributes", attributes_json(request))
+        .raw("kernel_path", kernel_path)
+        .raw("fallback", fallback)
+        .raw("mounts", per_mount)
+        .raw(
+            "report",
+            report.map_or_else(|| json::NULL.to_owned(), report_json),
+        )
+        .finish()
+}
+
+fn report_json(r: &ShiftReport) -> String {
+    json::Object::new()
+        .raw("visited", r.visited.to_string())
+        .raw("changed", r.changed.to_string())
+        .raw("already_shifted", r.already_shifted.to_string())
+        .raw(
+            "hardlinks_deduplicated",
+            r.hardlinks_deduplicated.to_string(),
+        )
+        .raw("acls_rewritten", r.acls_rewritten.to_string())
+        .raw(
+            "capabilities_rewritten",
+            r.capabilities_rewritten.to_string(),
+        )
+        .raw("out_of_range", r.out_of_range.to_string())
+        .raw("skipped_mounts", r.skipped_mounts.to_string())
+        .raw("recovered", r.recovered.to_string())
+        .raw("completed_before", r.completed_before.to_string())
+        .raw("resumed", r.resumed.to_string())
+        .raw("tree_changed", r.tree_changed.to_string())
+        .raw(
+            "kept_in_seen_range",
+            list(r.kept_in_seen_range.iter().map(|k| {
+                json::Object::new()
+                    .raw("path", json::path(&k.path))
+                    .raw("kind", json::string(k.kind))
+                    .raw("id", k.id.to_string())
+                    .finish_inline()
+            })),
+        )
+        .raw(
+            "outside_links",
+            list(r.outside_links.iter().map(|p| json::path(p))),
+        )
+        .raw(
+            "mounts_shifted",
+            list(r.mounts_shifted.iter().map(|p| json::path(p))),
+        )
+        .raw("elapsed_s", format!("{:.6}", r.elapsed.as_secs_f64()))
+        .finish_inline()
+}
+
+/// A JSON array of already-encoded values.
+fn list(items: impl Iterator<Item = String>) -> String {
+    format!("[{}]", items.collect::<Vec<_>>().join(", "))
+}
+
+/// `--unshift --json`.
+pub fn unshift_json(source: &Path, r: &ShiftReport) -> String {
+    json::Object::new()
+        .raw("source", json::path(&absolute(source)))
+        .raw("unshifted", "true")
+        .raw("report", report_json(r))
+        .finish()
+}
+
+fn mapping_json(mapping: &Mapping) -> String {
+    json::Object::new()
+        .raw("uid", extents_json(mapping.uids()))
+        .raw("gid", extents_json(mapping.gids()))
+        .finish_inline()
+}
+
+fn extents_json(map: &IdMap) -> String {
+    let items: Vec<String> = map
+        .extents()
+        .iter()
+        .map(|e| {
+            json::Object::new()
+                .raw("on_disk", e.on_disk().to_string())
+                .raw("seen", e.seen().to_string())
+                .raw("count", e.count().to_string())
+                .finish_inline()
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+fn attributes_json(request: &MountRequest) -> String {
+    let flag = |f: MountAttrFlags| request.flags.contains(f).to_string();
+    json::Object::new()
+        .raw("read_only", flag(MountAttrFlags::RDONLY))
+        .raw("nosuid", flag(MountAttrFlags::NOSUID))
+        .raw("nodev", flag(MountAttrFlags::NODEV))
+        .raw("noexec", flag(MountAttrFlags::NOEXEC))
+        .raw("nosymfollow", flag(MountAttrFlags::NOSYMFOLLOW))
+        .raw(
+            "propagation",
+            request
+                .propagation
+                .map_or_else(|| json::NULL.to_owned(), |p| json::string(p.name())),
+        )
+        .finish_inline()
+}
+
+/// `path` made absolute against the current directory, without resolving
+/// symlinks (falls back to `path` itself if the directory is gone).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+pub fn check_text(request: &CheckRequest, fs: Option<&str>, blocker: Option<&Blocker>) -> String {
+    let source = request.source.display();
+    let fs = fs.unwrap_or("unknown");
+    match blocker {
+        None => format!("{source}: can be idmapped (filesystem type {fs})\n"),
+        Some(b) if b.mount_point == request.source => {
+            format!("{source}: cannot be idmapped: {}\n", b.reason)
+        }
+        Some(b) => format!(
+            "{source}: cannot be idmapped: submount {}: {}\n",
+            b.mount_point.display(),
+            b.reason
+        ),
+    }
+}
+
+pub fn check_json(request: &CheckRequest, fs: Option<&str>, blocker: Option<&Blocker>) -> String {
+    let reason = blocker.map_or_else(
+        || json::NULL.to_owned(),
+        |b| json::string(&b.reason.to_string()),
+    );
+    let blocked_by = blocker.map_or_else(
+        || json::NULL.to_owned(),
+        |b| {
+            json::Object::new()
+                .raw("path", json::path(&absolute(&b.mount_point)))
+                .raw("fs", json::string(&b.fs))
+                .finish_inline()
+        },
+    );
+    json::Object::new()
+        .raw("source", json::path(&absolute(&request.source)))
+        .raw("supported", blocker.is_none().to_string())
+        .raw("reason", reason)
+        .raw("fs", fs.map_or_else(|| json::NULL.to_owned(), json::string))
+        .raw("recursive", request.recursive.to_string())
+        .raw("blocked_by", blocked_by)
+        .finish()
+}
+
+/// JSON, by hand.
+mod json {
+    use std::fmt::Write as _;
+    use std::path::Path;
+
+    pub const NULL: &str = "null";
+
+    /// `s` as a JSON string literal.
+    pub fn string(s: &str) -> String {
+        let mut out = String::with_capacity(s.len() + 2);
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if u32::from(c) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    /// A path as a JSON string (bytes that are not UTF-8 become U+FFFD).
+    pub fn path(p: &Path) -> String {
+        string(&p.to_string_lossy())
+    }
+
+    /// An object built from already-rendered values.
+    #[derive(Default)]
+    pub struct Object {
+        body: String,
+    }
+
+    impl Object {
+        pub fn new() -> Object {
+            Object::default()
+        }
+
+        pub fn raw(mut self, key: &str, value: impl AsRef<str>) -> Object {
+            if !self.body.is_empty() {
+                self.body.push(',');
+            }
+            self.body.push_str(&string(key));
+            self.body.push(':');
+            self.body.push_str(value.as_ref());
+            self
+        }
+
+        /// The object as a value inside another.
+        pub fn finish_inline(self) -> String {
+            format!("{{{}}}", self.body)
+        }
+
+        /// The object as a whole output line.
+        pub fn finish(self) -> String {
+            format!("{{{}}}\n", self.body)
+        }
+    }
+}
