@@ -155,7 +155,10 @@ impl<'a> Plan<'a> {
         self
     }
 
-    /// Include submounts: idmap them all (all or nothing), or walk and bind them all.
+    /// Include submounts: [`Strategy::Idmap`] idmaps them all (all or
+    /// nothing), [`Strategy::Chown`] shifts every directory mount (each
+    /// with its own record) and binds the tree, [`Strategy::Auto`] decides
+    /// per mount ([`Outcome::PerMount`]).
     pub fn recursive(mut self, recursive: bool) -> Self {
         self.recursive = recursive;
         self

@@ -1991,3 +1991,63 @@ fn immutable_and_append_only_entries_stop_the_walk_and_it_resumes() {
         );
     }
 }
+
+/// `auto --recursive` decides per mount: each mount that can be idmapped
+/// is, only the others are shifted, and the result says which and why.
+/// Expectations come from probing each mount (on 5.10 nothing can be
+/// idmapped, on 6.1 tmpfs cannot, on 6.3+ both can).
+#[test]
+fn auto_recursive_idmaps_what_it_can_and_shifts_the_rest() {
+    privileged!();
+    use idmapped::probe::{idmap_support, Support};
+    use idmapped::strategy::{mount_with_ownership, MountWay, Outcome, Plan, Strategy};
+    let fs = TestFs::ext4();
+    let root = fs.root.join("tree");
+    let sub = root.join("tmp");
+    fs::create_dir_all(&sub).unwrap();
+    fs::write(root.join("top"), "").unwrap();
+    lchown(&root.join("top"), 1000, 1000);
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&sub));
+    fs::write(sub.join("inner"), "").unwrap();
+    lchown(&sub.join("inner"), 1001, 1001);
+    let can = |p: &Path| matches!(idmap_support(p).unwrap(), Support::Supported);
+    let (top_idmap, sub_idmap) = (can(&root), can(&sub));
+    let target = fs.scratch("target");
+    let m = map(MAP);
+    let out = mount_with_ownership(
+        &root,
+        &target,
+        &Plan::new(Strategy::Auto, &m).recursive(true),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("top idmappable {top_idmap}, tmpfs idmappable {sub_idmap}: {out:?}");
+    match &out {
+        Outcome::Idmapped { .. } => assert!(top_idmap && sub_idmap),
+        Outcome::PerMount { mounts, .. } => {
+            assert_eq!(mounts.len(), 2, "{out:?}");
+            for (mo, idm) in mounts.iter().zip([top_idmap, sub_idmap]) {
+                assert_eq!(matches!(mo.way, MountWay::Idmapped(_)), idm, "{mo:?}");
+            }
+        }
+        o => panic!("{o:?}"),
+    }
+    // The same view through the target either way.
+    assert_eq!(owner(&target.join("top")), (101000, 101000));
+    assert_eq!(owner(&target.join("tmp/inner")), (101001, 101001));
+    // On disk: shifted exactly where the mount could not be idmapped.
+    let want = |idm: bool, id: u32| {
+        if idm {
+            (id, id)
+        } else {
+            (id + 100000, id + 100000)
+        }
+    };
+    assert_eq!(owner(&root.join("top")), want(top_idmap, 1000));
+    assert_eq!(owner(&sub.join("inner")), want(sub_idmap, 1001));
+    for p in common::mounts_below(&target).into_iter().rev() {
+        rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH).unwrap();
+    }
+    rustix::mount::unmount(&sub, rustix::mount::UnmountFlags::DETACH).unwrap();
+}
