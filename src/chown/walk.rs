@@ -42,6 +42,21 @@ use super::{KeptId, OutOfRange, OutsideLinks, Progress, ShiftOptions, ShiftRepor
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::{IdMap, Mapping, OVERFLOW_ID};
 
+const DT_UNKNOWN: u8 = 0;
+const DT_DIR: u8 = 4;
+const DT_LNK: u8 = 10;
+const DT_OTHER: u8 = 8;
+
+/// A listing's file type, as the `DT_*` number the walker needs.
+fn dtype(t: rfs::FileType) -> u8 {
+    match t {
+        rfs::FileType::Directory => DT_DIR,
+        rfs::FileType::Symlink => DT_LNK,
+        rfs::FileType::Unknown => DT_UNKNOWN,
+        _ => DT_OTHER,
+    }
+}
+
 /// What we ask `statx` for. `MNT_ID` tells mount points apart from plain
 /// entries even where `st_dev` cannot (file bind mounts from the same fs);
 /// `CTIME` is the bookkeeping's clock.
@@ -205,6 +220,8 @@ struct Part {
     starts: Vec<usize>,
     /// The inode number the listing gave each name.
     inos: Vec<u64>,
+    /// The `d_type` the listing gave each name.
+    types: Vec<u8>,
 }
 
 struct Queue {
@@ -621,6 +638,7 @@ struct Worker<'c, 'a> {
     names: Vec<u8>,
     starts: Vec<usize>,
     inos: Vec<u64>,
+    types: Vec<u8>,
     list: Vec<u8>,
     /// Inodes pinned by the current pass over one directory.
     pinned: Vec<u64>,
@@ -640,6 +658,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             names: Vec::new(),
             starts: Vec::new(),
             inos: Vec::new(),
+            types: Vec::new(),
             list: vec![0; 1024],
             pinned: Vec::new(),
             mismatch: false,
@@ -779,6 +798,7 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.names.clear();
         self.starts.clear();
         self.inos.clear();
+        self.types.clear();
         if self.dirent.capacity() < DIRENT_BUF {
             self.dirent = Vec::with_capacity(DIRENT_BUF);
         }
@@ -807,6 +827,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 }
                 self.starts.push(self.names.len());
                 self.inos.push(entry.ino());
+                self.types.push(dtype(entry.file_type()));
                 self.names.extend_from_slice(name);
             }
         }
@@ -814,10 +835,11 @@ impl<'c, 'a> Worker<'c, 'a> {
         let names = std::mem::take(&mut self.names);
         let starts = std::mem::take(&mut self.starts);
         let inos = std::mem::take(&mut self.inos);
+        let types = std::mem::take(&mut self.types);
         self.pinned.clear();
         self.mismatch = false;
         self.split = false;
-        let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos);
+        let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos, &types);
         if result.is_ok() && self.mismatch {
             // Names moved during the pass. Unless some of them went to
             // another worker, check that every inode listed was pinned
@@ -838,6 +860,7 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.names = names;
         self.starts = starts;
         self.inos = inos;
+        self.types = types;
         result
     }
 
@@ -854,6 +877,7 @@ impl<'c, 'a> Worker<'c, 'a> {
         names: &[u8],
         starts: &[usize],
         inos: &[u64],
+        types: &[u8],
     ) -> Result<Vec<SubDir>> {
         let mut subdirs = Vec::new();
         let mut to = starts.len();
@@ -877,6 +901,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                             names: names[base..end].to_vec(),
                             starts: starts[cut..to].iter().map(|s| s - base).collect(),
                             inos: inos[cut..to].to_vec(),
+                            types: types[cut..to].to_vec(),
                         }),
                     })
                 });
@@ -888,11 +913,12 @@ impl<'c, 'a> Worker<'c, 'a> {
             let start = starts[i];
             let end = starts.get(i + 1).copied().unwrap_or(names.len());
             let ino = inos.get(i).copied();
+            let dt = types.get(i).copied().unwrap_or(DT_UNKNOWN);
             i += 1;
             let Ok(name) = CStr::from_bytes_with_nul(&names[start..end]) else {
                 continue;
             };
-            self.visit(dir, dmeta, path, name, ino, &mut subdirs)?;
+            self.visit(dir, dmeta, path, name, ino, dt, &mut subdirs)?;
         }
         Ok(subdirs)
     }
@@ -906,12 +932,13 @@ impl<'c, 'a> Worker<'c, 'a> {
         dpath: &Path,
         name: &CStr,
         d_ino: Option<u64>,
+        d_type: u8,
         subdirs: &mut Vec<SubDir>,
     ) -> Result<()> {
         self.visited_one();
         let path = || dpath.join(OsStr::from_bytes(name.to_bytes()));
         if self.ctx.spec.scan {
-            return self.look(dir, dmeta, dpath, name, subdirs);
+            return self.look(dir, dmeta, dpath, name, d_type, subdirs);
         }
         // O_PATH opens nothing (no fifo blocks, no device driver runs) and,
         // with O_NOFOLLOW, pins a symlink itself.
@@ -974,9 +1001,46 @@ impl<'c, 'a> Worker<'c, 'a> {
         dmeta: &Meta,
         dpath: &Path,
         name: &CStr,
+        d_type: u8,
         subdirs: &mut Vec<SubDir>,
     ) -> Result<()> {
         let path = dpath.join(OsStr::from_bytes(name.to_bytes()));
+        let spec = self.ctx.spec;
+        // A first run's scan for `keep` only looks for ACL collisions: a
+        // non-directory needs no statx (its owner cannot make the run
+        // refuse), only its xattr names; a symlink has none.
+        let light = spec.since.is_none()
+            && !self.ctx.opts.dry_run
+            && spec.out_of_range != OutOfRange::Fail
+            && spec.outside_links != OutsideLinks::Fail;
+        if light && d_type == DT_LNK {
+            return Ok(());
+        }
+        if light && d_type != DT_DIR && d_type != DT_UNKNOWN {
+            let named = entry_path(dir, name);
+            let h = Handle::Named(&named);
+            let names = match h.list(&mut self.list) {
+                Ok(n) => n,
+                Err(Errno::NOENT) => return Ok(()),
+                Err(e) => return Err(sys("llistxattr", format!("{named:?}"), e, &path)),
+            };
+            if !names.acl_access && !names.acl_default {
+                return Ok(());
+            }
+            let get = |present: bool, x: &str| -> Result<Option<Vec<u8>>> {
+                if !present {
+                    return Ok(None);
+                }
+                h.get(x)
+                    .map_err(|e| sys("lgetxattr", format!("{named:?}, {x:?}"), e, &path))
+            };
+            let st = State {
+                acl_access: get(names.acl_access, ACL_ACCESS)?,
+                acl_default: get(names.acl_default, ACL_DEFAULT)?,
+                ..State::default()
+            };
+            return self.plan(&st, &path).map(|_| ());
+        }
         let m = match rfs::statx(
             dir,
             name,
@@ -1233,8 +1297,15 @@ impl<'c, 'a> Worker<'c, 'a> {
             None => self.scan(fd.as_fd(), &meta, &path)?,
             Some(p) => {
                 self.mismatch = false;
-                let subdirs =
-                    self.visit_names(fd.as_fd(), &meta, &path, &p.names, &p.starts, &p.inos)?;
+                let subdirs = self.visit_names(
+                    fd.as_fd(),
+                    &meta,
+                    &path,
+                    &p.names,
+                    &p.starts,
+                    &p.inos,
+                    &p.types,
+                )?;
                 if self.mismatch {
                     self.ctx.walk_again(fd.as_fd(), &meta, &path);
                 }
@@ -1313,7 +1384,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                     let mut again = Vec::new();
                     // visit() counts the name; it was counted by the scan already.
                     self.counts.visited = self.counts.visited.saturating_sub(1);
-                    self.visit(parent, &pmeta, &path, &name, None, &mut again)?;
+                    self.visit(parent, &pmeta, &path, &name, None, DT_UNKNOWN, &mut again)?;
                     match again.pop() {
                         Some(sd) => top.subdirs[idx] = sd,
                         None => {
