@@ -90,11 +90,14 @@ impl ShiftRecord {
             && self.outside_links == links
     }
 
-    /// One line for messages: `mapping u:0:100000:65536 g:0:100000:65536, --out-of-range=keep, --outside-links=skip`.
+    /// One line for messages: `mapping b:0:100000:65536 (uids and gids
+    /// on disk 0–65535 (65536 ids) seen as 100000–165535 (65536 ids)),
+    /// --out-of-range=keep, --outside-links=skip (finished)`.
     pub fn describe(&self) -> String {
         format!(
-            "mapping {}, --out-of-range={}, --outside-links={} ({})",
+            "mapping {} ({}), --out-of-range={}, --outside-links={} ({})",
             map_mount_text(&self.mapping),
+            ranges_text(&self.mapping),
             self.out_of_range.name(),
             self.outside_links.name(),
             match self.state {
@@ -205,6 +208,29 @@ impl ShiftRecord {
     }
 }
 
+/// The extents in words no reader can misread: `uids and gids on disk
+/// 0–9 (10 ids) seen as 1000–1009 (10 ids)`.
+fn ranges_text(m: &Mapping) -> String {
+    let words = |map: &IdMap| {
+        map.extents()
+            .iter()
+            .map(|e| {
+                format!(
+                    "on disk {} seen as {}",
+                    super::describe_range(e.on_disk(), e.count()),
+                    super::describe_range(e.seen(), e.count())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if m.uids().canonical() == m.gids().canonical() {
+        format!("uids and gids {}", words(m.uids()))
+    } else {
+        format!("uids {}; gids {}", words(m.uids()), words(m.gids()))
+    }
+}
+
 /// `u:0:100000:65536 g:0:100000:65536` (or `b:` where both maps are the same).
 pub(crate) fn map_mount_text(m: &Mapping) -> String {
     let line = |p: &str, map: &IdMap| {
@@ -247,6 +273,21 @@ mod tests {
             }
         }
         assert!(ShiftRecord::decode(b"idmapped shift record 2\n").is_none());
+        let r = ShiftRecord {
+            state: RecordState::Done,
+            mapping: Mapping::parse_map_mount(["b:0:5:10"]).unwrap(),
+            out_of_range: OutOfRange::Keep,
+            outside_links: OutsideLinks::Skip,
+            nonce: 1,
+            since: None,
+            root: (1, 2),
+            redo: Vec::new(),
+        };
+        assert_eq!(
+            r.describe(),
+            "mapping b:0:5:10 (uids and gids on disk 0–9 (10 ids) seen as 5–14 (10 ids)), \
+             --out-of-range=keep, --outside-links=skip (finished)"
+        );
         assert!(ShiftRecord::decode(&[0xff, 0xfe]).is_none());
     }
 }
