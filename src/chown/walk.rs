@@ -869,6 +869,8 @@ impl<'c, 'a> Worker<'c, 'a> {
     /// worker is idle, the back half of the names still to do goes to it.
     ///
     /// [`scan`]: Self::scan
+    // The hot path: the listing's columns as slices, not a struct built per call.
+    #[allow(clippy::too_many_arguments)]
     fn visit_names(
         &mut self,
         dir: BorrowedFd<'_>,
@@ -925,6 +927,8 @@ impl<'c, 'a> Worker<'c, 'a> {
 
     /// Look at one name: pin it, check it is the inode the listing named
     /// (`d_ino`), then a directory goes to `subdirs`, anything else is shifted now.
+    // The hot path: the listing's columns as slices, not a struct built per call.
+    #[allow(clippy::too_many_arguments)]
     fn visit(
         &mut self,
         dir: BorrowedFd<'_>,
