@@ -1,15 +1,45 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Test"). Run as root to include the
 # privileged tests; on CI (CI set) a privileged test that cannot run fails.
+# As root it first installs the Debian packages the tests need, when missing
+# (ci/packages.sh; IDMAPPED_NO_INSTALL=1 only lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+if ((EUID == 0)) && [[ -z ${IDMAPPED_NO_INSTALL:-} ]]; then
+	step "ci/packages.sh (install what the tests need, only what is missing)"
+	bash ci/packages.sh
+else
+	step "ci/packages.sh --check"
+	bash ci/packages.sh --check ||
+		echo "(not installing: the privileged tests need root anyway, and name any missing program with its package)"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+# clippy's incompatible_msrv lint (on by default) refuses standard-library
+# API newer than Cargo.toml's rust-version. First check that it is active in
+# this toolchain: a canary crate with the same rust-version that calls
+# Option::is_none_or (stable in 1.82) must be refused.
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+step "clippy's incompatible_msrv is active against rust-version $msrv"
+canary=target/msrv-canary
+mkdir -p "$canary/src"
+printf '[package]\nname = "msrv-canary"\nversion = "0.0.0"\nedition = "2021"\nrust-version = "%s"\n\n[workspace]\n' "$msrv" >"$canary/Cargo.toml"
+printf 'pub fn newer_than_msrv(x: Option<u8>) -> bool {\n    x.is_none_or(|v| v > 1)\n}\n' >"$canary/src/lib.rs"
+if canary_out=$(cd "$canary" && cargo clippy --quiet -- -D clippy::incompatible_msrv 2>&1); then
+	echo "ci/test.sh: clippy accepted Option::is_none_or (Rust 1.82) under rust-version $msrv: the incompatible_msrv lint is not active, so the MSRV check below would prove nothing" >&2
+	exit 1
+fi
+grep -q incompatible_msrv <<<"$canary_out" || {
+	printf 'ci/test.sh: the canary failed for another reason:\n%s\n' "$canary_out" >&2
+	exit 1
+}
+echo "ok: the lint refuses API newer than $msrv"
+step "cargo clippy --all-targets -- -D warnings -D clippy::incompatible_msrv"
+cargo clippy --all-targets -- -D warnings -D clippy::incompatible_msrv
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps
 step "cargo test"

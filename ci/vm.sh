@@ -22,7 +22,7 @@
 # (named after it), bin/mount-idmapped, ARGS "--nocapture --test-threads=1"
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
-# VM_TEST_TARGETS (space separated), or "matrix mount userns cli chown".
+# VM_TEST_TARGETS (space separated), or "matrix mount userns cli ranges id_ranges chown".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -30,7 +30,8 @@
 #
 # Exits 0 when every test program passed on every kernel. Kernels and
 # modules are cached in target/vm/<kernel>/ (delete it to fetch again);
-# console logs are written to target/vm/<kernel>/console.log.
+# console logs are written to target/vm-console/<kernel>.log (not under
+# target/vm/, which may be a kernel cache shared by several checkouts).
 #
 # Lines "matrix: <release> <fs> <idmap|chown|unsupported> <pass|fail>" in
 # the guest's output are collected and printed together at the end (libtest
@@ -47,6 +48,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 vmdir=$root/ci/vm
 cache=$root/target/vm
+consoles=$root/target/vm-console
+mkdir -p "$consoles"
 ALL_KERNELS=(5.10 6.1 6.12 7.3)
 
 usage() {
@@ -56,7 +59,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli chown}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli ranges id_ranges chown}"
 cli_test_targets=()
 selftest=0
 quiet=0
@@ -173,15 +176,15 @@ build_tests() {
 		echo "vm.sh: building the test binaries failed" >&2
 		return 1
 	}
-	"${cargo[@]}" build "${cargo_opts[@]}" --example mount-idmapped >"$work/build-example.json" || {
-		echo "vm.sh: building the mount-idmapped example failed" >&2
+	"${cargo[@]}" build "${cargo_opts[@]}" --example mount-idmapped --example id-ranges >"$work/build-example.json" || {
+		echo "vm.sh: building the mount-idmapped and id-ranges examples failed" >&2
 		return 1
 	}
 	while read -r name path; do exe[$name]=$path; done < <(
 		artifacts test "${test_targets[@]}" <"$work/build-tests.json"
-		artifacts example mount-idmapped <"$work/build-example.json" | sed 's/^/example:/'
+		artifacts example mount-idmapped id-ranges <"$work/build-example.json" | sed 's/^/example:/'
 	)
-	for name in "${test_targets[@]}" example:mount-idmapped; do
+	for name in "${test_targets[@]}" example:mount-idmapped example:id-ranges; do
 		[[ -n "${exe[$name]:-}" ]] || missing+=("$name")
 	done
 	if ((${#missing[@]})); then
@@ -192,8 +195,10 @@ build_tests() {
 	mkdir -p "$tests/bin"
 	for name in "${test_targets[@]}"; do cp "${exe[$name]}" "$tests/$name"; done
 	cp "${exe[example:mount-idmapped]}" "$tests/bin/mount-idmapped"
+	cp "${exe[example:id-ranges]}" "$tests/bin/id-ranges"
 	echo "--nocapture --test-threads=1" >"$tests/ARGS"
-	printf 'MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped\nIDMAPPED_TEST_SCALE=10\n' >"$tests/ENV"
+	printf '%s\n' "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" \
+		"ID_RANGES_BIN=/tests/bin/id-ranges" "IDMAPPED_TEST_SCALE=10" >"$tests/ENV"
 }
 build_failed=0
 if ((build)); then
@@ -249,7 +254,7 @@ progress() { # the console lines to show while a VM runs
 	fi
 }
 run_vm() { # kernel: boot it, stream its console, write $work/<kernel>.result
-	local k=$1 log=$cache/$1/console.log t rc marker status note
+	local k=$1 log=$consoles/$1.log t rc marker status note
 	t=$(now)
 	set +e
 	timeout -k 10 "$timeout" qemu-system-x86_64 \
@@ -297,14 +302,14 @@ for k in "${kernels[@]}"; do
 	# Anywhere in a line: libtest prints "test name ... " before a test's
 	# own output, and kernel messages may interleave.
 	grep -a -o -E 'matrix: [^ ]+ [^ ]+ (idmap|chown|unsupported) (pass|fail)' \
-		"$cache/$k/console.log" || echo "[$k] (no matrix lines)"
+		"$consoles/$k.log" || echo "[$k] (no matrix lines)"
 done
 echo
 echo "=== results ==="
 failed=0
 for k in "${kernels[@]}"; do
 	read -r status secs note <"$work/$k.result" || { status=1 secs="?" note="no result"; }
-	boot=$(grep -a -o 'init: started at [0-9.]*s' "$cache/$k/console.log" | head -n 1 || true)
+	boot=$(grep -a -o 'init: started at [0-9.]*s' "$consoles/$k.log" | head -n 1 || true)
 	printf '%-5s %-28s %6ss (kernel boot %6s)  %s\n' "$k" "$(cat "$cache/$k/release")" "$secs" \
 		"${boot#init: started at }" "$([[ "$status" == 0 ]] && echo PASS || echo "FAIL ($note)")"
 	[[ "$status" == 0 ]] || failed=1
@@ -315,7 +320,7 @@ if ((quiet)); then
 		[[ "$status" == 0 ]] && continue
 		echo
 		echo "=== console of $k (failed) ==="
-		sed "s/^/[$k] /" "$cache/$k/console.log"
+		sed "s/^/[$k] /" "$consoles/$k.log"
 	done
 fi
 echo "total: $(elapsed "$t_start")s"

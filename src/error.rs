@@ -130,8 +130,163 @@ pub enum ErrorKind {
         /// The command that undoes the shift.
         undo: String,
     },
+    /// The source and the mount point cannot be mounted one onto the other:
+    /// the kernel mounts a directory only onto a directory, and anything
+    /// else only onto a non-directory (`move_mount` says only `EINVAL`).
+    /// Found with `stat` before any mount call; [`Error::path`] is the mount
+    /// point.
+    MountPointMismatch {
+        /// The path the mount is cloned from.
+        source: PathBuf,
+        /// What the source is.
+        source_kind: FileKind,
+        /// What the mount point is.
+        target_kind: FileKind,
+    },
+    /// The mount point's last component is a symlink: `move_mount` does not
+    /// follow it (`EINVAL`), and following it is the caller's decision
+    /// (inside a container's root, resolve it there). [`Error::path`] is the
+    /// mount point.
+    TargetIsSymlink {
+        /// What the symlink holds.
+        points_to: PathBuf,
+    },
+    /// The source is a kind of file this operation does not take: ownership
+    /// is given to a directory, or a regular file mounted onto a file; a
+    /// shift on disk (`Strategy::Chown`) needs a directory. [`Error::path`]
+    /// is the source.
+    UnsupportedSource {
+        /// What the source is.
+        kind: FileKind,
+        /// Whether the operation needed a directory (a shift on disk).
+        needs_directory: bool,
+    },
+    /// The maps of a user namespace cannot be read (it was opened from an
+    /// fd, or from a path that is not `/proc/PID/ns/user`), so ownership
+    /// cannot be shifted on disk by them; idmapping with it still works.
+    UsernsMapsUnknown,
+    /// Per-pod id ranges: the settings break a rule of the pool or block
+    /// size (see [`ranges`](crate::ranges)).
+    RangeRule(crate::ranges::RuleViolation),
+    /// Per-pod id ranges: a key is not 1 to 253 characters of `[A-Za-z0-9._-]`
+    /// (or is `.` or `..`).
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Per-pod id ranges: every usable block is allocated.
+    PoolExhausted {
+        /// How many blocks the pool can hand out.
+        usable: u64,
+        /// The pool.
+        pool: crate::ranges::Pool,
+    },
+    /// Per-pod id ranges: a file of the state directory is not a valid
+    /// record for the current settings; [`Error::path`] is the file.
+    InvalidState {
+        /// The file's name in the state directory (the key).
+        file: String,
+        /// What is wrong with it.
+        problem: crate::ranges::StateProblem,
+    },
+    /// Per-pod id ranges: a user's subordinate ids cannot be a pool.
+    Subids(crate::ranges::SubidProblem),
     /// Any other failure of a system call; see [`Error::errno`].
     Os,
+}
+
+/// What a path is, as mounting cares: `move_mount` pairs directories with
+/// directories and everything else with non-directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A directory.
+    Directory,
+    /// A regular file.
+    RegularFile,
+    /// A symbolic link (only seen when not following it).
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A Unix socket.
+    Socket,
+    /// A character device node.
+    CharDevice,
+    /// A block device node.
+    BlockDevice,
+    /// Anything else the kernel reports.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of a file from its `st_mode`.
+    pub fn from_mode(mode: u32) -> FileKind {
+        use rustix::fs::FileType;
+        match FileType::from_raw_mode(mode as _) {
+            FileType::Directory => FileKind::Directory,
+            FileType::RegularFile => FileKind::RegularFile,
+            FileType::Symlink => FileKind::Symlink,
+            FileType::Fifo => FileKind::Fifo,
+            FileType::Socket => FileKind::Socket,
+            FileType::CharacterDevice => FileKind::CharDevice,
+            FileType::BlockDevice => FileKind::BlockDevice,
+            _ => FileKind::Other,
+        }
+    }
+
+    /// The kind of a file from [`std::fs::FileType`].
+    pub fn from_file_type(t: std::fs::FileType) -> FileKind {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_dir() {
+            FileKind::Directory
+        } else if t.is_file() {
+            FileKind::RegularFile
+        } else if t.is_symlink() {
+            FileKind::Symlink
+        } else if t.is_fifo() {
+            FileKind::Fifo
+        } else if t.is_socket() {
+            FileKind::Socket
+        } else if t.is_char_device() {
+            FileKind::CharDevice
+        } else if t.is_block_device() {
+            FileKind::BlockDevice
+        } else {
+            FileKind::Other
+        }
+    }
+
+    /// Whether it is a directory.
+    pub fn is_dir(self) -> bool {
+        self == FileKind::Directory
+    }
+
+    /// `directory`, `regular file`, `FIFO`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::Directory => "directory",
+            FileKind::RegularFile => "regular file",
+            FileKind::Symlink => "symlink",
+            FileKind::Fifo => "FIFO",
+            FileKind::Socket => "socket",
+            FileKind::CharDevice => "character device",
+            FileKind::BlockDevice => "block device",
+            FileKind::Other => "file of unknown type",
+        }
+    }
+
+    /// The name with its article: `a directory`, `a FIFO`.
+    fn a(self) -> String {
+        format!("a {}", self.name())
+    }
+}
+
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl fmt::Display for ErrorKind {
@@ -199,6 +354,56 @@ impl fmt::Display for ErrorKind {
                 f,
                 "the source WAS shifted on disk, but attaching it failed: {cause}; undo the shift with: {undo}"
             ),
+            ErrorKind::MountPointMismatch {
+                source,
+                source_kind,
+                target_kind,
+            } => {
+                write!(
+                    f,
+                    "the mount point is {}, but the source {} is {}: ",
+                    target_kind.a(),
+                    source.display(),
+                    source_kind.a()
+                )?;
+                if target_kind.is_dir() {
+                    f.write_str("only a directory can be mounted onto a directory; mount a file onto a file (create an empty one to mount onto)")
+                } else {
+                    f.write_str("a directory can be mounted only onto a directory (create one to mount onto), a file only onto a file")
+                }
+            }
+            ErrorKind::TargetIsSymlink { points_to } => write!(
+                f,
+                "the mount point is a symlink (to {}), which move_mount does not follow: give the path it points to (inside a container's root, resolve it there)",
+                points_to.display()
+            ),
+            ErrorKind::UnsupportedSource {
+                kind,
+                needs_directory: true,
+            } => write!(
+                f,
+                "the source is {}: shifting ownership on disk (strategy chown) takes a directory; give the directory, or idmap the file (strategy idmap)",
+                kind.a()
+            ),
+            ErrorKind::UnsupportedSource { kind, .. } => write!(
+                f,
+                "the source is {}: only a directory, or a regular file mounted onto a file, can be given new owners",
+                kind.a()
+            ),
+            ErrorKind::UsernsMapsUnknown => f.write_str(
+                "the maps of the user namespace cannot be read, so ownership cannot be shifted on disk by them: idmap with it (strategy idmap), or give the mapping itself",
+            ),
+            ErrorKind::RangeRule(v) => write!(f, "id range settings break a rule: {v}"),
+            ErrorKind::InvalidKey { key, reason } => {
+                write!(f, "invalid key {key:?}: {reason}")
+            }
+            ErrorKind::PoolExhausted { usable, pool } => {
+                write!(f, "pool {pool} exhausted: all {usable} usable blocks are allocated")
+            }
+            ErrorKind::InvalidState { file, problem } => {
+                write!(f, "invalid id range state in {file:?}: {problem}")
+            }
+            ErrorKind::Subids(p) => write!(f, "{p}"),
             ErrorKind::Os => f.write_str("system call failed"),
         }
     }

@@ -26,6 +26,11 @@
 //! file, a missing privilege, or a kernel that is too old. [`probe`] tells in
 //! advance what the kernel and a given path support.
 //!
+//! Which host ids each pod gets is [`ranges`]' job: per-pod blocks the way
+//! the kubelet hands them out, in a state directory every runtime on a node
+//! can share; each allocation's [`Mapping`] goes straight into
+//! [`UserNamespace::from_mapping`].
+//!
 //! ```no_run
 //! use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
 //!
@@ -61,15 +66,16 @@ pub mod map;
 pub mod mount;
 mod mountinfo;
 pub mod probe;
+pub mod ranges;
 pub mod strategy;
 mod sys;
 pub mod userns;
 
-pub use error::{Errno, Error, ErrorKind, Result};
+pub use error::{Errno, Error, ErrorKind, FileKind, Result};
 pub use map::{Extent, IdKind, IdMap, MapError, Mapping};
 pub use mount::{
-    read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount, IdmapReadback,
-    MountAttr, MountAttrFlags, Propagation,
+    check_mount_point, read_idmap, set_attr_at_path, Atime, CloneFlags, CloneMethod, DetachedMount,
+    IdmapReadback, MountAttr, MountAttrFlags, Propagation,
 };
 pub use userns::{UserNamespace, UsernsCache};
 

@@ -14,7 +14,7 @@
 //! | syntax | on-disk | seen |
 //! |---|---|---|
 //! | `/proc/PID/uid_map` line `A B N` | `A` | `B` |
-//! | mount-idmapped `--map-mount=b:FROM:TO:RANGE` | `FROM` | `TO` |
+//! | mount-idmapped `--map-mount=[b:\|u:\|g:]FROM:TO:RANGE` (no prefix: `b:`) | `FROM` | `TO` |
 //! | util-linux `X-mount.idmap=[u:\|g:\|b:]A:B:N` | `A` | `B` |
 //!
 //! Example: with `0 10000 10000`, on-disk 1000 is seen as 11000, on-disk 15000
@@ -284,7 +284,7 @@ struct At {
 ///
 /// Its `Display` is one line naming the offending entry and the cause, e.g.
 /// ``extent 2 (`100 0 10`): overlaps extent 1 (`0 0 200`) on the on-disk side``
-/// or ``--map-mount value 3 `b:0:10000`: expected KIND:FROM:TO:RANGE``.
+/// or ``--map-mount value 3 `b:0:10000`: expected [KIND:]FROM:TO:RANGE``.
 /// [`IdMap::parse_proc`] does not know which file its text came from, so
 /// its errors say ``line 4 `1 2`: …``; callers add the path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -880,7 +880,8 @@ impl Mapping {
     /// `b:FROM:TO:RANGE`, `u:FROM:TO:RANGE` or `g:FROM:TO:RANGE`, where
     /// on-disk `FROM + n` is seen as `TO + n` for `n < RANGE`.
     ///
-    /// The prefix is required. A value naming a user-namespace file
+    /// A value without a prefix, `FROM:TO:RANGE` (util-linux's syntax), is
+    /// read as `b:`: uids and gids. A value naming a user-namespace file
     /// (`/proc/PID/ns/user`) is not a mapping and is refused; open such a
     /// path instead of parsing it. Errors name the 1-based value number and
     /// its text.
@@ -944,28 +945,29 @@ impl Mapping {
 }
 
 fn parse_map_mount_value(value: &str) -> Result<(IdKind, Extent), MapErrorReason> {
+    const SYNTAX: MapErrorReason = MapErrorReason::Syntax {
+        expected: "[KIND:]FROM:TO:RANGE",
+    };
     if value.starts_with('/') {
         return Err(MapErrorReason::Syntax {
-            expected: "KIND:FROM:TO:RANGE, not a user-namespace path",
+            expected: "[KIND:]FROM:TO:RANGE, not a user-namespace path",
         });
     }
-    let mut parts = value.split(':');
-    let (Some(kind), Some(from), Some(to), Some(range), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(MapErrorReason::Syntax {
-            expected: "KIND:FROM:TO:RANGE",
-        });
+    let parts: Vec<&str> = value.split(':').collect();
+    let (kind, from, to, range) = match parts[..] {
+        [kind, from, to, range] => (Some(kind), from, to, range),
+        // A KIND and two numbers is a value missing a field, not an extent
+        // whose FROM is `b`.
+        ["b" | "u" | "g", _, _] => return Err(SYNTAX),
+        // util-linux's X-mount.idmap= syntax: no KIND means uids and gids.
+        [from, to, range] => (None, from, to, range),
+        _ => return Err(SYNTAX),
     };
     let kind = match kind {
-        "b" => IdKind::Both,
-        "u" => IdKind::Uid,
-        "g" => IdKind::Gid,
-        _ => {
+        None | Some("b") => IdKind::Both,
+        Some("u") => IdKind::Uid,
+        Some("g") => IdKind::Gid,
+        Some(_) => {
             return Err(MapErrorReason::Syntax {
                 expected: "KIND to be u, g or b",
             })
@@ -1401,16 +1403,25 @@ mod tests {
         let err = Mapping::parse_map_mount(["b:0:0:1", "u:1:1:1", "b:0:10000"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--map-mount value 3 `b:0:10000`: expected KIND:FROM:TO:RANGE"
+            "--map-mount value 3 `b:0:10000`: expected [KIND:]FROM:TO:RANGE"
         );
         assert_eq!(err.position(), Some(3));
         assert_eq!(err.text(), Some("b:0:10000"));
         let syntax = |value: &str| reason(Mapping::parse_map_mount([value]));
-        for value in ["", "b", "0:0:1", "b:0:0:1:2", "b:0:0:1:"] {
+        for value in [
+            "",
+            "b",
+            "0:1",
+            "b:0:1",
+            "u:0:1",
+            "g:0:1",
+            "b:0:0:1:2",
+            "b:0:0:1:",
+        ] {
             assert_eq!(
                 syntax(value),
                 MapErrorReason::Syntax {
-                    expected: "KIND:FROM:TO:RANGE"
+                    expected: "[KIND:]FROM:TO:RANGE"
                 },
                 "{value:?}"
             );
@@ -1465,6 +1476,28 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "--map-mount value 3 `b:5:100:1` (uid map): overlaps value 1 (`u:0:0:10`) on the on-disk side"
+        );
+    }
+
+    #[test]
+    fn map_mount_without_kind_is_both() {
+        // util-linux's `A:B:N`: uids and gids, exactly like `b:A:B:N`.
+        let plain = Mapping::parse_map_mount(["0:1000:10"]).unwrap();
+        assert_eq!(plain, Mapping::parse_map_mount(["b:0:1000:10"]).unwrap());
+        assert_eq!(plain.uids(), &map(&[(0, 1000, 10)]));
+        assert_eq!(plain.gids(), &map(&[(0, 1000, 10)]));
+        // Mixed with kinds, and validated like any other value.
+        let mixed = Mapping::parse_map_mount(["0:100000:1000", "u:5000:0:1"]).unwrap();
+        assert_eq!(mixed.uids(), &map(&[(0, 100000, 1000), (5000, 0, 1)]));
+        assert_eq!(mixed.gids(), &map(&[(0, 100000, 1000)]));
+        let err = Mapping::parse_map_mount(["0:x:10"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--map-mount value 1 `0:x:10`: TO `x` is not a decimal number from 0 to 4294967295"
+        );
+        assert_eq!(
+            reason(Mapping::parse_map_mount(["0:0:0"])),
+            MapErrorReason::ZeroCount
         );
     }
 

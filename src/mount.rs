@@ -17,7 +17,7 @@ use rustix::fs::CWD;
 use rustix::io::Errno;
 use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::features::{self, Availability};
 use crate::map::Mapping;
 use crate::mountinfo;
@@ -837,6 +837,57 @@ fn classify(
 /// Whether the mount `path` is on is idmapped already.
 fn source_is_idmapped(path: &Path) -> bool {
     matches!(read_idmap(path), Ok(IdmapReadback::Idmapped(_)))
+}
+
+// ---- mount point checks ----
+
+/// Check, before any mount call, that a clone of `source` (cloned with
+/// `flags`: [`CloneFlags::NO_FOLLOW`] does not follow a final symlink, as
+/// `open_tree` does not) can be attached at `target` by
+/// [`DetachedMount::attach`]; returns what the two are.
+///
+/// `move_mount` refuses a directory onto a non-directory, a non-directory
+/// onto a directory and a `target` whose last component is a symlink, each
+/// with a bare `EINVAL`; this says which ([`ErrorKind::MountPointMismatch`],
+/// [`ErrorKind::TargetIsSymlink`]), and a missing path as
+/// [`ErrorKind::NotFound`]. It is a diagnosis, not a guarantee: the paths
+/// can change between this `stat` and the mount, and the kernel checks again.
+pub fn check_mount_point(
+    source: impl AsRef<Path>,
+    flags: CloneFlags,
+    target: impl AsRef<Path>,
+) -> Result<(FileKind, FileKind)> {
+    let (source, target) = (source.as_ref(), target.as_ref());
+    let source_kind = if flags.contains(CloneFlags::NO_FOLLOW) {
+        file_kind(source, false)?
+    } else {
+        file_kind(source, true)?
+    };
+    let target_kind = file_kind(target, false)?;
+    if target_kind == FileKind::Symlink {
+        let points_to = std::fs::read_link(target).unwrap_or_default();
+        return Err(Error::new(ErrorKind::TargetIsSymlink { points_to }).with_path(target));
+    }
+    if source_kind.is_dir() != target_kind.is_dir() {
+        return Err(Error::new(ErrorKind::MountPointMismatch {
+            source: source.to_path_buf(),
+            source_kind,
+            target_kind,
+        })
+        .with_path(target));
+    }
+    Ok((source_kind, target_kind))
+}
+
+/// What `path` is (`stat`, or `lstat` when not following a final symlink).
+pub(crate) fn file_kind(path: &Path, follow: bool) -> Result<FileKind> {
+    let (name, stat) = if follow {
+        ("stat", rustix::fs::stat(path))
+    } else {
+        ("lstat", rustix::fs::lstat(path))
+    };
+    stat.map(|st| FileKind::from_mode(st.st_mode))
+        .map_err(|e| Error::sys(name, format!("{path:?}"), e).with_path(path))
 }
 
 #[cfg(test)]

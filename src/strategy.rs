@@ -11,10 +11,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::chown::{shift_tree, ShiftOptions, ShiftReport};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, FileKind, Result};
 use crate::map::Mapping;
 use crate::mount::{
-    CloneFlags, CloneMethod, DetachedMount, MountAttr, MountAttrFlags, Propagation,
+    check_mount_point, file_kind, CloneFlags, CloneMethod, DetachedMount, MountAttr,
+    MountAttrFlags, Propagation,
 };
 use crate::probe::{self, Reason};
 use crate::userns::UserNamespace;
@@ -126,7 +127,8 @@ impl fmt::Display for Fallback {
 #[derive(Debug, Clone)]
 pub struct Plan<'a> {
     strategy: Strategy,
-    mapping: &'a Mapping,
+    /// `None` for a namespace whose maps cannot be read: idmapping only.
+    mapping: Option<&'a Mapping>,
     userns: Option<&'a UserNamespace>,
     recursive: bool,
     flags: MountAttrFlags,
@@ -139,13 +141,42 @@ impl<'a> Plan<'a> {
     pub fn new(strategy: Strategy, mapping: &'a Mapping) -> Plan<'a> {
         Plan {
             strategy,
-            mapping,
+            mapping: Some(mapping),
             userns: None,
             recursive: false,
             flags: MountAttrFlags::empty(),
             propagation: None,
             shift: ShiftOptions::default(),
         }
+    }
+
+    /// Give the tree the view of an existing user namespace (e.g. opened
+    /// from `/proc/PID/ns/user`), by `strategy`: idmap with `userns` itself;
+    /// shift on disk by its maps. A namespace whose maps cannot be read
+    /// ([`UserNamespace::mapping`] is `None`) can only idmap: a shift on disk
+    /// is refused with [`ErrorKind::UsernsMapsUnknown`] before anything changes.
+    pub fn with_userns(strategy: Strategy, userns: &'a UserNamespace) -> Plan<'a> {
+        Plan {
+            strategy,
+            mapping: userns.mapping(),
+            userns: Some(userns),
+            recursive: false,
+            flags: MountAttrFlags::empty(),
+            propagation: None,
+            shift: ShiftOptions::default(),
+        }
+    }
+
+    /// The mapping the view follows; `None` for a [`Plan::with_userns`]
+    /// namespace whose maps cannot be read.
+    pub fn mapping(&self) -> Option<&'a Mapping> {
+        self.mapping
+    }
+
+    /// The mapping to shift on disk by (or to make a namespace from).
+    fn shift_mapping(&self) -> Result<&'a Mapping> {
+        self.mapping
+            .ok_or_else(|| Error::new(ErrorKind::UsernsMapsUnknown))
     }
 
     /// Idmap with this namespace (whose maps must be `mapping`) instead of
@@ -228,7 +259,14 @@ impl<'a> Plan<'a> {
 /// [`check_shiftable`](crate::chown::check_shiftable); if attaching still
 /// fails, the error ([`ErrorKind::SourceShifted`]) says so and gives the
 /// command that undoes the shift ([`unshift_tree`](crate::chown::unshift_tree)).
+///
+/// Before anything else, [`check_operands`] says why `source` and `target`
+/// do not fit together, if they do not.
 pub fn mount_with_ownership(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
+    check_operands(source, target, plan.strategy)?;
+    if plan.strategy == Strategy::Chown {
+        plan.shift_mapping()?;
+    }
     match plan.strategy {
         Strategy::Idmap => idmap(source, target, plan),
         Strategy::Chown => chown(source, target, plan, None),
@@ -365,7 +403,7 @@ fn auto_per_mount(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outco
     let ns = match plan.userns {
         Some(ns) => ns,
         None => {
-            owned = UserNamespace::from_mapping(plan.mapping)?;
+            owned = UserNamespace::from_mapping(plan.shift_mapping()?)?;
             &owned
         }
     };
@@ -377,7 +415,7 @@ fn auto_per_mount(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outco
     };
     for (path, _, way) in &ways {
         if way.is_some() {
-            let r = shift_tree(path, plan.mapping, &options)?;
+            let r = shift_tree(path, plan.shift_mapping()?, &options)?;
             report = merge(report, r);
         }
     }
@@ -487,12 +525,46 @@ fn beneath_fd(root: &rustix::fd::OwnedFd, rel: &Path) -> Result<rustix::fd::Owne
     })
 }
 
+/// Check, with `stat` alone, that `source` can be given new owners at
+/// `target` by `strategy`: `source` is a directory, or a regular file to
+/// mount onto a non-directory; [`Strategy::Chown`] needs a directory
+/// ([`ErrorKind::UnsupportedSource`]); then [`check_mount_point`]: the two
+/// are both directories or both not, and `target` is not a symlink. A FIFO,
+/// socket or device node is refused: giving it new owners is not what this
+/// call is for (bind-mount it with [`DetachedMount`] if need be).
+///
+/// [`mount_with_ownership`] calls it first, so that a shift on disk never
+/// starts for a mount that cannot be attached.
+pub fn check_operands(source: &Path, target: &Path, strategy: Strategy) -> Result<()> {
+    let kind = file_kind(source, true)?;
+    require_source(source, kind, strategy == Strategy::Chown)?;
+    check_mount_point(source, CloneFlags::empty(), target).map(|_| ())
+}
+
+/// `kind`, the kind of `source`, is one a shift on disk (`chown`) or an
+/// idmapped mount can take.
+fn require_source(source: &Path, kind: FileKind, chown: bool) -> Result<()> {
+    let fits = match kind {
+        FileKind::Directory => true,
+        FileKind::RegularFile => !chown,
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(Error::new(ErrorKind::UnsupportedSource {
+        kind,
+        needs_directory: chown && kind == FileKind::RegularFile,
+    })
+    .with_path(source))
+}
+
 fn idmap(source: &Path, target: &Path, plan: &Plan<'_>) -> Result<Outcome> {
     let owned;
     let ns = match plan.userns {
         Some(ns) => ns,
         None => {
-            owned = UserNamespace::from_mapping(plan.mapping)?;
+            owned = UserNamespace::from_mapping(plan.shift_mapping()?)?;
             &owned
         }
     };
@@ -509,6 +581,8 @@ fn chown(
     plan: &Plan<'_>,
     because: Option<Fallback>,
 ) -> Result<Outcome> {
+    // Auto may fall back here for a regular file, which only idmaps.
+    require_source(source, file_kind(source, true)?, true)?;
     let options = ShiftOptions {
         cross_mounts: plan.recursive,
         ..plan.shift.clone()
@@ -517,7 +591,113 @@ fn chown(
     crate::chown::check_shiftable(source, plan.recursive)?;
     check_target(target)?;
     let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?;
-    let report = shift_tree(source, plan.mapping, &options)?;
+    let report = shift_tree(source, plan.shift_mapping()?, &options)?;
     attach_shifted(clone, target, source, plan.recursive)?;
     Ok(Outcome::Chowned { report, because })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch tree: `dir/`, `dir2/`, `file`, `fifo`, `link -> dir`.
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("dir")).unwrap();
+        std::fs::create_dir(t.path().join("dir2")).unwrap();
+        std::fs::write(t.path().join("file"), b"").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("dir", t.path().join("link")).unwrap();
+        t
+    }
+
+    #[test]
+    fn operands_are_checked_by_kind_before_any_mount_call() {
+        let t = tree();
+        let p = |n: &str| t.path().join(n);
+        let kind = |source: &str, target: &str, strategy: Strategy| {
+            check_operands(&p(source), &p(target), strategy).map_err(|e| e.kind().clone())
+        };
+        assert_eq!(kind("dir", "dir2", Strategy::Idmap), Ok(()));
+        assert_eq!(kind("file", "file", Strategy::Idmap), Ok(()));
+        assert_eq!(kind("dir", "dir2", Strategy::Chown), Ok(()));
+        assert_eq!(
+            kind("file", "dir", Strategy::Idmap),
+            Err(ErrorKind::MountPointMismatch {
+                source: p("file"),
+                source_kind: FileKind::RegularFile,
+                target_kind: FileKind::Directory,
+            })
+        );
+        assert_eq!(
+            kind("dir", "file", Strategy::Auto),
+            Err(ErrorKind::MountPointMismatch {
+                source: p("dir"),
+                source_kind: FileKind::Directory,
+                target_kind: FileKind::RegularFile,
+            })
+        );
+        assert_eq!(
+            kind("fifo", "file", Strategy::Idmap),
+            Err(ErrorKind::UnsupportedSource {
+                kind: FileKind::Fifo,
+                needs_directory: false,
+            })
+        );
+        assert_eq!(
+            kind("file", "file", Strategy::Chown),
+            Err(ErrorKind::UnsupportedSource {
+                kind: FileKind::RegularFile,
+                needs_directory: true,
+            })
+        );
+        assert_eq!(
+            kind("dir", "link", Strategy::Idmap),
+            Err(ErrorKind::TargetIsSymlink {
+                points_to: "dir".into()
+            })
+        );
+        // A symlinked SOURCE is followed, as open_tree follows it.
+        assert_eq!(kind("link", "dir2", Strategy::Idmap), Ok(()));
+        assert_eq!(
+            kind("missing", "dir", Strategy::Idmap),
+            Err(ErrorKind::NotFound)
+        );
+        assert_eq!(
+            kind("dir", "missing", Strategy::Idmap),
+            Err(ErrorKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn kind_errors_name_both_paths_and_what_would_work() {
+        let t = tree();
+        let p = |n: &str| t.path().join(n);
+        let e = check_operands(&p("file"), &p("dir"), Strategy::Idmap).unwrap_err();
+        assert_eq!(e.path(), Some(p("dir").as_path()));
+        let text = e.to_string();
+        for part in [
+            "the mount point is a directory",
+            "the source",
+            "/file is a regular file",
+            "mount a file onto a file",
+        ] {
+            assert!(text.contains(part), "{part:?} missing: {text}");
+        }
+        let text = check_operands(&p("fifo"), &p("dir"), Strategy::Idmap)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("fifo: the source is a FIFO"), "{text}");
+        assert!(
+            text.contains("only a directory, or a regular file"),
+            "{text}"
+        );
+    }
 }

@@ -28,7 +28,7 @@ use rustix::fs::{self as rfs, FileType, Mode, OFlags, XattrFlags, CWD};
 // ---------------------------------------------------------------- harness
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = common::output(cmd);
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n{}",

@@ -120,10 +120,7 @@ impl UsernsHolder {
     /// the namespace makes on-disk `A + n` appear as `B + n`: the inside
     /// column is the on-disk one, as the assertions below show.
     fn spawn(map: &str) -> UsernsHolder {
-        let child = Command::new("unshare")
-            .args(["--user", "sleep", "30"])
-            .spawn()
-            .expect("spawn unshare --user");
+        let child = common::spawn(Command::new("unshare").args(["--user", "sleep", "30"]));
         let holder = UsernsHolder(child);
         let ns = holder.ns_path();
         let mine = std::fs::metadata("/proc/self/ns/user").unwrap().ino();
@@ -286,6 +283,7 @@ fn help_and_version() {
     let help = cli(&["--help"]).expect(0).stdout;
     for option in [
         "--map-mount=<b|u|g>:FROM:TO:RANGE",
+        "--map-mount=FROM:TO:RANGE",
         "--map-mount=PATH",
         "--recursive",
         "--read-only",
@@ -333,11 +331,11 @@ fn failures_exit_1_and_leave_nothing_mounted() {
     run.stderr_line_names(&[s(&blocker), "filesystem type proc"]);
     assert!(mounts_below(&target).is_empty());
 
-    // The last step fails: a directory cannot be attached onto a file.
+    // A directory cannot be attached onto a file: said before any mount call.
     let file_target = fs.scratch("t2").join("file");
     std::fs::write(&file_target, b"").unwrap();
     let run = cli(&[EXAMPLE, s(&src), s(&file_target)]).expect(1);
-    run.stderr_line_names(&["move_mount"]);
+    run.stderr_line_names(&["is a regular file", "is a directory"]);
     assert!(mounts_below(&file_target).is_empty());
 
     // Not a user namespace.
@@ -743,4 +741,337 @@ fn chown_record_unshift_and_refusals() {
     assert_eq!(owner(&fs.root.join("outside-link")), (1000, 1000));
     let _ = rustix::mount::unmount(&t1, rustix::mount::UnmountFlags::DETACH);
     cli(&["--outside-links=sometimes", EXAMPLE, s(&src), s(&t1)]).expect(2);
+}
+
+// ---------------------------------------------------------------------------
+// A newcomer's first run (issue 13)
+
+/// `--help` groups the options (mapping, what to mount, where, attributes,
+/// strategy, output), in that order, and shows an example of each form.
+#[test]
+fn help_groups_the_options_and_shows_one_example_per_form() {
+    let help = cli(&["--help"]).expect(0).stdout;
+    let groups = [
+        ("Mapping", "--map-mount=<b|u|g>:FROM:TO:RANGE"),
+        ("What to mount:", "--recursive"),
+        ("Where:", "TARGET"),
+        ("Attributes", "--read-only"),
+        ("Strategy:", "--strategy=idmap|chown|auto"),
+        ("Output:", "--json"),
+    ];
+    let mut from = 0;
+    for (heading, member) in groups {
+        let at = help[from..]
+            .find(&format!("\n{heading}"))
+            .unwrap_or_else(|| panic!("no group {heading:?} after byte {from}:\n{help}"));
+        from += at + 1;
+        let body_end = help[from..].find("\n\n").map_or(help.len(), |e| from + e);
+        assert!(
+            help[from..body_end].contains(member),
+            "{member} is not in group {heading}:\n{help}"
+        );
+    }
+    let examples = &help[help.find("Examples").expect("an Examples section")..];
+    let commands: Vec<&str> = examples
+        .lines()
+        .filter(|l| l.trim_start().starts_with("mount-idmapped "))
+        .collect();
+    for form in [
+        "--map-mount=b:",
+        "--map-mount=0:",
+        "--map-mount=u:",
+        "--map-mount=/proc/",
+        "--check",
+        "--demo",
+        "--strategy=auto",
+        "--recursive",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.contains(form)),
+            "no example with {form}:\n{examples}"
+        );
+    }
+    assert!(
+        help.lines().all(|l| l.chars().count() <= 80),
+        "lines over 80 columns:\n{help}"
+    );
+}
+
+/// SOURCE and TARGET of kinds that cannot be mounted onto each other: each
+/// is named with what it is and what would work, before any mount call
+/// (so this needs no privilege), and nothing is mounted or changed.
+#[test]
+fn file_kinds_that_do_not_fit_are_named_with_what_would_work() {
+    if common::privilege_problem().is_none() {
+        // As root a regression could mount: keep it out of the host.
+        common::private_mount_namespace();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::create_dir(path("dir")).unwrap();
+    std::fs::create_dir(path("dir2")).unwrap();
+    std::fs::write(path("file"), b"x").unwrap();
+    std::fs::write(path("file2"), b"").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("nowhere", path("dangling")).unwrap();
+    let p = |name: &str| path(name).to_str().unwrap().to_owned();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &[EXAMPLE, &p("file"), &p("dir")],
+            &[
+                "the mount point is a directory",
+                "is a regular file",
+                "mount a file onto a file",
+            ],
+        ),
+        (
+            &[EXAMPLE, &p("dir"), &p("file2")],
+            &[
+                "the mount point is a regular file",
+                "is a directory",
+                "only onto a directory",
+            ],
+        ),
+        (
+            &[EXAMPLE, &p("fifo"), &p("dir")],
+            &["is a FIFO", "only a directory, or a regular file"],
+        ),
+        (
+            &[EXAMPLE, &p("fifo"), &p("file2")],
+            &["is a FIFO", "only a directory, or a regular file"],
+        ),
+        (
+            &[EXAMPLE, &p("dir"), &p("dangling")],
+            &["is a symlink to nowhere", "cannot be followed"],
+        ),
+        (
+            &[EXAMPLE, "--strategy=chown", &p("file"), &p("file2")],
+            &["is a regular file", "takes a directory", "strategy idmap"],
+        ),
+        (&[EXAMPLE, &p("dir"), &p("missing")], &["missing", "ENOENT"]),
+    ];
+    for (args, parts) in cases {
+        let run = cli(args).expect(1);
+        run.stderr_line_names(parts);
+        assert!(run.stdout.is_empty(), "{run:#?}");
+        assert!(
+            mounts_below(dir.path()).is_empty(),
+            "{args:?} mounted something"
+        );
+    }
+    assert_eq!(std::fs::read(path("file")).unwrap(), b"x");
+    assert_eq!(std::fs::read(path("file2")).unwrap(), b"");
+}
+
+/// The strategy that makes a mount on this kernel: `idmap` where it has
+/// `mount_setattr`, else `chown` (Linux 5.10 in the test VMs), for tests of
+/// paths that do not depend on idmapping.
+fn working_strategy() -> &'static str {
+    match idmapped::features::features().mount_setattr {
+        idmapped::features::Availability::Available => "--strategy=idmap",
+        _ => "--strategy=chown",
+    }
+}
+
+/// A symlink as TARGET is followed, as util-linux's mount(8) does: the
+/// mount is made on the directory (or file) it points to.
+#[test]
+fn a_symlink_as_target_is_followed_like_util_linux() {
+    privileged!();
+    let strategy = working_strategy();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let real = fs.scratch("real-target");
+    let link = fs.scratch("links").join("target");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let run = cli(&["--json", strategy, EXAMPLE, s(&src), s(&link)]).expect(0);
+    assert_eq!(mounts_below(&real), std::slice::from_ref(&real), "{run:#?}");
+    assert_eq!(owner(&real.join("a")), (11000, 11000));
+    // The symlink itself is left as it was.
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let file = fs.scratch("f").join("file");
+    std::fs::write(&file, b"").unwrap();
+    let file_link = fs.scratch("f").join("link");
+    std::os::unix::fs::symlink("file", &file_link).unwrap();
+    // A symlink to a file, for a directory SOURCE: named as the mismatch it is.
+    let run = cli(&[strategy, EXAMPLE, s(&src), s(&file_link)]).expect(1);
+    run.stderr_line_names(&["is a regular file", "is a directory"]);
+    // A relative symlink to a file, for a file SOURCE (idmap only).
+    if strategy == "--strategy=idmap" {
+        let other = fs.path("other");
+        touch_owned(&other, 1000, 1000);
+        cli(&[EXAMPLE, s(&other), s(&file_link)]).expect(0);
+        assert_eq!(owner(&file), (11000, 11000));
+    }
+}
+
+/// util-linux's syntax without a kind (`FROM:TO:RANGE`) means uids and
+/// gids, as `b:` does.
+#[test]
+fn map_mount_without_a_kind_means_uids_and_gids() {
+    privileged!();
+    needs_mount_setattr!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    let run = cli(&["--json", "--map-mount=0:10000:10000", s(&src), s(&target)]).expect(0);
+    common::assert_design_example(&src, &target);
+    let json = one_json_object(&run.stdout);
+    assert!(
+        json.contains(r#""mapping":{"uid":[{"on_disk":0,"seen":10000,"count":10000}],"gid":[{"on_disk":0,"seen":10000,"count":10000}]}"#),
+        "{json}"
+    );
+    // Mixed with kinds.
+    let target2 = fs.scratch("target2");
+    let args = [
+        "--map-mount=0:10000:10000",
+        "--map-mount",
+        "u:20000:0:1",
+        s(&src),
+        s(&target2),
+    ];
+    cli(&args).expect(0);
+    assert_eq!(owner(&target2.join("a")), (11000, 11000));
+}
+
+/// Runs the program with fd 1 closed (`>&-`), through sh, as a caller
+/// that closed its stdout would.
+fn cli_with_stdout_closed(args: &[&str]) -> common::Run {
+    let out = common::output(
+        Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" >&-")
+            .arg(common::cli_binary())
+            .args(args),
+    );
+    common::Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Output that cannot be written is a failure: exit 1 with one line on
+/// stderr, for a closed stdout (which Rust's runtime would otherwise turn
+/// into /dev/null) as for a full one.
+#[test]
+fn output_to_a_closed_stdout_fails() {
+    for args in [&["--version"][..], &["--help"]] {
+        let run = cli_with_stdout_closed(args).expect(1);
+        run.stderr_line_names(&["cannot write to stdout", "closed"]);
+    }
+    let out = common::output(
+        Command::new(common::cli_binary())
+            .arg("--help")
+            .stdout(std::fs::File::create("/dev/full").unwrap()),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    // Redirected to /dev/null on purpose: written, exit 0.
+    let out = common::output(
+        Command::new(common::cli_binary())
+            .arg("--version")
+            .stdout(std::process::Stdio::null()),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// `--json` with stdout closed: refused before anything is mounted (or
+/// shifted on disk), exit 1, one line on stderr.
+#[test]
+fn json_with_stdout_closed_mounts_nothing_and_exits_1() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let target = fs.scratch("target");
+    for strategy in ["--strategy=idmap", "--strategy=chown"] {
+        let run =
+            cli_with_stdout_closed(&["--json", strategy, EXAMPLE, s(&src), s(&target)]).expect(1);
+        run.stderr_line_names(&["cannot write to stdout", "closed"]);
+        assert!(mounts_below(&target).is_empty(), "{strategy}: {run:#?}");
+        assert_eq!(owner(&src.join("a")), (1000, 1000), "{strategy} shifted");
+    }
+    // Without --json nothing is written to stdout, so a closed one is fine.
+    cli_with_stdout_closed(&[working_strategy(), EXAMPLE, s(&src), s(&target)]).expect(0);
+    assert_eq!(owner(&target.join("a")), (11000, 11000));
+}
+
+/// A test that cannot find a program fails naming the program and the
+/// Debian package that has it.
+#[test]
+fn a_missing_tool_is_named_with_its_package() {
+    let empty = tempfile::tempdir().unwrap();
+    let result = std::panic::catch_unwind(|| {
+        common::output(
+            Command::new("setfacl")
+                .arg("--version")
+                .env("PATH", empty.path()),
+        )
+    });
+    let panic = result.expect_err("setfacl found on an empty PATH");
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("setfacl"), "{message}");
+    assert!(message.contains("package acl"), "{message}");
+    assert!(message.contains("ci/test.sh"), "{message}");
+}
+
+/// The packages `ci/packages.sh` installs are exactly those the harness
+/// names for the programs the tests run.
+#[test]
+fn the_install_script_installs_every_package_the_tests_name() {
+    // Compiled in: the test VMs have the test binaries, not the sources.
+    let script = include_str!("../ci/packages.sh");
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix("PACKAGES=("))
+        .and_then(|l| l.strip_suffix(')'))
+        .expect("a PACKAGES=(...) line in ci/packages.sh");
+    let mut installed: Vec<&str> = line.split_whitespace().collect();
+    installed.sort_unstable();
+    let mut needed: Vec<&str> = common::TOOLS.iter().map(|&(_, p)| p).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    assert_eq!(installed, needed);
+}
+
+/// A user namespace whose maps cannot be read (a bind mount of its ns file,
+/// not a `/proc/PID/ns/user` path) idmaps through the library's
+/// `Plan::with_userns`, also with `--strategy=auto`; a shift on disk by it
+/// is refused before anything changes.
+#[test]
+fn a_user_namespace_with_unknown_maps_idmaps_and_refuses_to_shift() {
+    privileged!();
+    needs_mount_setattr!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let holder = UsernsHolder::spawn("0 50000 2000\n");
+    let ns_file = fs.scratch("ns").join("user");
+    std::fs::write(&ns_file, b"").unwrap();
+    common::run("mount", &["--bind", s(&holder.ns_path()), s(&ns_file)]);
+    let map = format!("--map-mount={}", s(&ns_file));
+    for (strategy, n) in [("--strategy=idmap", 1), ("--strategy=auto", 2)] {
+        let target = fs.scratch(&format!("target{n}"));
+        let run = cli(&["--json", strategy, &map, s(&src), s(&target)]).expect(0);
+        assert_eq!(owner(&target.join("a")), (51000, 51000), "{strategy}");
+        let json = one_json_object(&run.stdout);
+        assert!(json.contains(r#""mapping":null"#), "{json}");
+        assert!(json.contains(r#""strategy":"idmap""#), "{json}");
+    }
+    let target = fs.scratch("target3");
+    let run = cli(&["--strategy=chown", &map, s(&src), s(&target)]).expect(2);
+    run.stderr_line_names(&["cannot be read", "shifted on disk"]);
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    assert!(mounts_below(&target).is_empty());
 }

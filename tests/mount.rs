@@ -267,10 +267,8 @@ fn userns_without_maps_is_diagnosed() {
     needs_mount_setattr!();
     let fs = TestFs::ext4();
     // A process in a new user namespace whose maps are never written.
-    let mut child = std::process::Command::new("unshare")
-        .args(["--user", "sleep", "30"])
-        .spawn()
-        .unwrap();
+    let mut child =
+        common::spawn(std::process::Command::new("unshare").args(["--user", "sleep", "30"]));
     let path = format!("/proc/{}/ns/user", child.id());
     // Wait for unshare to have moved into the new namespace.
     let mine = std::fs::metadata("/proc/self/ns/user").unwrap().ino();

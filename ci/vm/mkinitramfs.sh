@@ -28,6 +28,9 @@ HOST_BINS=(
 	cat chown chmod chgrp sleep stat id ls touch mkdir rm cp mv ln
 	truncate dd env true false sync
 )
+# getsubids (Debian: uidmap) when the host has it, for the ranges tests;
+# without it they read /etc/subuid and /etc/subgid themselves.
+if PATH=/usr/sbin:/usr/bin:/sbin:/bin type -P getsubids >/dev/null; then HOST_BINS+=(getsubids); fi
 # Word splitting is wanted: a space separated list of program names.
 # shellcheck disable=SC2206
 HOST_BINS+=(${VM_EXTRA_BINS:-})
@@ -86,6 +89,9 @@ fi
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$stage/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$stage/etc/group"
 : >"$stage/etc/fstab"
+# Empty, as on a fresh Debian: the ranges tests bind-mount over them.
+: >"$stage/etc/subuid"
+: >"$stage/etc/subgid"
 ln -s ../proc/self/mounts "$stage/etc/mtab"
 
 # Modules, and a modules.dep for modprobe (the init loads by load.list).

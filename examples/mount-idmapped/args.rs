@@ -11,24 +11,36 @@ use idmapped::{Mapping, MountAttrFlags, Propagation};
 use crate::Failure;
 
 pub const USAGE: &str = "\
-Usage: mount-idmapped [OPTIONS] SOURCE TARGET
+Usage: mount-idmapped [OPTIONS] --map-mount=MAP... SOURCE TARGET
        mount-idmapped --check [--recursive] [--json] SOURCE
        mount-idmapped --unshift [--recursive] [--json] SOURCE
        mount-idmapped --demo
 
-Make an idmapped mount of SOURCE at TARGET. SOURCE is a directory, or a file
-to mount onto the file TARGET.
+Make an idmapped mount of SOURCE at TARGET: a file whose on-disk id is FROM+n
+is seen through it as TO+n; ids no mapping covers are seen as 65534. Nothing
+is mounted unless every step succeeds.
 
-Options:
+Mapping (at least one; repeatable, also written --map-mount VALUE):
   --map-mount=<b|u|g>:FROM:TO:RANGE
-                    files whose on-disk ids are FROM..FROM+RANGE-1 are seen
-                    through the mount as TO..TO+RANGE-1; b: uids and gids,
-                    u: uids only, g: gids only. Ids no value covers are seen as
-                    65534. Repeatable; also written --map-mount VALUE
-  --map-mount=PATH  use the mapping of an existing user namespace, such as
-                    /proc/PID/ns/user; cannot be mixed with the form above
+                    on-disk ids FROM..FROM+RANGE-1 are seen as TO..TO+RANGE-1;
+                    b: uids and gids, u: uids only, g: gids only
+  --map-mount=FROM:TO:RANGE
+                    util-linux's syntax (X-mount.idmap=): the same as b:
+  --map-mount=PATH  the mapping of an existing user namespace, such as
+                    /proc/PID/ns/user; cannot be mixed with the forms above
+
+What to mount:
+  SOURCE            a directory, or a regular file to mount onto a file
+                    (not a FIFO, socket or device node)
   --recursive       include the submounts of SOURCE (idmap: all or nothing;
                     auto: each mount idmapped if it can be, shifted if not)
+
+Where:
+  TARGET            an existing directory for a directory SOURCE, an existing
+                    file for a file; a symlink as TARGET is followed, as
+                    mount(8) does, and the mount is made where it points
+
+Attributes (of the new mount; with --recursive, of each of its mounts):
   --read-only       make the mount read-only
   --nosuid          ignore setuid/setgid bits and file capabilities
   --nodev           deny access to device files
@@ -36,6 +48,8 @@ Options:
   --nosymfollow     do not follow symlinks
   --propagation=private|shared|slave|unbindable
                     propagation type of the new mount
+
+Strategy:
   --strategy=idmap|chown|auto
                     idmap (default): idmapped mount, nothing on disk changes;
                     chown: shift the ownership of SOURCE on disk (FROM..
@@ -51,19 +65,46 @@ Options:
                     anyway, or makes the command fail before any change
   --unshift         undo the shift recorded on SOURCE (exactly the recorded
                     mapping, inverted) and remove the record; takes SOURCE only
+
+Output:
+  --json            print one JSON object on stdout saying what was done (if
+                    it cannot be written: exit 1, and nothing stays mounted)
   --check           say whether SOURCE can be idmapped and, if not, why;
                     mount nothing; takes SOURCE only
-  --json            print one JSON object on stdout saying what was done
   --demo            idmap a small tree on a scratch filesystem in a private
-                    mount namespace, print on-disk and seen owners, clean up
+                    mount namespace, print on-disk and seen owners; then two
+                    pods with ranges from an allocator, each with its own
+                    user namespace and idmapped mount of one volume, write
+                    a file each: print who owns what, on disk, in each pod
+                    and on the host; clean up
   -h, --help        print this help
   --version         print the version
 
-Example: on-disk 1000 is seen as 11000 and on-disk 15000 as 65534 through
+Examples, one per form:
+  # on-disk 1000 is seen as 11000, on-disk 15000 as 65534
   mount-idmapped --map-mount=b:0:10000:10000 /srv/volume /mnt/volume
+  # the same, in util-linux's syntax
+  mount-idmapped --map-mount=0:10000:10000 /srv/volume /mnt/volume
+  # uids and gids apart: on-disk 1000:1000 is seen as 11000:21000
+  mount-idmapped --map-mount=u:0:10000:10000 --map-mount=g:0:20000:10000 \\
+      /srv/volume /mnt/volume
+  # the ids as process 1234's user namespace maps them
+  mount-idmapped --map-mount=/proc/1234/ns/user /srv/volume /mnt/volume
+  # a file onto a file
+  mount-idmapped --map-mount=b:0:10000:10000 /srv/app.conf /mnt/app.conf
+  # with the submounts, each of them read-only, nosuid and nodev
+  mount-idmapped --map-mount=b:0:10000:10000 --recursive --read-only \\
+      --nosuid --nodev /srv/volume /mnt/volume
+  # shift on disk where idmapping cannot work, and report it as JSON
+  mount-idmapped --map-mount=b:0:10000:10000 --strategy=auto \\
+      --out-of-range=overflow --json /srv/volume /mnt/volume
+  # can SOURCE and its submounts be idmapped, and if not, why
+  mount-idmapped --check --recursive /srv/volume
+  # the effect on a scratch filesystem, cleaned up after (root)
+  mount-idmapped --demo
 
-Exit status: 0 done; 1 the operation failed (--check: SOURCE cannot be
-idmapped); 2 usage error.
+Exit status: 0 done; 1 the operation failed, with one line on stderr naming
+the cause (--check: SOURCE cannot be idmapped); 2 usage error.
 ";
 
 /// The command line as given, before deciding what to do.

@@ -13,14 +13,19 @@ use idmapped::chown::{
 };
 use idmapped::probe;
 use idmapped::strategy::{mount_with_ownership, MountWay, Outcome, Plan, Strategy};
-use idmapped::{CloneFlags, DetachedMount, Mapping, MountAttr, UserNamespace};
+use idmapped::{Mapping, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::output::{self, emit};
 use crate::Failure;
 
 pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
-    let (outcome, mapping) = give_ownership(request)?;
+    if request.json {
+        // Nothing to mount (or shift on disk) if the report cannot be written.
+        output::require_stdout()?;
+    }
+    let target = follow_target(&request.target)?;
+    let (outcome, mapping) = give_ownership(request, &target)?;
     if let Outcome::Chowned {
         because: Some(why), ..
     } = &outcome
@@ -51,15 +56,32 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
         // The mount is in place: if the report cannot be written, take the
         // mount away again rather than exit 1 with something left mounted.
         if let Err(failure) = emit(&output::mount_json(request, &outcome, mapping.as_ref())) {
-            let _ = rustix::mount::unmount(&request.target, rustix::mount::UnmountFlags::DETACH);
+            let _ = rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH);
             return Err(failure);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Run the library's strategy: everything that can fail happens before the
-/// mount is attached at TARGET. Returns the mapping used, when known.
+/// Where to mount: TARGET, or where it points when its last component is a
+/// symlink. Like util-linux's mount(8), which canonicalizes TARGET; the
+/// library's `attach` does not follow it (inside a container's root, a
+/// symlink must be resolved there, not on the host).
+fn follow_target(target: &Path) -> Result<PathBuf, Failure> {
+    let is_symlink = std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_symlink {
+        return Ok(target.to_path_buf());
+    }
+    std::fs::canonicalize(target).map_err(|e| {
+        let points_to = std::fs::read_link(target).unwrap_or_default();
+        Failure::Failed(format!(
+            "{}: TARGET is a symlink to {}, which cannot be followed: {e}; give an existing directory (or file) as TARGET",
+            target.display(),
+            points_to.display()
+        ))
+    })
+}
+
 /// What a walk did that a user must hear of, on stderr.
 fn tell_report(source: &Path, r: &ShiftReport, outside: OutsideLinks) {
     if r.completed_before {
@@ -118,39 +140,29 @@ pub fn unshift(request: &CheckRequest) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), Failure> {
+/// Run the library's strategy: everything that can fail happens before the
+/// mount is attached at `target`. Returns the mapping used, when known.
+fn give_ownership(
+    request: &MountRequest,
+    target: &Path,
+) -> Result<(Outcome, Option<Mapping>), Failure> {
     let ns;
-    let mapping = match &request.ids {
-        IdSource::Mapping(mapping) => mapping.clone(),
+    let plan = match &request.ids {
+        IdSource::Mapping(mapping) => Plan::new(request.strategy, mapping),
         IdSource::Userns(path) => {
             ns = UserNamespace::open(path)?;
-            match (ns.mapping(), request.strategy) {
-                (Some(m), _) => m.clone(),
-                // Its maps cannot be read: only an idmapped mount can use it.
-                (None, Strategy::Idmap) => {
-                    let (flags, attr) = if request.recursive {
-                        (CloneFlags::RECURSIVE, attr(request).idmap_recursive(&ns))
-                    } else {
-                        (CloneFlags::empty(), attr(request).idmap(&ns))
-                    };
-                    let clone = DetachedMount::clone_with(&request.source, flags, &attr)
-                        .map_err(|e| probe::diagnose(e, &request.source, request.recursive))?;
-                    let method = clone.method();
-                    clone.attach(&request.target)?;
-                    return Ok((Outcome::Idmapped { method }, None));
-                }
-                (None, s) => {
-                    return Err(Failure::usage(format_args!(
-                        "--strategy={}: the maps of {} cannot be read, so ownership cannot be shifted on disk",
-                        s.name(),
-                        path.display()
-                    )))
-                }
+            if ns.mapping().is_none() && request.strategy == Strategy::Chown {
+                return Err(Failure::usage(format_args!(
+                    "--strategy=chown: the maps of {} cannot be read, so ownership cannot be shifted on disk by them",
+                    path.display()
+                )));
             }
+            Plan::with_userns(request.strategy, &ns)
         }
     };
+    let plan_mapping = plan.mapping().cloned();
     let printed = Arc::new(AtomicBool::new(false));
-    let mut plan = Plan::new(request.strategy, &mapping)
+    let mut plan = plan
         .recursive(request.recursive)
         .flags(request.flags)
         .shift_options(ShiftOptions {
@@ -162,22 +174,12 @@ fn give_ownership(request: &MountRequest) -> Result<(Outcome, Option<Mapping>), 
     if let Some(p) = request.propagation {
         plan = plan.propagation(p);
     }
-    let outcome = mount_with_ownership(&request.source, &request.target, &plan);
+    let outcome = mount_with_ownership(&request.source, target, &plan);
     if printed.load(Ordering::Relaxed) {
         eprintln!();
     }
     let outcome = outcome?;
-    Ok((outcome, Some(mapping)))
-}
-
-/// The mount attributes asked for, without an idmap; with --recursive they
-/// apply to every mount of the tree.
-fn attr(request: &MountRequest) -> MountAttr<'static> {
-    let attr = MountAttr::new().set_recursive(request.flags);
-    match request.propagation {
-        Some(p) => attr.propagation_recursive(p),
-        None => attr,
-    }
+    Ok((outcome, plan_mapping))
 }
 
 /// A progress line on stderr while a walk runs, when stderr is a terminal:

@@ -1,5 +1,6 @@
 //! `--demo`: idmap a small tree on a scratch filesystem in a private mount
-//! namespace, print the on-disk and the seen owners, clean up.
+//! namespace, print the on-disk and the seen owners; then the pods story
+//! ([`pods`]); clean up.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use rustix::thread::UnshareFlags;
 
 use crate::output::emit;
 use crate::Failure;
+
+pub mod pods;
 
 /// The mapping the demo applies (DESIGN §2's example).
 const MAP: &str = "b:0:10000:10000";
@@ -43,8 +46,9 @@ pub fn run() -> Result<ExitCode, Failure> {
     let method = clone.method();
     clone.attach(&target)?;
     let idmapped = Mounted::new(target);
-    let table = table(&scratch, &idmapped.path, method)?;
+    let mut table = table(&scratch, &idmapped.path, method)?;
     idmapped.unmount()?;
+    table.push_str(&pods::run(dir.path(), &scratch.root)?);
     scratch.unmount()?;
     dir.close()
         .map_err(Failure::io("cannot remove the temporary directory"))?;

@@ -27,7 +27,12 @@ use args::Command;
 use output::emit;
 
 fn main() -> ExitCode {
-    match run(std::env::args_os().skip(1).collect()) {
+    // The --demo's pod processes re-run this program (not a user option).
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == demo::pods::HELPER) {
+        return demo::pods::helper(&args[1..]);
+    }
+    match run(args) {
         Ok(code) => code,
         Err(failure) => {
             eprintln!("mount-idmapped: {}", one_line(&failure.to_string()));

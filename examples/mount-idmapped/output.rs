@@ -1,8 +1,8 @@
 //! What goes to stdout: the `--json` objects (written by hand: the crate has
 //! no JSON dependency) and the `--check` verdict line.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use idmapped::chown::ShiftReport;
 use idmapped::strategy::{MountWay, Outcome};
@@ -12,12 +12,59 @@ use crate::args::{CheckRequest, IdSource, MountRequest};
 use crate::commands::Blocker;
 use crate::Failure;
 
-/// Write `text` to stdout, reporting (not panicking on) a closed stdout.
+/// Whether fd 1 was closed when the program started. Rust's runtime opens
+/// `/dev/null` on a closed fd 0, 1 or 2 before `main`, so by then a closed
+/// stdout looks like `>/dev/null` and everything written to it is lost
+/// without an error: `mount-idmapped --json ... >&-` would exit 0.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Runs before Rust's runtime (from `.init_array`, as the C library calls
+/// constructors before `main`), while a closed fd 1 is still closed.
+extern "C" fn note_closed_stdout() {
+    if rustix::io::fcntl_getfd(std::io::stdout()) == Err(rustix::io::Errno::BADF) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static NOTE_CLOSED_STDOUT: extern "C" fn() = note_closed_stdout;
+
+/// Fails when stdout was closed at start: the caller checks before doing
+/// anything it would have to undo.
+pub fn require_stdout() -> Result<(), Failure> {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Err(Failure::Failed(
+            "cannot write to stdout: it is closed (--json needs it)".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Write `text` to stdout; any failure is an error (exit 1), a stdout that
+/// was closed at start included.
 pub fn emit(text: &str) -> Result<(), Failure> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(Failure::io("cannot write to stdout"))
+    let cannot = |e: rustix::io::Errno| {
+        let why = match e {
+            rustix::io::Errno::BADF => "it is closed".to_owned(),
+            e => std::io::Error::from(e).to_string(),
+        };
+        Failure::Failed(format!("cannot write to stdout: {why}"))
+    };
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Err(cannot(rustix::io::Errno::BADF));
+    }
+    let stdout = std::io::stdout().lock();
+    let mut rest = text.as_bytes();
+    while !rest.is_empty() {
+        match rustix::io::write(&stdout, rest) {
+            Ok(0) => return Err(cannot(rustix::io::Errno::IO)),
+            Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    Ok(())
 }
 
 pub fn mount_json(request: &MountRequest, outcome: &Outcome, mapping: Option<&Mapping>) -> String {

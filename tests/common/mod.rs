@@ -76,12 +76,61 @@ pub fn private_mount_namespace() {
     .expect("make / rprivate");
 }
 
+/// The Debian package of each program the tests run. `ci/packages.sh`
+/// installs these (`ci/test.sh` calls it when run as root); a test
+/// (`tests/cli.rs`) checks that the two lists agree.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mount", "mount"),
+    ("losetup", "mount"),
+    ("unshare", "util-linux"),
+    ("setfacl", "acl"),
+    ("getfacl", "acl"),
+    ("getcap", "libcap2-bin"),
+    ("chown", "coreutils"),
+    ("sleep", "coreutils"),
+];
+
+/// Why `program` could not be started, for a panic message: a program that
+/// is not installed is named with the package that has it.
+pub fn spawn_failure(program: &OsStr, e: &std::io::Error) -> String {
+    let name = program.to_string_lossy();
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return format!("cannot run {name}: {e}");
+    }
+    let base = Path::new(program)
+        .file_name()
+        .map_or_else(|| name.clone(), |b| b.to_string_lossy());
+    match TOOLS.iter().find(|(tool, _)| *tool == base) {
+        Some((_, package)) => format!(
+            "{name} is not installed (not found on PATH): the tests need the Debian package \
+             {package}; `apt-get install {package}`, or run `ci/test.sh` as root, which \
+             installs every missing package"
+        ),
+        None => format!("{name} is not installed (not found on PATH): {e}"),
+    }
+}
+
+/// `cmd.output()`, panicking with [`spawn_failure`]'s message when the
+/// program cannot be started.
+pub fn output(cmd: &mut Command) -> std::process::Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("{}", spawn_failure(cmd.get_program(), &e)))
+}
+
+/// `cmd.spawn()`, panicking with [`spawn_failure`]'s message when the
+/// program cannot be started.
+pub fn spawn(cmd: &mut Command) -> std::process::Child {
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("{}", spawn_failure(cmd.get_program(), &e)))
+}
+
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = output(Command::new(cmd).args(args));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
@@ -283,10 +332,15 @@ fn newest_source(profile_dir: &Path) -> Option<std::time::SystemTime> {
             let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
             name.starts_with("libidmapped-") && name.ends_with(".rlib")
         });
+    // One level of subdirectories too (the demo's parts live in demo/).
     let sources = std::fs::read_dir(root.join("examples/mount-idmapped"))
         .ok()?
         .flatten()
-        .map(|e| e.path());
+        .map(|e| e.path())
+        .flat_map(|p| match std::fs::read_dir(&p) {
+            Ok(sub) => sub.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+            Err(_) => vec![p],
+        });
     sources
         .chain(rlibs)
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -375,4 +429,63 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (a, b) >= (major, minor)
+}
+
+// ---------------------------------------------------------------------------
+// The id-ranges program
+
+/// The `id-ranges` example binary: `$ID_RANGES_BIN` (for the test VMs),
+/// else the one `cargo test` builds in `target/<profile>/examples`.
+pub fn id_ranges_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ID_RANGES_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join("id-ranges");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Its source, or the library it links (rebuilt whenever a module changes).
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/id-ranges.rs");
+    let rlibs = std::fs::read_dir(profile_dir.join("deps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            name.starts_with("libidmapped-") && name.ends_with(".rlib")
+        });
+    let newest = std::iter::once(source)
+        .chain(rlibs)
+        .filter_map(|p| modified(&p))
+        .max();
+    let fresh = match (modified(&bin), newest) {
+        (Some(built), Some(src)) => built >= src,
+        _ => false,
+    };
+    assert!(
+        fresh,
+        "{} is missing or older than its sources: run `cargo build --example id-ranges` \
+         (plain `cargo test` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// Run `id-ranges` with `args` and extra environment `env`.
+pub fn id_ranges<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(id_ranges_binary());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run id-ranges");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
