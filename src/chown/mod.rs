@@ -34,8 +34,12 @@
 //!   directory walked again, and every inode is shifted at most once per run
 //!   (an in-memory set of the inodes changed), so an attacker renaming or
 //!   exchanging entries inside the tree can neither redirect a change nor
-//!   get an inode shifted twice. What still moved between listings is
-//!   reported ([`ShiftReport::tree_changed`]).
+//!   get an inode shifted twice. A directory whose ctime changed while it
+//!   was listed (a name renamed from a part not yet read to one already
+//!   read is in no listing) is walked again too. What moved is reported
+//!   ([`ShiftReport::tree_changed`]). On kernels with coarse timestamps
+//!   (before 6.13's multigrain ctime) a rename within the same clock tick as
+//!   the start of a listing can go unnoticed by that check.
 //! - **Never leaves the tree** (no symlink followed, `openat2` with
 //!   `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV`
 //!   where the kernel has it) and **does not cross mounts** (also file bind

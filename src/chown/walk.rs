@@ -804,6 +804,10 @@ impl<'c, 'a> Worker<'c, 'a> {
         }
         // Read from the start: a directory walked again is read again.
         let _ = rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0));
+        // A name renamed during the listing from a part not yet read to one
+        // read already is in no listing: the directory's ctime tells (the
+        // walk itself never changes it).
+        let listed_at = fstatx(dir, path)?.ctime;
         let mut dirent = std::mem::take(&mut self.dirent);
         {
             let buf: &mut [MaybeUninit<u8>] = dirent.spare_capacity_mut();
@@ -840,7 +844,9 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.mismatch = false;
         self.split = false;
         let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos, &types);
-        if result.is_ok() && self.mismatch {
+        if result.is_ok() && !self.ctx.spec.scan && fstatx(dir, path)?.ctime != listed_at {
+            self.ctx.walk_again(dir, dmeta, path);
+        } else if result.is_ok() && self.mismatch {
             // Names moved during the pass. Unless some of them went to
             // another worker, check that every inode listed was pinned
             // under some name; if one was not, it is still to do.
