@@ -23,7 +23,7 @@
 # and ENV "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" (where the guest
 # has it). --test NAME (repeatable) picks the test targets; the default is
 # VM_TEST_TARGETS (space separated), or "matrix mount userns cli helper ranges
-# id_ranges resolve runtime cli_beneath rootfs".
+# id_ranges resolve runtime cli_beneath rootfs chown".
 # --tests DIR runs the binaries already in DIR instead (no build).
 # --selftest runs the runner's own checks (ci/vm/selftest/) instead.
 # --quiet prints only the tests' progress and results while the VMs run,
@@ -62,7 +62,7 @@ usage() {
 
 tests=$root/target/vm-tests
 build=1
-read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath rootfs}"
+read -r -a test_targets <<<"${VM_TEST_TARGETS:-matrix mount userns cli helper ranges id_ranges resolve runtime cli_beneath rootfs chown}"
 cli_test_targets=()
 selftest=0
 quiet=0
@@ -201,7 +201,7 @@ build_tests() {
 	cp "${exe[example:id-ranges]}" "$tests/bin/id-ranges"
 	echo "--nocapture --test-threads=1" >"$tests/ARGS"
 	printf '%s\n' "MOUNT_IDMAPPED_BIN=/tests/bin/mount-idmapped" \
-		"ID_RANGES_BIN=/tests/bin/id-ranges" >"$tests/ENV"
+		"ID_RANGES_BIN=/tests/bin/id-ranges" "IDMAPPED_TEST_SCALE=10" >"$tests/ENV"
 }
 build_failed=0
 if ((build)); then

@@ -66,8 +66,11 @@ pub enum ErrorKind {
     IdOutOfRange {
         /// `"uid"` or `"gid"`.
         kind: &'static str,
-        /// The on-disk id.
+        /// The on-disk id (the first one found).
         id: u32,
+        /// How many ids (owners, groups, ACL qualifiers, capability root
+        /// ids) of the tree the mapping does not cover.
+        count: u64,
     },
     /// A path does not exist (ENOENT).
     NotFound,
@@ -95,6 +98,53 @@ pub enum ErrorKind {
     /// A file descriptor that should be the root of a mount is not
     /// ([`crate::DetachedMount::from_fd`]).
     NotAMount,
+    /// The shift walker refuses this filesystem: a virtual one (proc, sysfs,
+    /// devtmpfs, cgroup, ...) whose ownership belongs to the host, or one it
+    /// does not know to hold ownership and its record. `path` names the mount.
+    NotShiftable {
+        /// Filesystem type, as in mountinfo.
+        fs: String,
+        /// Why, in words.
+        why: String,
+    },
+    /// The tree carries a shift record for another mapping or policy (or
+    /// an unfinished shift or unshift), so this shift was refused.
+    ShiftRecorded {
+        /// The recorded shift, e.g. `mapping b:0:100000:65536, --out-of-range=keep, ... (finished)`.
+        recorded: String,
+        /// What to do.
+        hint: String,
+    },
+    /// An entry that must change is immutable or append-only (`chattr +i`/`+a`).
+    Immutable {
+        /// `"immutable (chattr +i)"` or `"append-only (chattr +a)"` (of the
+        /// first such entry; `path` names it).
+        attribute: &'static str,
+        /// How many entries that must change are immutable or append-only.
+        count: u64,
+    },
+    /// An inode of the tree has hard links outside it, and the caller asked to fail.
+    LinkedOutside {
+        /// Its link count.
+        links: u32,
+        /// The names of it found inside the tree.
+        found: u32,
+    },
+    /// Keeping an uncovered ACL qualifier would give an ACL two entries for
+    /// one id (an on-disk id shifted onto a kept one).
+    AclCollision {
+        /// `"uid"` or `"gid"`.
+        kind: &'static str,
+        /// The id that would appear twice.
+        id: u32,
+    },
+    /// The source was shifted on disk, but attaching it at the target failed.
+    SourceShifted {
+        /// Why attaching failed.
+        cause: String,
+        /// The command that undoes the shift.
+        undo: String,
+    },
     /// The source and the mount point cannot be mounted one onto the other:
     /// the kernel mounts a directory only onto a directory, and anything
     /// else only onto a non-directory (`move_mount` says only `EINVAL`).
@@ -344,9 +394,11 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InvalidMap(e) => write!(f, "invalid mapping: {e}"),
             ErrorKind::InvalidInput(s) => write!(f, "invalid input: {s}"),
             ErrorKind::TreeChanged(s) => write!(f, "the tree changed during the walk: {s}"),
-            ErrorKind::IdOutOfRange { kind, id } => {
-                write!(f, "{kind} {id} on disk is outside the mapping")
-            }
+            ErrorKind::IdOutOfRange { kind, id, count } => write!(
+                f,
+                "{kind} {id} on disk is outside the mapping ({count} uncovered id{} in the tree; nothing was changed)",
+                if *count == 1 { "" } else { "s" }
+            ),
             ErrorKind::NotFound => f.write_str("no such file or directory"),
             ErrorKind::Process(s) => write!(f, "helper process failed: {s}"),
             ErrorKind::IdmapRefused => f.write_str(
@@ -366,6 +418,29 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NotAMount => {
                 f.write_str("the file descriptor is not the root of a mount")
             }
+            ErrorKind::NotShiftable { fs, why } => {
+                write!(f, "refusing to shift ownership on a {fs} mount: {why}; nothing was changed")
+            }
+            ErrorKind::ShiftRecorded { recorded, hint } => {
+                write!(f, "the tree records another shift: {recorded}; {hint}")
+            }
+            ErrorKind::Immutable { attribute, count } => write!(
+                f,
+                "the entry is {attribute} and its ownership must change ({count} such entr{} in the tree, left untouched): clear the attribute (chattr -i / chattr -a) and run the same command again, which finishes the shift",
+                if *count == 1 { "y" } else { "ies" }
+            ),
+            ErrorKind::LinkedOutside { links, found } => write!(
+                f,
+                "the inode has {links} hard links but only {found} inside the tree: it is linked from outside (--outside-links=skip leaves it, =shift shifts it); nothing was changed"
+            ),
+            ErrorKind::AclCollision { kind, id } => write!(
+                f,
+                "keeping an uncovered ACL {kind} would leave two entries for {kind} {id} (a shifted id lands on a kept one): use --out-of-range=overflow or a mapping that covers it; nothing was changed"
+            ),
+            ErrorKind::SourceShifted { cause, undo } => write!(
+                f,
+                "the source WAS shifted on disk, but attaching it failed: {cause}; undo the shift with: {undo}"
+            ),
             ErrorKind::MountPointMismatch {
                 source,
                 source_kind,

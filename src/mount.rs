@@ -1377,7 +1377,7 @@ fn open_pidfd(pid: i32) -> Result<OwnedFd> {
 /// Detach the mount whose root `top` is, by fd: a thread of its own
 /// `fchdir`s to it and unmounts `"."`, which names the mount the fd refers
 /// to even where another is mounted on top (no path is looked up).
-fn detach_top(top: BorrowedFd<'_>) -> Result<()> {
+pub(crate) fn detach_top(top: BorrowedFd<'_>) -> Result<()> {
     on_own_fs_thread(|| {
         rustix::process::fchdir(top)
             .map_err(|e| Error::sys("fchdir", format!("fd {}", raw(top)), e))?;

@@ -31,7 +31,10 @@ pub enum Strategy {
     Chown,
     /// Idmap where the probe says every mount of the tree can be idmapped;
     /// otherwise, when the kernel or filesystem lacks support (and only
-    /// then), shift on disk. Missing privilege is an error, not a reason to chown.
+    /// then), shift on disk. With [`Plan::recursive`] this is decided per
+    /// mount: every mount that can be idmapped is, only the others are
+    /// shifted ([`Outcome::PerMount`]). Missing privilege is an error, not a
+    /// reason to chown.
     Auto,
 }
 
@@ -77,6 +80,33 @@ pub enum Outcome {
         /// for [`Strategy::Chown`]).
         because: Option<Fallback>,
     },
+    /// [`Strategy::Auto`] with [`Plan::recursive`] on a tree of several
+    /// mounts, not all of which can be idmapped: each mount was idmapped or
+    /// shifted on its own, and the clones attached in place at the target.
+    PerMount {
+        /// Every mount of the tree (the top first) and what was done with it.
+        mounts: Vec<MountOutcome>,
+        /// What the walks of the shifted mounts did, summed.
+        report: ShiftReport,
+    },
+}
+
+/// What [`Strategy::Auto`] did with one mount of a recursive tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOutcome {
+    /// The mount, under the source.
+    pub mount: PathBuf,
+    /// Idmapped, or shifted and why.
+    pub way: MountWay,
+}
+
+/// See [`MountOutcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountWay {
+    /// Idmapped by these system calls; nothing on disk changed.
+    Idmapped(CloneMethod),
+    /// Shifted on disk, because it cannot be idmapped.
+    Shifted(Reason),
 }
 
 /// Why [`Strategy::Auto`] shifted on disk instead of idmapping.
@@ -157,7 +187,10 @@ impl<'a> Plan<'a> {
         self
     }
 
-    /// Include submounts: idmap them all (all or nothing), or walk and bind them all.
+    /// Include submounts: [`Strategy::Idmap`] idmaps them all (all or
+    /// nothing), [`Strategy::Chown`] shifts every directory mount (each
+    /// with its own record) and binds the tree, [`Strategy::Auto`] decides
+    /// per mount ([`Outcome::PerMount`]).
     pub fn recursive(mut self, recursive: bool) -> Self {
         self.recursive = recursive;
         self
@@ -193,6 +226,18 @@ impl<'a> Plan<'a> {
     /// With [`recursive`](Self::recursive) every attribute (the idmap
     /// included) applies to every mount of the tree (OCI `rbind`, `ridmap`,
     /// `rro`); without, the clone has no submounts.
+    /// The attributes for one mount of a per-mount tree (its own idmap).
+    fn attr_top<'b>(&self, userns: Option<&'b UserNamespace>) -> MountAttr<'b> {
+        let mut attr = MountAttr::new().set(self.flags);
+        if let Some(p) = self.propagation {
+            attr = attr.propagation(p);
+        }
+        if let Some(ns) = userns {
+            attr = attr.idmap(ns);
+        }
+        attr
+    }
+
     fn attr<'b>(&self, userns: Option<&'b UserNamespace>) -> MountAttr<'b> {
         let mut attr = MountAttr::new().set_recursive(self.flags);
         if let Some(p) = self.propagation {
@@ -210,7 +255,11 @@ impl<'a> Plan<'a> {
 ///
 /// Nothing is attached at `target` unless every step before succeeded. With
 /// [`Strategy::Chown`] (or `Auto` falling back), the *source* is changed on
-/// disk; undo it by shifting with [`Mapping::inverse`].
+/// disk — only after `target` was checked (it exists, is a directory, and is
+/// in this mount namespace) and every mount to shift passed
+/// [`check_shiftable`](crate::chown::check_shiftable); if attaching still
+/// fails, the error ([`ErrorKind::SourceShifted`]) says so and gives the
+/// command that undoes the shift ([`unshift_tree`](crate::chown::unshift_tree)).
 ///
 /// Before anything else, [`check_operands`] says why `source` and `target`
 /// do not fit together, if they do not.
@@ -261,6 +310,7 @@ pub fn mount_with_ownership_at(
     let (outcome, attached) = match plan.strategy {
         Strategy::Idmap => idmap(source, landing, plan)?,
         Strategy::Chown => chown(source, landing, plan, None)?,
+        Strategy::Auto if plan.recursive => auto_per_mount(source, landing, plan)?,
         Strategy::Auto => match probe::first_unsupported(source, plan.recursive)? {
             None => idmap(source, landing, plan)?,
             Some((mount, reason @ (Reason::Filesystem { .. } | Reason::KernelTooOld { .. }))) => {
@@ -356,6 +406,257 @@ impl<'a> Landing<'a> {
     }
 }
 
+/// The command that undoes a shift of `source`.
+fn undo_command(source: &Path, recursive: bool) -> String {
+    format!(
+        "mount-idmapped --unshift{} {}",
+        if recursive { " --recursive" } else { "" },
+        source.display()
+    )
+}
+
+/// Check the landing before anything is shifted. A path target exists, is
+/// a directory, and its mount is in this mount namespace (else `move_mount`
+/// fails); a target resolved beneath a root was checked when it was resolved.
+fn check_target(landing: &Landing<'_>) -> Result<()> {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let target = match landing {
+        Landing::Path(p) => *p,
+        Landing::Fd { .. } => return Ok(()),
+    };
+    let st = statx(CWD, target, AtFlags::empty(), StatxFlags::TYPE).map_err(|e| {
+        Error::sys("statx", format!("{target:?}"), e)
+            .with_path(target)
+            .with_kind(match e {
+                rustix::io::Errno::NOENT => ErrorKind::NotFound,
+                _ => ErrorKind::InvalidInput(
+                    "the target cannot be looked up; nothing was shifted".into(),
+                ),
+            })
+    })?;
+    if u32::from(st.stx_mode) & 0o170000 != 0o040000 {
+        return Err(Error::new(ErrorKind::InvalidInput(
+            "the target is not a directory (a directory tree is mounted on a directory); nothing was shifted".into(),
+        ))
+        .with_path(target));
+    }
+    crate::mounttable::mount_of(target).map_err(|e| {
+        Error::new(ErrorKind::InvalidInput(format!(
+            "the target's mount is not one of this mount namespace's ({e}), so nothing can be attached there; nothing was shifted"
+        )))
+        .with_path(target)
+    })?;
+    Ok(())
+}
+
+/// Attach `clone` at `landing` after `source` was shifted: a failure says so.
+fn attach_shifted(
+    clone: DetachedMount,
+    landing: Landing<'_>,
+    source: &Path,
+    recursive: bool,
+) -> Result<Option<Attached>> {
+    landing.attach(clone).map_err(|e| {
+        let cause = e.to_string();
+        e.with_kind(ErrorKind::SourceShifted {
+            cause,
+            undo: undo_command(source, recursive),
+        })
+    })
+}
+
+/// `Auto` with `recursive`: idmap each mount that can be, shift the rest.
+fn auto_per_mount(
+    source: &Path,
+    landing: Landing<'_>,
+    plan: &Plan<'_>,
+) -> Result<(Outcome, Option<Attached>)> {
+    let tree = crate::mounttable::subtree(source)?;
+    if tree.len() <= 1 {
+        return match probe::first_unsupported(source, false)? {
+            None => idmap(source, landing, plan),
+            Some((mount, reason @ (Reason::Filesystem { .. } | Reason::KernelTooOld { .. }))) => {
+                chown(source, landing, plan, Some(Fallback { mount, reason }))
+            }
+            Some((mount, reason)) => Err(Error::new(reason.into()).with_path(mount)),
+        };
+    }
+    let canon = std::fs::canonicalize(source)
+        .map_err(|e| Error::new(ErrorKind::InvalidInput(format!("{e}"))).with_path(source))?;
+    // Decide every mount first; refuse before anything changes.
+    let mut ways = Vec::new();
+    let mut all_idmap = true;
+    for (i, m) in tree.iter().enumerate() {
+        let path = if i == 0 {
+            source.to_path_buf()
+        } else {
+            m.mount_point.clone()
+        };
+        let way = match probe::idmap_support(&path)? {
+            probe::Support::Supported => None,
+            probe::Support::Unsupported(
+                reason @ (Reason::Filesystem { .. } | Reason::KernelTooOld { .. }),
+            ) => {
+                all_idmap = false;
+                Some(reason)
+            }
+            probe::Support::Unsupported(reason) => {
+                return Err(Error::new(reason.into()).with_path(path))
+            }
+        };
+        let rel = if i == 0 {
+            PathBuf::new()
+        } else {
+            match m.mount_point.strip_prefix(&canon) {
+                Ok(r) => r.to_path_buf(),
+                Err(_) => continue,
+            }
+        };
+        ways.push((path, rel, way));
+    }
+    if all_idmap {
+        return idmap(source, landing, plan);
+    }
+    for (path, _, way) in &ways {
+        if way.is_some() {
+            refuse_overlay(path, false)?;
+            crate::chown::check_shiftable(path, false)?;
+        }
+    }
+    check_target(&landing)?;
+    let owned;
+    let ns = match plan.userns {
+        Some(ns) => ns,
+        None => {
+            owned = UserNamespace::from_mapping(plan.shift_mapping()?)?;
+            &owned
+        }
+    };
+    // Shift what must be, parents first; each mount is a tree of its own.
+    let mut report = ShiftReport::default();
+    let options = ShiftOptions {
+        cross_mounts: false,
+        ..plan.shift.clone()
+    };
+    for (path, _, way) in &ways {
+        if way.is_some() {
+            let r = shift_tree(path, plan.shift_mapping()?, &options)?;
+            report = merge(report, r);
+        }
+    }
+    // Clone each mount on its own (idmapped or not) and attach it in place,
+    // top first; a submount goes on its mount point inside the attached top
+    // mount, reached from the top clone's own fd (which names the mount once
+    // it is attached) without following symlinks.
+    let mut outcomes = Vec::new();
+    let mut landing = Some(landing);
+    let mut top: Option<rustix::fd::OwnedFd> = None;
+    let mut top_attached = None;
+    for (path, rel, way) in ways {
+        let attr = match way {
+            None => plan.attr_top(Some(ns)),
+            Some(_) => plan.attr_top(None),
+        };
+        let clone = DetachedMount::clone_with(&path, CloneFlags::empty(), &attr)
+            .map_err(|e| probe::diagnose(e, &path, false))?;
+        let method = clone.method();
+        let attached = match (&top, landing.take()) {
+            (None, Some(landing)) => {
+                let root = std::os::fd::AsFd::as_fd(&clone)
+                    .try_clone_to_owned()
+                    .map_err(|e| {
+                        Error::sys(
+                            "dup",
+                            "mount fd",
+                            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+                        )
+                    })?;
+                attach_shifted(clone, landing, source, true).map(|a| {
+                    top_attached = a;
+                    top = Some(root);
+                })
+            }
+            (Some(root), _) => {
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                let name = rel.file_name().unwrap_or_default();
+                beneath_fd(root, parent).and_then(|fd| {
+                    clone.attach_at(&fd, Path::new(name)).map_err(|e| {
+                        let cause = e.to_string();
+                        e.with_kind(ErrorKind::SourceShifted {
+                            cause,
+                            undo: undo_command(source, true),
+                        })
+                    })
+                })
+            }
+            (None, None) => unreachable!("the top mount is attached first"),
+        };
+        if let Err(e) = attached {
+            if let Some(root) = &top {
+                let _ = crate::mount::detach_top(std::os::fd::AsFd::as_fd(root));
+            }
+            return Err(e);
+        }
+        outcomes.push(MountOutcome {
+            mount: path,
+            way: match way {
+                None => MountWay::Idmapped(method),
+                Some(reason) => MountWay::Shifted(reason),
+            },
+        });
+    }
+    Ok((
+        Outcome::PerMount {
+            mounts: outcomes,
+            report,
+        },
+        top_attached,
+    ))
+}
+
+fn merge(mut a: ShiftReport, b: ShiftReport) -> ShiftReport {
+    a.visited += b.visited;
+    a.changed += b.changed;
+    a.already_shifted += b.already_shifted;
+    a.hardlinks_deduplicated += b.hardlinks_deduplicated;
+    a.acls_rewritten += b.acls_rewritten;
+    a.capabilities_rewritten += b.capabilities_rewritten;
+    a.out_of_range += b.out_of_range;
+    a.kept_in_seen_range.extend(b.kept_in_seen_range);
+    a.skipped_mounts += b.skipped_mounts;
+    a.outside_links.extend(b.outside_links);
+    a.recovered += b.recovered;
+    a.tree_changed |= b.tree_changed;
+    a.resumed |= b.resumed;
+    a.elapsed += b.elapsed;
+    a
+}
+
+/// A directory `rel` beneath `root`, never through a symlink or `..`.
+fn beneath_fd(root: &rustix::fd::OwnedFd, rel: &Path) -> Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    openat2(
+        root,
+        rel,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        Error::sys(
+            "openat2",
+            format!("{rel:?}, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS"),
+            e,
+        )
+        .with_path(rel)
+    })
+}
+
 /// Check, with `stat` alone, that `source` can be given new owners at
 /// `target` by `strategy`: `source` is a directory, or a regular file to
 /// mount onto a non-directory; [`Strategy::Chown`] needs a directory
@@ -423,9 +724,12 @@ fn chown(
         cross_mounts: plan.recursive,
         ..plan.shift.clone()
     };
-    let report = shift_tree(source, plan.shift_mapping()?, &options)?;
+    // Everything that can be checked is, before the disk changes.
+    crate::chown::check_shiftable(source, plan.recursive)?;
+    check_target(&landing)?;
     let clone = DetachedMount::clone_with(source, plan.clone_flags(), &plan.attr(None))?;
-    let attached = landing.attach(clone)?;
+    let report = shift_tree(source, plan.shift_mapping()?, &options)?;
+    let attached = attach_shifted(clone, landing, source, plan.recursive)?;
     Ok((Outcome::Chowned { report, because }, attached))
 }
 

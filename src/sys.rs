@@ -123,6 +123,7 @@ pub(crate) fn ns_get_nstype(fd: BorrowedFd<'_>) -> Result<libc::c_int, Errno> {
 ///
 /// # References
 /// - [`unshare(2)`](https://man7.org/linux/man-pages/man2/unshare.2.html)
+#[allow(dead_code)] // for threads that must enter another mount namespace
 pub(crate) fn unshare_fs() -> Result<(), Errno> {
     // SAFETY: rustix marks `unshare` unsafe for CLONE_FILES, which can
     // invalidate fds other code holds; CLONE_FS only copies the thread's

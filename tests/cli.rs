@@ -647,9 +647,12 @@ fn chown_and_auto_strategies() {
     .expect(0);
     // Seen through TARGET as through an idmapped mount...
     assert_eq!(owner(&target.join("a")), (11000, 11000));
-    // ...because SOURCE itself was shifted (15000 lies in the seen range, so
-    // the walker counts it as shifted already: see the README).
+    // ...because SOURCE itself was shifted; 15000 lies in the seen range but
+    // is not an on-disk id of the mapping: the view shows 65534, and so
+    // does the shifted tree (it used to be taken as shifted already).
     assert_eq!(owner(&src.join("a")), (11000, 11000));
+    assert_eq!(owner(&src.join("b")), (65534, 65534));
+    assert_eq!(owner(&target.join("b")), (65534, 65534));
     assert!(mount_options(&target).0.iter().any(|o| o == "nodev"));
     let json = one_json_object(&run.stdout);
     for key in [
@@ -657,8 +660,10 @@ fn chown_and_auto_strategies() {
         r#""requested_strategy":"chown""#,
         r#""fallback":null"#,
         r#""visited":3"#,
-        r#""already_shifted":1"#,
-        r#""changed":2"#,
+        r#""already_shifted":0"#,
+        r#""changed":3"#,
+        r#""out_of_range":2"#,
+        r#""completed_before":false"#,
         r#""kernel_path":null"#,
     ] {
         assert!(json.contains(key), "{key} missing: {json}");
@@ -678,6 +683,108 @@ fn chown_and_auto_strategies() {
         (1000, 1000),
         "auto must not chown here"
     );
+}
+
+/// `--strategy=chown` again with the same mapping is an O(1) check that says
+/// so; another mapping is refused naming the recorded one; `--unshift`
+/// restores the source and removes the record; `--outside-links` and
+/// `--out-of-range=fail` change nothing when they refuse.
+#[test]
+#[serial]
+fn chown_record_unshift_and_refusals() {
+    privileged!();
+    let fs = TestFs::ext4();
+    let src = example_source(&fs);
+    let t1 = fs.scratch("t1");
+    let t2 = fs.scratch("t2");
+    let first = cli(&["--json", "--strategy=chown", EXAMPLE, s(&src), s(&t1)]).expect(0);
+    assert_eq!(owner(&src.join("a")), (11000, 11000));
+    // 15000 is kept (--out-of-range=keep) but lies in the seen range: reported.
+    assert!(
+        first.stdout.contains(r#""kind":"uid","id":15000"#),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stderr.contains("inside a seen range"),
+        "{}",
+        first.stderr
+    );
+    let again = cli(&["--json", "--strategy=chown", EXAMPLE, s(&src), s(&t2)]).expect(0);
+    assert!(
+        again.stdout.contains(r#""completed_before":true"#),
+        "{}",
+        again.stdout
+    );
+    assert!(again.stderr.contains("already shifted"), "{}", again.stderr);
+    let _ = rustix::mount::unmount(&t1, rustix::mount::UnmountFlags::DETACH);
+    let _ = rustix::mount::unmount(&t2, rustix::mount::UnmountFlags::DETACH);
+    let other = cli(&[
+        "--strategy=chown",
+        "--map-mount=b:0:20000:10000",
+        s(&src),
+        s(&t1),
+    ])
+    .expect(1);
+    assert!(
+        other.stderr.contains("b:0:10000:10000") && other.stderr.contains("--unshift"),
+        "{}",
+        other.stderr
+    );
+    cli(&["--unshift", s(&src)]).expect(0);
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    // ...except the id reported as kept inside a seen range.
+    assert_eq!(owner(&src.join("b")), (5000, 5000));
+    assert_eq!(owner(&src), (1000, 1000));
+    touch_owned(&src.join("b"), 15000, 15000);
+    cli(&["--unshift", s(&src)]).expect(1);
+
+    // A bad TARGET: nothing shifted.
+    let missing = fs.root.join("no-such-target");
+    cli(&["--strategy=chown", EXAMPLE, s(&src), s(&missing)]).expect(1);
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+
+    // fail: nothing changed, the first path, the id and the count named.
+    let run = cli(&[
+        "--strategy=chown",
+        "--out-of-range=fail",
+        EXAMPLE,
+        s(&src),
+        s(&t1),
+    ])
+    .expect(1);
+    assert!(
+        run.stderr.contains("15000") && run.stderr.contains("2 uncovered ids"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+
+    // A hard link from outside: left and reported by default, refused with fail.
+    std::fs::hard_link(src.join("a"), fs.root.join("outside-link")).unwrap();
+    cli(&[
+        "--strategy=chown",
+        "--outside-links=fail",
+        EXAMPLE,
+        s(&src),
+        s(&t1),
+    ])
+    .expect(1);
+    assert_eq!(owner(&src.join("a")), (1000, 1000));
+    let run = cli(&["--json", "--strategy=chown", EXAMPLE, s(&src), s(&t1)]).expect(0);
+    assert!(
+        run.stdout.contains(r#""outside_links":["#),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("hard-linked from outside"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(owner(&fs.root.join("outside-link")), (1000, 1000));
+    let _ = rustix::mount::unmount(&t1, rustix::mount::UnmountFlags::DETACH);
+    cli(&["--outside-links=sometimes", EXAMPLE, s(&src), s(&t1)]).expect(2);
 }
 
 // ---------------------------------------------------------------------------

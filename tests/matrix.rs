@@ -289,6 +289,14 @@ fn unsupported_cell(cell: &Cell, reason: &Reason) -> Result<&'static str, String
             let _ = e;
             return Ok("unsupported");
         }
+        // The walker never chowns through overlayfs (it would copy every
+        // file up): refused before anything changes, naming the type.
+        Err(e)
+            if cell.fs == "overlay"
+                && matches!(e.kind(), ErrorKind::NotShiftable { fs, .. } if fs == "overlay") =>
+        {
+            return Ok("refused");
+        }
         Err(e) => return Err(format!("{}: auto: {e}", cell.fs)),
     }
     check_view(cell, &target)?;

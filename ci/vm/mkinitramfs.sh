@@ -24,7 +24,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 HOST_BINS=(
 	mount umount losetup unshare nsenter findmnt blkid
 	mkfs.ext4 mke2fs mkfs.xfs mkfs.btrfs mkfs.vfat mkfs.fat
-	setfacl getfacl setfattr getfattr setcap getcap
+	setfacl getfacl setfattr getfattr setcap getcap chattr lsattr
 	cat chown chmod chgrp sleep stat id ls touch mkdir rm cp mv ln
 	truncate dd env true false sync
 )

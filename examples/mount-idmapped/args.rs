@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use idmapped::chown::OutOfRange;
+use idmapped::chown::{OutOfRange, OutsideLinks};
 use idmapped::rootfs::Overlay;
 use idmapped::strategy::Strategy;
 use idmapped::{Mapping, MountAttrFlags, NewFilesystem, Propagation};
@@ -18,6 +18,7 @@ Usage: mount-idmapped [OPTIONS] --map-mount=MAP... SOURCE TARGET
            --overlay=lowerdir=L1:L2[:...][,upperdir=U,workdir=W] TARGET
        mount-idmapped --check [--recursive] [--json] SOURCE
        mount-idmapped --check [--json] --overlay=lowerdir=...
+       mount-idmapped --unshift [--recursive] [--json] SOURCE
        mount-idmapped --demo
 
 Make an idmapped mount of SOURCE at TARGET: a file whose on-disk id is FROM+n
@@ -36,7 +37,8 @@ Mapping (at least one; repeatable, also written --map-mount VALUE):
 What to mount:
   SOURCE            a directory, or a regular file to mount onto a file
                     (not a FIFO, socket or device node)
-  --recursive       include the submounts of SOURCE (all or nothing)
+  --recursive       include the submounts of SOURCE (idmap: all or nothing;
+                    auto: each mount idmapped if it can be, shifted if not)
 
 Where:
   TARGET            an existing directory for a directory SOURCE, an existing
@@ -70,7 +72,14 @@ Strategy:
                     where the kernel and filesystem can, chown otherwise
   --out-of-range=keep|fail|overflow
                     chown: what to do with on-disk ids no value covers: leave
-                    them (default), fail, or write 65534 like the idmapped view
+                    them (default), fail (checked first: nothing changes),
+                    or write 65534 like the idmapped view
+  --outside-links=skip|shift|fail
+                    chown: a file also hard-linked from outside SOURCE is
+                    left unchanged and reported (skip, default), shifted
+                    anyway, or makes the command fail before any change
+  --unshift         undo the shift recorded on SOURCE (exactly the recorded
+                    mapping, inverted) and remove the record; takes SOURCE only
 
 New filesystems (instead of SOURCE; --strategy, --out-of-range and
 --recursive do not apply):
@@ -150,7 +159,9 @@ struct Options {
     propagation: Option<Propagation>,
     strategy: Strategy,
     out_of_range: OutOfRange,
+    outside_links: OutsideLinks,
     check: bool,
+    unshift: bool,
     json: bool,
     demo: bool,
     beneath: Option<PathBuf>,
@@ -173,6 +184,7 @@ pub enum Command {
     Help,
     Version,
     Check(CheckRequest),
+    Unshift(CheckRequest),
     Demo,
     Mount(MountRequest),
     /// `--tmpfs` or `--overlay`: a new filesystem at TARGET.
@@ -234,6 +246,7 @@ pub struct MountRequest {
     pub propagation: Option<Propagation>,
     pub strategy: Strategy,
     pub out_of_range: OutOfRange,
+    pub outside_links: OutsideLinks,
     pub json: bool,
     /// `--beneath=ROOT`: TARGET is resolved inside ROOT.
     pub beneath: Option<PathBuf>,
@@ -307,6 +320,7 @@ fn takes_value(name: &str) -> bool {
             | "--out-of-range"
             | "--beneath"
             | "--overlay"
+            | "--outside-links"
     )
 }
 
@@ -356,6 +370,13 @@ fn apply_valued(opts: &mut Options, name: &str, value: String) -> Result<(), Fai
                 ))
             })?;
         }
+        "--outside-links" => {
+            opts.outside_links = value.parse().map_err(|_| {
+                Failure::usage(format_args!(
+                    "--outside-links `{value}`: expected skip, shift or fail"
+                ))
+            })?;
+        }
         _ => {
             opts.out_of_range = match value.as_str() {
                 "keep" => OutOfRange::Keep,
@@ -378,6 +399,7 @@ fn apply_flag(opts: &mut Options, name: &str) -> Result<(), Failure> {
         "-h" | "--help" => &mut opts.help,
         "--version" => &mut opts.version,
         "--check" => &mut opts.check,
+        "--unshift" => &mut opts.unshift,
         "--json" => &mut opts.json,
         "--demo" => &mut opts.demo,
         "--recursive" => &mut opts.recursive,
@@ -437,6 +459,14 @@ fn command(opts: Options) -> Result<Command, Failure> {
     if opts.tmpfs.is_some() && opts.overlay.is_some() {
         return Err(Failure::usage("--tmpfs and --overlay cannot be combined"));
     }
+    if opts.check && opts.unshift {
+        return Err(Failure::usage("--check cannot be combined with --unshift"));
+    }
+    if opts.unshift && (opts.tmpfs.is_some() || opts.overlay.is_some()) {
+        return Err(Failure::usage(
+            "--unshift cannot be combined with --tmpfs or --overlay (a new filesystem is never shifted)",
+        ));
+    }
     if opts.check {
         if opts.tmpfs.is_some() {
             return Err(Failure::usage(
@@ -450,6 +480,24 @@ fn command(opts: Options) -> Result<Command, Failure> {
     }
     if opts.tmpfs.is_some() || opts.overlay.is_some() {
         return new_fs_command(opts);
+    }
+    if opts.unshift {
+        if let Some(option) = opts.mount_only.first() {
+            return Err(Failure::usage(format_args!(
+                "--unshift cannot be combined with {option} (the record says how to undo)"
+            )));
+        }
+        no_more_operands(&opts.operands, 1)?;
+        let source = opts
+            .operands
+            .into_iter()
+            .next()
+            .ok_or_else(|| Failure::usage("--unshift: missing SOURCE"))?;
+        return Ok(Command::Unshift(CheckRequest {
+            source,
+            recursive: opts.recursive,
+            json: opts.json,
+        }));
     }
     mount_command(opts)
 }
@@ -559,6 +607,7 @@ fn mount_command(opts: Options) -> Result<Command, Failure> {
         propagation: opts.propagation,
         strategy: opts.strategy,
         out_of_range: opts.out_of_range,
+        outside_links: opts.outside_links,
         json: opts.json,
         beneath: opts.beneath,
         mkdir: opts.mkdir,

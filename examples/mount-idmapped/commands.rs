@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idmapped::chown::{Progress, ProgressFn, ShiftOptions};
+use idmapped::chown::{
+    unshift_tree, OutsideLinks, Progress, ProgressFn, ShiftOptions, ShiftReport,
+};
 use idmapped::probe;
 use idmapped::rootfs::OverlayMethod;
-use idmapped::strategy::{mount_with_ownership_at, Destination, Outcome, Plan, Strategy};
+use idmapped::strategy::{mount_with_ownership_at, Destination, MountWay, Outcome, Plan, Strategy};
 use idmapped::{AttachOptions, Attached, DetachedMount, Mapping, MountAttr, UserNamespace};
 
 use crate::args::{CheckRequest, IdSource, MountRequest, NewFs, NewFsRequest, OverlayCheckRequest};
@@ -36,6 +38,26 @@ pub fn mount(request: &MountRequest) -> Result<ExitCode, Failure> {
     } = &outcome
     {
         eprintln!("mount-idmapped: cannot idmap ({why}); shifted ownership on disk instead");
+    }
+    match &outcome {
+        Outcome::Chowned { report, .. } => {
+            tell_report(&request.source, report, request.outside_links)
+        }
+        Outcome::PerMount { mounts, report } => {
+            for m in mounts {
+                match &m.way {
+                    MountWay::Idmapped(_) => {
+                        eprintln!("mount-idmapped: {}: idmapped", m.mount.display())
+                    }
+                    MountWay::Shifted(why) => eprintln!(
+                        "mount-idmapped: {}: shifted ownership on disk ({why})",
+                        m.mount.display()
+                    ),
+                }
+            }
+            tell_report(&request.source, report, request.outside_links);
+        }
+        Outcome::Idmapped { .. } => {}
     }
     if request.json {
         // The mount is in place: if the report cannot be written, take the
@@ -157,6 +179,64 @@ fn follow_target(target: &Path) -> Result<PathBuf, Failure> {
     })
 }
 
+/// What a walk did that a user must hear of, on stderr.
+fn tell_report(source: &Path, r: &ShiftReport, outside: OutsideLinks) {
+    if r.completed_before {
+        eprintln!(
+            "mount-idmapped: {}: already shifted with this mapping and policy (recorded on the tree); nothing walked",
+            source.display()
+        );
+    }
+    if r.resumed {
+        eprintln!(
+            "mount-idmapped: {}: finished an interrupted shift ({} entries done before, {} half-done entries completed)",
+            source.display(),
+            r.already_shifted,
+            r.recovered
+        );
+    }
+    if !r.kept_in_seen_range.is_empty() {
+        eprintln!(
+            "mount-idmapped: {} id(s) outside the mapping were kept although they lie inside a seen range (they now look like container ids); first:",
+            r.kept_in_seen_range.len()
+        );
+        for k in r.kept_in_seen_range.iter().take(5) {
+            eprintln!("  {}: {} {}", k.path.display(), k.kind, k.id);
+        }
+    }
+    if !r.outside_links.is_empty() {
+        let verb = match outside {
+            OutsideLinks::Shift => "shifted anyway (--outside-links=shift)",
+            _ => "left unchanged",
+        };
+        eprintln!(
+            "mount-idmapped: {} file(s) are also hard-linked from outside the tree and were {verb}; first:",
+            r.outside_links.len()
+        );
+        for p in r.outside_links.iter().take(5) {
+            eprintln!("  {}", p.display());
+        }
+    }
+    if r.tree_changed {
+        eprintln!(
+            "mount-idmapped: the tree changed during the walk (entries moved); the directories concerned were walked again"
+        );
+    }
+}
+
+/// `--unshift SOURCE`: undo the recorded shift.
+pub fn unshift(request: &CheckRequest) -> Result<ExitCode, Failure> {
+    let options = ShiftOptions {
+        cross_mounts: request.recursive,
+        ..ShiftOptions::default()
+    };
+    let report = unshift_tree(&request.source, &options)?;
+    if request.json {
+        emit(&output::unshift_json(&request.source, &report))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Run the library's strategy: everything that can fail happens before the
 /// mount is attached at `target`. Returns the mapping used, when known, and
 /// what the attach did with --beneath, --mkdir or --replace.
@@ -185,6 +265,7 @@ fn give_ownership(
         .flags(request.flags)
         .shift_options(ShiftOptions {
             out_of_range: request.out_of_range,
+            outside_links: request.outside_links,
             progress: progress_line(Arc::clone(&printed)),
             ..ShiftOptions::default()
         });

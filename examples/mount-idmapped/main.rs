@@ -58,6 +58,7 @@ fn run(args: Vec<OsString>) -> Result<ExitCode, Failure> {
         Command::Version => emit(&format!("mount-idmapped {}\n", env!("CARGO_PKG_VERSION")))
             .map(|()| ExitCode::SUCCESS),
         Command::Check(request) => commands::check(&request),
+        Command::Unshift(request) => commands::unshift(&request),
         Command::Demo => demo::run(),
         Command::Mount(request) => commands::mount(&request),
         Command::NewFs(request) => commands::new_fs(&request),

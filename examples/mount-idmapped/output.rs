@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use idmapped::chown::ShiftReport;
 use idmapped::probe::Support;
 use idmapped::rootfs::{LayerCheck, LayerRole, OverlayMethod};
-use idmapped::strategy::Outcome;
+use idmapped::strategy::{MountWay, Outcome};
 use idmapped::{Attached, IdMap, Mapping, MountAttrFlags, Propagation};
 
 use crate::args::{CheckRequest, IdSource, MountRequest, NewFsRequest};
@@ -75,6 +75,7 @@ pub fn mount_json(
     mapping: Option<&Mapping>,
     attached: Option<&Attached>,
 ) -> String {
+    let mut per_mount = json::NULL.to_owned();
     let userns = match &request.ids {
         IdSource::Userns(path) => json::path(path),
         IdSource::Mapping(_) => json::NULL.to_owned(),
@@ -88,6 +89,28 @@ pub fn mount_json(
             because.as_ref(),
             Some(report),
         ),
+        Outcome::PerMount { mounts, report } => {
+            let items: Vec<String> = mounts
+                .iter()
+                .map(|m| {
+                    let (way, key, value) = match &m.way {
+                        MountWay::Idmapped(method) => {
+                            ("idmap", "kernel_path", json::string(method.syscalls()))
+                        }
+                        MountWay::Shifted(why) => {
+                            ("chown", "reason", json::string(&why.to_string()))
+                        }
+                    };
+                    json::Object::new()
+                        .raw("mount", json::path(&absolute(&m.mount)))
+                        .raw("strategy", json::string(way))
+                        .raw(key, value)
+                        .finish_inline()
+                })
+                .collect();
+            per_mount = format!("[{}]", items.join(", "));
+            ("per-mount", json::NULL.to_owned(), None, Some(report))
+        }
     };
     let fallback = fallback.map_or_else(
         || json::NULL.to_owned(),
@@ -108,6 +131,7 @@ pub fn mount_json(
         .raw("attributes", attributes_json(request))
         .raw("kernel_path", kernel_path)
         .raw("fallback", fallback)
+        .raw("mounts", per_mount)
         .raw(
             "report",
             report.map_or_else(|| json::NULL.to_owned(), report_json),
@@ -132,8 +156,43 @@ fn report_json(r: &ShiftReport) -> String {
         .raw("out_of_range", r.out_of_range.to_string())
         .raw("skipped_mounts", r.skipped_mounts.to_string())
         .raw("recovered", r.recovered.to_string())
+        .raw("completed_before", r.completed_before.to_string())
+        .raw("resumed", r.resumed.to_string())
+        .raw("tree_changed", r.tree_changed.to_string())
+        .raw(
+            "kept_in_seen_range",
+            list(r.kept_in_seen_range.iter().map(|k| {
+                json::Object::new()
+                    .raw("path", json::path(&k.path))
+                    .raw("kind", json::string(k.kind))
+                    .raw("id", k.id.to_string())
+                    .finish_inline()
+            })),
+        )
+        .raw(
+            "outside_links",
+            list(r.outside_links.iter().map(|p| json::path(p))),
+        )
+        .raw(
+            "mounts_shifted",
+            list(r.mounts_shifted.iter().map(|p| json::path(p))),
+        )
         .raw("elapsed_s", format!("{:.6}", r.elapsed.as_secs_f64()))
         .finish_inline()
+}
+
+/// A JSON array of already-encoded values.
+fn list(items: impl Iterator<Item = String>) -> String {
+    format!("[{}]", items.collect::<Vec<_>>().join(", "))
+}
+
+/// `--unshift --json`.
+pub fn unshift_json(source: &Path, r: &ShiftReport) -> String {
+    json::Object::new()
+        .raw("source", json::path(&absolute(source)))
+        .raw("unshifted", "true")
+        .raw("report", report_json(r))
+        .finish()
 }
 
 fn mapping_json(mapping: &Mapping) -> String {

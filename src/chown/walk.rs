@@ -10,10 +10,17 @@
 //! A large directory is shared too: while a worker goes through its names and
 //! another is idle, it hands the back half of the names still to do (with a
 //! duplicate of the directory's descriptor) to the queue.
+//!
+//! Per entry: `openat(O_PATH|O_NOFOLLOW)` pins the name, `statx` of that
+//! descriptor must show the inode the listing's `d_ino` named (else the
+//! directory is walked again afterwards), and every read and write goes
+//! through the descriptor. See the module docs of `chown` for the
+//! bookkeeping (record, ctime threshold, stash).
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
+use std::hash::{Hash, Hasher};
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -23,48 +30,90 @@ use std::time::Instant;
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
-    self as rfs, AtFlags, Gid, Mode, OFlags, RawDir, ResolveFlags, Statx, StatxFlags, Uid, CWD,
+    self as rfs, AtFlags, Gid, Mode, OFlags, RawDir, ResolveFlags, Statx, StatxAttributes,
+    StatxFlags, Uid, CWD,
 };
 use rustix::io::Errno;
 
 use super::xattr::{
-    translate_acl, AclId, FileCaps, Stash, ACL_ACCESS, ACL_DEFAULT, CAPABILITY, STASH,
+    translate_acl, AclId, FileCaps, Stash, State, ACL_ACCESS, ACL_DEFAULT, CAPABILITY, STASH,
 };
-use super::{OutOfRange, Progress, ShiftOptions, ShiftReport};
+use super::{KeptId, OutOfRange, OutsideLinks, Progress, ShiftOptions, ShiftReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::{IdMap, Mapping, OVERFLOW_ID};
 
+const DT_UNKNOWN: u8 = 0;
+const DT_DIR: u8 = 4;
+const DT_LNK: u8 = 10;
+const DT_OTHER: u8 = 8;
+
+/// A listing's file type, as the `DT_*` number the walker needs.
+fn dtype(t: rfs::FileType) -> u8 {
+    match t {
+        rfs::FileType::Directory => DT_DIR,
+        rfs::FileType::Symlink => DT_LNK,
+        rfs::FileType::Unknown => DT_UNKNOWN,
+        _ => DT_OTHER,
+    }
+}
+
 /// What we ask `statx` for. `MNT_ID` tells mount points apart from plain
-/// entries even where `st_dev` cannot (file bind mounts from the same fs).
+/// entries even where `st_dev` cannot (file bind mounts from the same fs);
+/// `CTIME` is the bookkeeping's clock.
 const STATX_MASK: StatxFlags = StatxFlags::TYPE
     .union(StatxFlags::MODE)
     .union(StatxFlags::NLINK)
     .union(StatxFlags::UID)
     .union(StatxFlags::GID)
     .union(StatxFlags::INO)
+    .union(StatxFlags::CTIME)
     .union(StatxFlags::MNT_ID);
 
 const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFLNK: u32 = 0o120000;
-/// setuid and setgid: the bits the kernel drops when a file changes owner.
-const SUID_SGID: u32 = 0o6000;
+const S_ISUID: u32 = 0o4000;
+const S_ISGID: u32 = 0o2000;
+const S_IXGRP: u32 = 0o0010;
 const PERMS: u32 = 0o7777;
 
 /// How many times an entry that changes between our look and our action is
-/// looked at again before the walk gives up with `TreeChanged`.
-const RETRIES: usize = 4;
+/// looked at again before the walk gives up with `TreeChanged`; also how
+/// many times a directory whose names moved is walked again.
+const RETRIES: usize = 8;
+/// How many times directories whose names moved are walked again.
+const RESCANS: usize = 64;
 /// getdents buffer: large, so a big directory takes few system calls.
 const DIRENT_BUF: usize = 256 * 1024;
 /// Push totals to the shared counters (and the callback) this often.
 const PROGRESS_EVERY: u64 = 4096;
-/// Hard-link table shards, so threads rarely contend on one lock.
+/// Shards of the shared tables, so threads rarely contend on one lock.
 const SHARDS: usize = 64;
 /// The fewest names of one directory handed to another worker: below this the
 /// hand-over (a dup, a wake-up) costs about what the names do.
 const MIN_PART: usize = 64;
 /// How long an idle worker waits for work before it sleeps.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// What one run does: the mapping to apply, the policies, the bookkeeping.
+pub(super) struct Spec<'a> {
+    pub(super) mapping: &'a Mapping,
+    pub(super) out_of_range: OutOfRange,
+    pub(super) outside_links: OutsideLinks,
+    /// The nonce stashes of this shift carry.
+    pub(super) nonce: u64,
+    /// Resuming: entries with a ctime at or after this are done.
+    pub(super) since: Option<(i64, u32)>,
+    /// Read only: find out what would be done, and what stops the run.
+    pub(super) scan: bool,
+    /// Inodes a resumed run must do whatever their ctime (they were
+    /// immutable when the earlier run met them).
+    pub(super) redo: HashSet<(u64, u64)>,
+}
+
+/// Entries that must change but are immutable or append-only: (path,
+/// attribute, (dev, ino)).
+pub(super) type Frozen = Vec<(PathBuf, &'static str, (u64, u64))>;
 
 /// The identity and attributes of one inode as `statx` reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +126,21 @@ struct Meta {
     gid: u32,
     mode: u32,
     nlink: u32,
+    ctime: (i64, u32),
+    /// `Some("immutable ...")` / `Some("append-only ...")`.
+    frozen: Option<&'static str>,
 }
 
 impl Meta {
     fn new(st: &Statx) -> Meta {
+        let attrs = st.stx_attributes & st.stx_attributes_mask;
+        let frozen = if attrs.contains(StatxAttributes::IMMUTABLE) {
+            Some("immutable (chattr +i)")
+        } else if attrs.contains(StatxAttributes::APPEND) {
+            Some("append-only (chattr +a)")
+        } else {
+            None
+        };
         Meta {
             dev: rfs::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
@@ -89,6 +149,8 @@ impl Meta {
             gid: st.stx_gid,
             mode: u32::from(st.stx_mode),
             nlink: st.stx_nlink,
+            ctime: (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec),
+            frozen,
         }
     }
     fn is_dir(&self) -> bool {
@@ -96,6 +158,9 @@ impl Meta {
     }
     fn is_symlink(&self) -> bool {
         self.mode & S_IFMT == S_IFLNK
+    }
+    fn key(&self) -> (u64, u64) {
+        (self.dev, self.ino)
     }
     fn same_inode(&self, other: &Meta) -> bool {
         self.dev == other.dev && self.ino == other.ino && self.mnt == other.mnt
@@ -153,6 +218,10 @@ struct Part {
     names: Vec<u8>,
     /// Where each name starts in `names`.
     starts: Vec<usize>,
+    /// The inode number the listing gave each name.
+    inos: Vec<u64>,
+    /// The `d_type` the listing gave each name.
+    types: Vec<u8>,
 }
 
 struct Queue {
@@ -162,17 +231,42 @@ struct Queue {
     finished: bool,
 }
 
+/// What is known of a multiply-linked inode: the names of it found so far.
+struct Links {
+    nlink: u32,
+    /// (directory inode, hash of the name): each name counted once, however
+    /// often its directory is walked.
+    names: Vec<(u64, u64)>,
+    first: PathBuf,
+    handled: bool,
+}
+
+/// Uncovered ids met by a scan under `OutOfRange::Fail`.
+#[derive(Default)]
+struct Uncovered {
+    count: u64,
+    first: Option<(PathBuf, &'static str, u32)>,
+}
+
 /// State shared by all workers of one run.
 struct Ctx<'a> {
     uids: &'a IdMap,
     gids: &'a IdMap,
+    spec: &'a Spec<'a>,
     opts: &'a ShiftOptions,
     threads: usize,
     window: usize,
-    hardlinks: Vec<Mutex<HashSet<(u64, u64)>>>,
-    /// With `cross_mounts`, directories already entered: a bind mount can show
-    /// a directory twice, or inside itself.
-    dirs_seen: Option<Mutex<HashSet<(u64, u64)>>>,
+    /// Inodes this run changed (or, scanning, would change): none twice.
+    claimed: Vec<Mutex<HashSet<(u64, u64)>>>,
+    /// Multiply-linked inodes, by (dev, ino).
+    links: Vec<Mutex<HashMap<(u64, u64), Links>>>,
+    kept: Mutex<Vec<KeptId>>,
+    frozen: Mutex<Frozen>,
+    uncovered: Mutex<Uncovered>,
+    /// Directories whose listing and contents disagreed: walked again.
+    rescan: Mutex<Vec<Work>>,
+    rescan_keys: Mutex<HashSet<(u64, u64)>>,
+    tree_changed: AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
     /// Mirror of `Queue::idle`, read without the lock on the hot path.
@@ -191,6 +285,10 @@ struct Ctx<'a> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn shard(key: (u64, u64)) -> usize {
+    (key.1 as usize ^ key.0 as usize) % SHARDS
 }
 
 impl Ctx<'_> {
@@ -243,15 +341,58 @@ impl Ctx<'_> {
         true
     }
 
-    /// Claim a multiply-linked inode for this run; false if already claimed.
-    fn claim(&self, m: &Meta) -> bool {
-        let shard = (m.ino as usize ^ m.dev as usize) % SHARDS;
-        lock(&self.hardlinks[shard]).insert((m.dev, m.ino))
+    fn is_claimed(&self, m: &Meta) -> bool {
+        lock(&self.claimed[shard(m.key())]).contains(&m.key())
     }
 
-    fn unclaim(&self, m: &Meta) {
-        let shard = (m.ino as usize ^ m.dev as usize) % SHARDS;
-        lock(&self.hardlinks[shard]).remove(&(m.dev, m.ino));
+    /// Claim an inode for this run's change; false if already claimed.
+    fn claim(&self, m: &Meta) -> bool {
+        lock(&self.claimed[shard(m.key())]).insert(m.key())
+    }
+
+    /// Walk `dir` again after this round: a name in it did not lead to the
+    /// inode its listing named.
+    fn walk_again(&self, dir: BorrowedFd<'_>, meta: &Meta, path: &Path) {
+        self.tree_changed.store(true, Ordering::Relaxed);
+        if !lock(&self.rescan_keys).insert(meta.key()) {
+            return;
+        }
+        if let Ok(fd) = rustix::io::fcntl_dupfd_cloexec(dir, 0) {
+            lock(&self.rescan).push(Work {
+                fd,
+                meta: *meta,
+                path: path.to_path_buf(),
+                part: None,
+            });
+        }
+    }
+
+    /// Count one name of a multiply-linked inode; true when the inode is to
+    /// be handled now (every link found, or the policy shifts regardless).
+    fn link_found(&self, m: &Meta, dir: &Meta, name: &CStr, path: &Path) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        let here = (dir.ino, h.finish());
+        let mut table = lock(&self.links[shard(m.key())]);
+        let e = table.entry(m.key()).or_insert_with(|| Links {
+            nlink: m.nlink,
+            names: Vec::new(),
+            first: path.to_path_buf(),
+            handled: false,
+        });
+        e.nlink = e.nlink.max(m.nlink);
+        if !e.names.contains(&here) {
+            e.names.push(here);
+        }
+        if e.handled {
+            return false;
+        }
+        let all = e.names.len() as u64 >= u64::from(e.nlink);
+        if all || self.spec.outside_links == OutsideLinks::Shift {
+            e.handled = true;
+            return true;
+        }
+        false
     }
 }
 
@@ -295,25 +436,33 @@ impl Names {
         }
         n
     }
-    fn any(&self) -> bool {
-        self.acl_access || self.acl_default || self.cap || self.stash
-    }
 }
 
-/// An inode the walker may change mode and xattrs of, named so that no path
-/// is ever followed: a real directory descriptor, or an `O_PATH` descriptor
-/// reached through its `/proc/self/fd` magic link (which names exactly that
-/// inode, whatever happens to the tree meanwhile).
+/// An inode the walker may change, named so that no path is ever followed:
+/// a real directory descriptor, or an `O_PATH` descriptor reached through
+/// its `/proc/self/fd` magic link (which names exactly that inode, whatever
+/// happens to the tree meanwhile).
 #[derive(Clone, Copy)]
 enum Handle<'f> {
     Dir(BorrowedFd<'f>),
     Path(BorrowedFd<'f>),
+    /// `/proc/self/fd/<dir>/<name>`, read with the `l*` xattr calls (the
+    /// last component not followed): for the read-only scan only.
+    Named(&'f CStr),
+}
+
+/// `/proc/self/fd/<dir>/<name>`.
+fn entry_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
+    let mut b = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    b.extend_from_slice(name.to_bytes());
+    CString::new(b).unwrap_or_default()
 }
 
 impl Handle<'_> {
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
         match *self {
-            Handle::Dir(fd) | Handle::Path(fd) => fd,
+            Handle::Dir(fd) | Handle::Path(fd) => Some(fd),
+            Handle::Named(_) => None,
         }
     }
 
@@ -322,6 +471,7 @@ impl Handle<'_> {
             let n = match *self {
                 Handle::Dir(fd) => rfs::flistxattr(fd, &mut buf[..]),
                 Handle::Path(fd) => rfs::listxattr(proc_fd_path(fd), &mut buf[..]),
+                Handle::Named(p) => rfs::llistxattr(p, &mut buf[..]),
             };
             match n {
                 Ok(n) => return Ok(Names::parse(&buf[..n])),
@@ -338,6 +488,7 @@ impl Handle<'_> {
             let n = match *self {
                 Handle::Dir(fd) => rfs::fgetxattr(fd, name, &mut buf[..]),
                 Handle::Path(fd) => rfs::getxattr(proc_fd_path(fd), name, &mut buf[..]),
+                Handle::Named(p) => rfs::lgetxattr(p, name, &mut buf[..]),
             };
             match n {
                 Ok(n) => {
@@ -356,6 +507,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => rfs::fsetxattr(fd, name, value, flags),
             Handle::Path(fd) => rfs::setxattr(proc_fd_path(fd), name, value, flags),
+            Handle::Named(_) => Err(Errno::PERM),
         }
     }
 
@@ -363,6 +515,7 @@ impl Handle<'_> {
         let r = match *self {
             Handle::Dir(fd) => rfs::fremovexattr(fd, name),
             Handle::Path(fd) => rfs::removexattr(proc_fd_path(fd), name),
+            Handle::Named(_) => Err(Errno::PERM),
         };
         match r {
             Err(Errno::NODATA) => Ok(()),
@@ -371,8 +524,11 @@ impl Handle<'_> {
     }
 
     fn chown(&self, uid: u32, gid: u32) -> std::result::Result<(), Errno> {
+        let Some(fd) = self.fd() else {
+            return Err(Errno::PERM);
+        };
         rfs::chownat(
-            self.fd(),
+            fd,
             c"",
             Some(Uid::from_raw_unchecked(uid)),
             Some(Gid::from_raw_unchecked(gid)),
@@ -385,6 +541,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => rfs::fchmod(fd, mode),
             Handle::Path(fd) => rfs::chmodat(CWD, proc_fd_path(fd), mode, AtFlags::empty()),
+            Handle::Named(_) => Err(Errno::PERM),
         }
     }
 
@@ -392,6 +549,7 @@ impl Handle<'_> {
         match *self {
             Handle::Dir(fd) => format!("fd {}", fd.as_raw_fd()),
             Handle::Path(fd) => format!("\"/proc/self/fd/{}\"", fd.as_raw_fd()),
+            Handle::Named(p) => format!("{p:?}"),
         }
     }
 }
@@ -421,24 +579,25 @@ fn fstatx(fd: BorrowedFd<'_>, path: &Path) -> Result<Meta> {
     })
 }
 
-/// Where a mapping sends one id.
-enum Class {
-    /// In an on-disk range: becomes this.
-    Shift(u32),
-    /// In a seen range: shifted before (the ranges are disjoint).
-    Already,
-    /// Neither.
-    Outside,
+/// Device and inode number of an open directory.
+pub(super) fn dev_ino(fd: BorrowedFd<'_>, path: &Path) -> Result<(u64, u64)> {
+    fstatx(fd, path).map(|m| m.key())
 }
 
-fn classify(map: &IdMap, id: u32) -> Class {
-    if let Some(seen) = map.seen(id) {
-        Class::Shift(seen)
-    } else if map.on_disk(id).is_some() {
-        Class::Already
-    } else {
-        Class::Outside
-    }
+/// Remove the root's stash left by a run killed between writing the `done`
+/// record and removing it.
+pub(super) fn drop_root_stash(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    Handle::Dir(fd)
+        .remove(STASH)
+        .or_else(|e| if e == Errno::NOTSUP { Ok(()) } else { Err(e) })
+        .map_err(|e| {
+            sys(
+                "fremovexattr",
+                format!("fd {}, {STASH:?}", fd.as_raw_fd()),
+                e,
+                path,
+            )
+        })
 }
 
 /// A subdirectory found by a scan, to be opened when the walk gets to it.
@@ -463,6 +622,14 @@ enum Child {
     Changed,
 }
 
+/// One change to make to an entry, in the order they are made.
+enum Op {
+    Acl(&'static str, Option<Vec<u8>>),
+    Chown(u32, u32),
+    Chmod(u32),
+    Cap(Option<Vec<u8>>),
+}
+
 struct Worker<'c, 'a> {
     ctx: &'c Ctx<'a>,
     counts: Counts,
@@ -470,12 +637,15 @@ struct Worker<'c, 'a> {
     dirent: Vec<u8>,
     names: Vec<u8>,
     starts: Vec<usize>,
+    inos: Vec<u64>,
+    types: Vec<u8>,
     list: Vec<u8>,
-    pathbuf: Vec<u8>,
-    /// This thread has its own working directory (`unshare(CLONE_FS)`).
-    own_cwd: bool,
-    /// The directory (dev, ino) that working directory is.
-    cwd: Option<(u64, u64)>,
+    /// Inodes pinned by the current pass over one directory.
+    pinned: Vec<u64>,
+    /// A name of the current pass did not lead to the inode listed.
+    mismatch: bool,
+    /// The current pass handed names to another worker.
+    split: bool,
 }
 
 impl<'c, 'a> Worker<'c, 'a> {
@@ -487,10 +657,12 @@ impl<'c, 'a> Worker<'c, 'a> {
             dirent: Vec::new(),
             names: Vec::new(),
             starts: Vec::new(),
+            inos: Vec::new(),
+            types: Vec::new(),
             list: vec![0; 1024],
-            pathbuf: Vec::with_capacity(512),
-            own_cwd: false,
-            cwd: None,
+            pinned: Vec::new(),
+            mismatch: false,
+            split: false,
         }
     }
 
@@ -512,114 +684,130 @@ impl<'c, 'a> Worker<'c, 'a> {
         }
     }
 
-    /// The id an on-disk id becomes, by the mapping and the out-of-range policy.
-    fn target(&mut self, map: &IdMap, kind: &'static str, id: u32, path: &Path) -> Result<u32> {
-        match classify(map, id) {
-            Class::Shift(n) => Ok(n),
-            Class::Already => Ok(id),
-            Class::Outside => {
-                self.counts.out_of_range += 1;
-                match self.ctx.opts.out_of_range {
-                    OutOfRange::Keep => Ok(id),
-                    OutOfRange::Overflow => Ok(OVERFLOW_ID),
-                    OutOfRange::Fail => {
-                        Err(Error::new(ErrorKind::IdOutOfRange { kind, id }).with_path(path))
+    /// The id an on-disk id becomes: the mapping's, or the out-of-range policy's.
+    fn id(&mut self, uid_map: bool, id: u32, path: &Path) -> Result<Tr> {
+        let (map, kind) = if uid_map {
+            (self.ctx.uids, "uid")
+        } else {
+            (self.ctx.gids, "gid")
+        };
+        if let Some(seen) = map.seen(id) {
+            return Ok(Tr::Shifted(seen));
+        }
+        self.counts.out_of_range += 1;
+        match self.ctx.spec.out_of_range {
+            OutOfRange::Keep => {
+                if map.on_disk(id).is_some() {
+                    lock(&self.ctx.kept).push(KeptId {
+                        path: path.to_path_buf(),
+                        kind,
+                        id,
+                    });
+                }
+                Ok(Tr::Kept(id))
+            }
+            OutOfRange::Overflow => Ok(Tr::Shifted(OVERFLOW_ID)),
+            OutOfRange::Fail if self.ctx.spec.scan => {
+                let mut u = lock(&self.ctx.uncovered);
+                u.count += 1;
+                if u.first.is_none() {
+                    u.first = Some((path.to_path_buf(), kind, id));
+                }
+                Ok(Tr::Kept(id))
+            }
+            OutOfRange::Fail => {
+                Err(Error::new(ErrorKind::IdOutOfRange { kind, id, count: 1 }).with_path(path))
+            }
+        }
+    }
+
+    /// What `orig` becomes: owner, group, ACL qualifiers, capability root id.
+    fn plan(&mut self, orig: &State, path: &Path) -> Result<State> {
+        let uid = self.id(true, orig.uid, path)?.value();
+        let gid = self.id(false, orig.gid, path)?.value();
+        let cap = match &orig.cap {
+            None => None,
+            Some(raw) => {
+                let caps = FileCaps::parse(raw).ok_or_else(|| {
+                    Error::new(ErrorKind::InvalidInput(format!(
+                        "{CAPABILITY} value {raw:02x?} is neither revision 2 nor 3: \
+                         a chown would drop it and it could not be restored"
+                    )))
+                    .with_path(path)
+                })?;
+                match self.id(true, caps.rootid, path)? {
+                    Tr::Shifted(r)
+                        if self.ctx.spec.out_of_range == OutOfRange::Overflow
+                            && self.ctx.uids.seen(caps.rootid).is_none() =>
+                    {
+                        // Uncovered root id: through the mount it grants nothing.
+                        let _ = r;
+                        None
                     }
+                    Tr::Shifted(r) => Some(caps.with_rootid(r).encode()),
+                    Tr::Kept(_) => Some(raw.clone()),
                 }
             }
-        }
-    }
-
-    /// New owner and group, and whether both were shifted already.
-    fn owner(&mut self, uid: u32, gid: u32, path: &Path) -> Result<(u32, u32)> {
-        let (uids, gids) = (self.ctx.uids, self.ctx.gids);
-        if matches!(classify(uids, uid), Class::Already)
-            && matches!(classify(gids, gid), Class::Already)
-        {
-            self.counts.already += 1;
-        }
-        let nu = self.target(uids, "uid", uid, path)?;
-        let ng = self.target(gids, "gid", gid, path)?;
-        Ok((nu, ng))
-    }
-
-    /// Like [`owner`](Self::owner) where the mapping covers both ids; None
-    /// (and nothing counted) where it does not.
-    fn owner_covered(&mut self, uid: u32, gid: u32) -> Option<(u32, u32)> {
-        let (cu, cg) = (classify(self.ctx.uids, uid), classify(self.ctx.gids, gid));
-        let nu = match cu {
-            Class::Shift(n) => n,
-            Class::Already => uid,
-            Class::Outside => return None,
         };
-        let ng = match cg {
-            Class::Shift(n) => n,
-            Class::Already => gid,
-            Class::Outside => return None,
-        };
-        if matches!((cu, cg), (Class::Already, Class::Already)) {
-            self.counts.already += 1;
-        }
-        Some((nu, ng))
-    }
-
-    /// `/proc/self/fd/<dir>/<name>`: names exactly `name` in the held
-    /// directory; with the `l*` xattr calls its last component is not followed.
-    fn proc_entry_path(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> &CStr {
-        use std::io::Write;
-        self.pathbuf.clear();
-        let _ = write!(self.pathbuf, "/proc/self/fd/{}/", dir.as_raw_fd());
-        self.pathbuf.extend_from_slice(name.to_bytes());
-        self.pathbuf.push(0);
-        CStr::from_bytes_with_nul(&self.pathbuf).unwrap_or(c"")
-    }
-
-    /// List an entry's xattr names without opening it: relative to this
-    /// thread's own working directory, moved to `dir`, where the thread has
-    /// one (a single-name lookup, like the `*at` calls); else through
-    /// `/proc/self/fd/<dir>/<name>`, which costs a few /proc lookups more.
-    fn list_at(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        dmeta: &Meta,
-        name: &CStr,
-    ) -> std::result::Result<Names, Errno> {
-        if self.own_cwd && self.cwd != Some((dmeta.dev, dmeta.ino)) {
-            match rustix::process::fchdir(dir) {
-                Ok(()) => self.cwd = Some((dmeta.dev, dmeta.ino)),
-                Err(_) => self.own_cwd = false,
-            }
-        }
-        let mut list = std::mem::take(&mut self.list);
-        let r = loop {
-            let path = if self.own_cwd {
-                name
-            } else {
-                self.proc_entry_path(dir, name)
-            };
-            match rfs::llistxattr(path, &mut list[..]) {
-                Ok(n) => break Ok(Names::parse(&list[..n])),
-                Err(Errno::RANGE) => {
-                    if let Err(e) = grow(&mut list) {
-                        break Err(e);
-                    }
+        let acl = |w: &mut Self, value: &Option<Vec<u8>>, xname: &str| -> Result<Option<Vec<u8>>> {
+            let Some(value) = value else { return Ok(None) };
+            let mut kept: Vec<(AclId, u32)> = Vec::new();
+            let mut shifted: Vec<(AclId, u32)> = Vec::new();
+            let translated = translate_acl(value, |kind, id| {
+                let t = w.id(kind == AclId::User, id, path)?;
+                match t {
+                    Tr::Kept(k) => kept.push((kind, k)),
+                    Tr::Shifted(s) => shifted.push((kind, s)),
                 }
-                Err(Errno::NOTSUP) => break Ok(Names::default()),
-                Err(e) => break Err(e),
+                Ok::<u32, Error>(t.value())
+            });
+            match translated {
+                Err(()) => Err(Error::new(ErrorKind::InvalidInput(format!(
+                    "{xname} is not a version 2 POSIX ACL"
+                )))
+                .with_path(path)),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(new)) => {
+                    if w.ctx.spec.out_of_range != OutOfRange::Overflow {
+                        if let Some(&(kind, id)) = kept.iter().find(|k| shifted.contains(k)) {
+                            let kind = if kind == AclId::User { "uid" } else { "gid" };
+                            return Err(
+                                Error::new(ErrorKind::AclCollision { kind, id }).with_path(path)
+                            );
+                        }
+                    }
+                    Ok(Some(new.unwrap_or_else(|| value.clone())))
+                }
             }
         };
-        self.list = list;
-        r
+        let acl_access = acl(self, &orig.acl_access, ACL_ACCESS)?;
+        let acl_default = acl(self, &orig.acl_default, ACL_DEFAULT)?;
+        Ok(State {
+            uid,
+            gid,
+            mode: orig.mode,
+            cap,
+            acl_access,
+            acl_default,
+        })
     }
 
     /// Read all names of a directory, handle every non-directory, and return
-    /// the subdirectories (statx'ed, not yet opened).
+    /// the subdirectories (pinned and checked, not yet opened as directories).
     fn scan(&mut self, dir: BorrowedFd<'_>, dmeta: &Meta, path: &Path) -> Result<Vec<SubDir>> {
         self.names.clear();
         self.starts.clear();
+        self.inos.clear();
+        self.types.clear();
         if self.dirent.capacity() < DIRENT_BUF {
             self.dirent = Vec::with_capacity(DIRENT_BUF);
         }
+        // Read from the start: a directory walked again is read again.
+        let _ = rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0));
+        // A name renamed during the listing from a part not yet read to one
+        // read already is in no listing: the directory's ctime tells (the
+        // walk itself never changes it).
+        let listed_at = fstatx(dir, path)?.ctime;
         let mut dirent = std::mem::take(&mut self.dirent);
         {
             let buf: &mut [MaybeUninit<u8>] = dirent.spare_capacity_mut();
@@ -642,23 +830,53 @@ impl<'c, 'a> Worker<'c, 'a> {
                     continue;
                 }
                 self.starts.push(self.names.len());
+                self.inos.push(entry.ino());
+                self.types.push(dtype(entry.file_type()));
                 self.names.extend_from_slice(name);
             }
         }
         self.dirent = dirent;
         let names = std::mem::take(&mut self.names);
         let starts = std::mem::take(&mut self.starts);
-        let result = self.visit_names(dir, dmeta, path, &names, &starts);
+        let inos = std::mem::take(&mut self.inos);
+        let types = std::mem::take(&mut self.types);
+        self.pinned.clear();
+        self.mismatch = false;
+        self.split = false;
+        let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos, &types);
+        if result.is_ok() && !self.ctx.spec.scan && fstatx(dir, path)?.ctime != listed_at {
+            self.ctx.walk_again(dir, dmeta, path);
+        } else if result.is_ok() && self.mismatch {
+            // Names moved during the pass. Unless some of them went to
+            // another worker, check that every inode listed was pinned
+            // under some name; if one was not, it is still to do.
+            let again = self.split || {
+                let mut pinned = std::mem::take(&mut self.pinned);
+                pinned.sort_unstable();
+                let missing = inos.iter().any(|i| pinned.binary_search(i).is_err());
+                self.pinned = pinned;
+                missing
+            };
+            if again {
+                self.ctx.walk_again(dir, dmeta, path);
+            } else {
+                self.ctx.tree_changed.store(true, Ordering::Relaxed);
+            }
+        }
         self.names = names;
         self.starts = starts;
+        self.inos = inos;
+        self.types = types;
         result
     }
 
-    /// Visit the names of `dir` listed by `names` and `starts` (as [`scan`]
-    /// collects them); return the subdirectories. While another worker is
-    /// idle, the back half of the names still to do goes to it.
+    /// Visit the names of `dir` listed by `names`, `starts` and `inos` (as
+    /// [`scan`] collects them); return the subdirectories. While another
+    /// worker is idle, the back half of the names still to do goes to it.
     ///
     /// [`scan`]: Self::scan
+    // The hot path: the listing's columns as slices, not a struct built per call.
+    #[allow(clippy::too_many_arguments)]
     fn visit_names(
         &mut self,
         dir: BorrowedFd<'_>,
@@ -666,6 +884,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         path: &Path,
         names: &[u8],
         starts: &[usize],
+        inos: &[u64],
+        types: &[u8],
     ) -> Result<Vec<SubDir>> {
         let mut subdirs = Vec::new();
         let mut to = starts.len();
@@ -688,140 +908,50 @@ impl<'c, 'a> Worker<'c, 'a> {
                         part: Some(Part {
                             names: names[base..end].to_vec(),
                             starts: starts[cut..to].iter().map(|s| s - base).collect(),
+                            inos: inos[cut..to].to_vec(),
+                            types: types[cut..to].to_vec(),
                         }),
                     })
                 });
                 if fed {
                     to = cut;
+                    self.split = true;
                 }
             }
             let start = starts[i];
             let end = starts.get(i + 1).copied().unwrap_or(names.len());
+            let ino = inos.get(i).copied();
+            let dt = types.get(i).copied().unwrap_or(DT_UNKNOWN);
             i += 1;
             let Ok(name) = CStr::from_bytes_with_nul(&names[start..end]) else {
                 continue;
             };
-            self.visit(dir, dmeta, path, name, &mut subdirs)?;
+            self.visit(dir, dmeta, path, name, ino, dt, &mut subdirs)?;
         }
         Ok(subdirs)
     }
 
-    /// Look at one name: a directory goes to `subdirs`, anything else is shifted now.
+    /// Look at one name: pin it, check it is the inode the listing named
+    /// (`d_ino`), then a directory goes to `subdirs`, anything else is shifted now.
+    // The hot path: the listing's columns as slices, not a struct built per call.
+    #[allow(clippy::too_many_arguments)]
     fn visit(
         &mut self,
         dir: BorrowedFd<'_>,
         dmeta: &Meta,
         dpath: &Path,
         name: &CStr,
+        d_ino: Option<u64>,
+        d_type: u8,
         subdirs: &mut Vec<SubDir>,
     ) -> Result<()> {
         self.visited_one();
-        for _ in 0..RETRIES {
-            let st = match rfs::statx(
-                dir,
-                name,
-                AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
-                STATX_MASK,
-            ) {
-                Ok(st) => Meta::new(&st),
-                Err(Errno::NOENT) => return Ok(()),
-                Err(e) => {
-                    let p = dpath.join(OsStr::from_bytes(name.to_bytes()));
-                    return Err(sys(
-                        "statx",
-                        format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd()),
-                        e,
-                        &p,
-                    ));
-                }
-            };
-            if st.is_mount_below(dmeta) && !self.ctx.opts.cross_mounts {
-                self.counts.mounts += 1;
-                return Ok(());
-            }
-            if st.is_dir() {
-                subdirs.push(SubDir {
-                    name: name.to_owned(),
-                    meta: st,
-                });
-                return Ok(());
-            }
-            if self.shift_nondir(dir, dmeta, dpath, name, &st)? {
-                return Ok(());
-            }
-        }
-        let p = dpath.join(OsStr::from_bytes(name.to_bytes()));
-        Err(changed_under_us(
-            &p,
-            "entry kept changing while being shifted",
-        ))
-    }
-
-    /// Shift a non-directory; false when it turned out to be another inode
-    /// than the one examined (look again).
-    fn shift_nondir(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        dmeta: &Meta,
-        dpath: &Path,
-        name: &CStr,
-        st: &Meta,
-    ) -> Result<bool> {
         let path = || dpath.join(OsStr::from_bytes(name.to_bytes()));
-        if st.nlink > 1 && !self.ctx.claim(st) {
-            self.counts.dedup += 1;
-            return Ok(true);
+        if self.ctx.spec.scan {
+            return self.look(dir, dmeta, dpath, name, d_type, subdirs);
         }
-        let names = if st.is_symlink() {
-            // Symlinks carry neither ACLs nor capabilities, and are never stashed.
-            Names::default()
-        } else {
-            match self.list_at(dir, dmeta, name) {
-                Ok(n) => n,
-                Err(Errno::NOENT) => return Ok(true),
-                Err(e) => {
-                    let a = format!("{name:?} in the directory of fd {}", dir.as_raw_fd());
-                    return Err(sys("llistxattr", a, e, &path()));
-                }
-            }
-        };
-        let sensitive = !st.is_symlink() && st.mode & SUID_SGID != 0;
-        if !names.any() && !sensitive {
-            // The common case: only the owner changes, and nothing the kernel
-            // drops on chown needs restoring. One call, relative to the held
-            // directory, not following a symlink: a swapped entry can at worst
-            // be another entry of this directory, never something outside.
-            let (nu, ng) = match self.owner_covered(st.uid, st.gid) {
-                Some(ids) => ids,
-                // The out-of-range policy may fail, naming the entry.
-                None => self.owner(st.uid, st.gid, &path())?,
-            };
-            if (nu, ng) != (st.uid, st.gid) {
-                if !self.ctx.opts.dry_run {
-                    match rfs::chownat(
-                        dir,
-                        name,
-                        Some(Uid::from_raw_unchecked(nu)),
-                        Some(Gid::from_raw_unchecked(ng)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    ) {
-                        Ok(()) => {}
-                        Err(Errno::NOENT) => return Ok(true),
-                        Err(e) => {
-                            let a = format!(
-                                "fd {}, {name:?}, {nu}, {ng}, AT_SYMLINK_NOFOLLOW",
-                                dir.as_raw_fd()
-                            );
-                            return Err(sys("fchownat", a, e, &path()));
-                        }
-                    }
-                }
-                self.counts.changed += 1;
-            }
-            return Ok(true);
-        }
-        // Mode or xattrs to carry over: pin the inode first. O_PATH opens
-        // nothing (no fifo blocks, no device driver runs).
+        // O_PATH opens nothing (no fifo blocks, no device driver runs) and,
+        // with O_NOFOLLOW, pins a symlink itself.
         let fd = match rfs::openat(
             dir,
             name,
@@ -829,27 +959,144 @@ impl<'c, 'a> Worker<'c, 'a> {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(true),
+            Err(Errno::NOENT) => {
+                // Renamed away or removed since the listing.
+                self.mismatch = true;
+                return Ok(());
+            }
             Err(e) => {
                 let a = format!("fd {}, {name:?}, O_PATH|O_NOFOLLOW", dir.as_raw_fd());
                 return Err(sys("openat", a, e, &path()));
             }
         };
-        let now = fstatx(fd.as_fd(), &path())?;
-        if !now.same_inode(st) {
-            if st.nlink > 1 {
-                self.ctx.unclaim(st);
+        let m = fstatx(fd.as_fd(), &path())?;
+        if m.is_mount_below(dmeta) {
+            // The listing names the directory under the mount point, hidden.
+            if let Some(ino) = d_ino {
+                self.pinned.push(ino);
             }
-            return Ok(false);
+            self.counts.mounts += 1;
+            return Ok(());
         }
-        self.shift_inode(Handle::Path(fd.as_fd()), &now, &path())?;
-        Ok(true)
+        self.pinned.push(m.ino);
+        if d_ino.is_some_and(|ino| ino != m.ino) {
+            // Exchanged: the inode listed here is elsewhere now. Shift what
+            // is here (it is in this directory, so in the tree); the end of
+            // the pass checks that the one listed was met under another name.
+            self.mismatch = true;
+        }
+        if m.is_dir() {
+            subdirs.push(SubDir {
+                name: name.to_owned(),
+                meta: m,
+            });
+            return Ok(());
+        }
+        let p = path();
+        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &p) {
+            self.counts.dedup += 1;
+            return Ok(());
+        }
+        self.shift_inode(Handle::Path(fd.as_fd()), &m, &p, false)
+            .map(|_| ())
     }
 
-    /// The full procedure for one pinned inode: ACLs, owner, mode, capability,
-    /// with the crash-recovery stash around the chown where the kernel drops
-    /// setuid/setgid or capabilities.
-    fn shift_inode(&mut self, h: Handle<'_>, m: &Meta, path: &Path) -> Result<()> {
+    /// [`visit`](Self::visit) for the read-only scan: no pinning (nothing
+    /// is written, and the shifting walk that follows checks everything
+    /// again on pinned inodes), so two calls per entry: `statx` and
+    /// `llistxattr` by name.
+    fn look(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        dmeta: &Meta,
+        dpath: &Path,
+        name: &CStr,
+        d_type: u8,
+        subdirs: &mut Vec<SubDir>,
+    ) -> Result<()> {
+        let path = dpath.join(OsStr::from_bytes(name.to_bytes()));
+        let spec = self.ctx.spec;
+        // A first run's scan for `keep` only looks for ACL collisions: a
+        // non-directory needs no statx (its owner cannot make the run
+        // refuse), only its xattr names; a symlink has none.
+        let light = spec.since.is_none()
+            && !self.ctx.opts.dry_run
+            && spec.out_of_range != OutOfRange::Fail
+            && spec.outside_links != OutsideLinks::Fail;
+        if light && d_type == DT_LNK {
+            return Ok(());
+        }
+        if light && d_type != DT_DIR && d_type != DT_UNKNOWN {
+            let named = entry_path(dir, name);
+            let h = Handle::Named(&named);
+            let names = match h.list(&mut self.list) {
+                Ok(n) => n,
+                Err(Errno::NOENT) => return Ok(()),
+                Err(e) => return Err(sys("llistxattr", format!("{named:?}"), e, &path)),
+            };
+            if !names.acl_access && !names.acl_default {
+                return Ok(());
+            }
+            let get = |present: bool, x: &str| -> Result<Option<Vec<u8>>> {
+                if !present {
+                    return Ok(None);
+                }
+                h.get(x)
+                    .map_err(|e| sys("lgetxattr", format!("{named:?}, {x:?}"), e, &path))
+            };
+            let st = State {
+                acl_access: get(names.acl_access, ACL_ACCESS)?,
+                acl_default: get(names.acl_default, ACL_DEFAULT)?,
+                ..State::default()
+            };
+            return self.plan(&st, &path).map(|_| ());
+        }
+        let m = match rfs::statx(
+            dir,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            STATX_MASK,
+        ) {
+            Ok(st) => Meta::new(&st),
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                let a = format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd());
+                return Err(sys("statx", a, e, &path));
+            }
+        };
+        if m.is_mount_below(dmeta) {
+            self.counts.mounts += 1;
+            return Ok(());
+        }
+        if m.is_dir() {
+            subdirs.push(SubDir {
+                name: name.to_owned(),
+                meta: m,
+            });
+            return Ok(());
+        }
+        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &path) {
+            self.counts.dedup += 1;
+            return Ok(());
+        }
+        let named = entry_path(dir, name);
+        self.shift_inode(Handle::Named(&named), &m, &path, false)
+            .map(|_| ())
+    }
+
+    /// The procedure for one pinned inode. Returns whether a stash was
+    /// written and left in place (only with `keep_stash`, for the root).
+    fn shift_inode(
+        &mut self,
+        h: Handle<'_>,
+        m: &Meta,
+        path: &Path,
+        keep_stash: bool,
+    ) -> Result<bool> {
+        if self.ctx.is_claimed(m) {
+            self.counts.dedup += 1;
+            return Ok(false);
+        }
         let xerr = |call: &'static str, what: &str, e: Errno| {
             sys(call, format!("{}, {what:?}", h.describe()), e, path)
         };
@@ -859,181 +1106,161 @@ impl<'c, 'a> Worker<'c, 'a> {
             h.list(&mut self.list)
                 .map_err(|e| xerr("listxattr", "", e))?
         };
-
-        // A stash left by a run that died mid-entry describes the state
-        // before the shift; trust it only if the owner is still the one it
-        // had before or the one the shift was giving it.
+        let spec = self.ctx.spec;
         let stash = if names.stash {
             h.get(STASH)
                 .map_err(|e| xerr("getxattr", STASH, e))?
                 .and_then(|b| Stash::decode(&b))
-                .filter(|s| {
-                    (m.uid, m.gid) == (s.uid, s.gid) || (m.uid, m.gid) == (s.new_uid, s.new_gid)
-                })
+                .filter(|s| s.nonce == spec.nonce)
         } else {
             None
         };
-        let (buid, bgid, bmode) = match &stash {
-            Some(s) => (s.uid, s.gid, s.mode),
-            None => (m.uid, m.gid, m.mode),
+        // Resuming: changed since the record by a single call of the earlier
+        // run. (The root is never taken as done this way: it always has a
+        // stash while it is being changed.)
+        if stash.is_none()
+            && !keep_stash
+            && spec.since.is_some_and(|t| m.ctime >= t)
+            && !spec.redo.contains(&m.key())
+        {
+            self.counts.already += 1;
+            return Ok(false);
+        }
+        let get = |present: bool, xname: &str| -> Result<Option<Vec<u8>>> {
+            if present {
+                h.get(xname).map_err(|e| xerr("getxattr", xname, e))
+            } else {
+                Ok(None)
+            }
         };
-        let base_cap = match &stash {
-            Some(s) => s.cap.clone(),
-            None if names.cap => h
-                .get(CAPABILITY)
-                .map_err(|e| xerr("getxattr", CAPABILITY, e))?,
-            None => None,
+        let cur = State {
+            uid: m.uid,
+            gid: m.gid,
+            mode: m.mode,
+            cap: get(names.cap, CAPABILITY)?,
+            acl_access: get(names.acl_access, ACL_ACCESS)?,
+            acl_default: get(names.acl_default, ACL_DEFAULT)?,
         };
+        let orig = stash.as_ref().map_or(&cur, |s| &s.state);
+        let want = self.plan(orig, path)?;
 
-        // Plan everything first, so that a refused id (OutOfRange::Fail)
-        // leaves this entry untouched.
-        let (nu, ng) = self.owner(buid, bgid, path)?;
-        let new_cap = match &base_cap {
-            None => None,
-            Some(raw) => {
-                let caps = FileCaps::parse(raw).ok_or_else(|| {
-                    Error::new(ErrorKind::InvalidInput(format!(
-                        "{CAPABILITY} value {raw:02x?} is neither revision 2 nor 3: \
-                         a chown would drop it and it could not be restored"
-                    )))
-                    .with_path(path)
-                })?;
-                match classify(self.ctx.uids, caps.rootid) {
-                    Class::Shift(r) => Some(caps.with_rootid(r).encode()),
-                    Class::Already => Some(raw.clone()),
-                    Class::Outside => {
-                        self.counts.out_of_range += 1;
-                        match self.ctx.opts.out_of_range {
-                            OutOfRange::Keep => Some(raw.clone()),
-                            OutOfRange::Overflow => None,
-                            OutOfRange::Fail => {
-                                return Err(Error::new(ErrorKind::IdOutOfRange {
-                                    kind: "uid",
-                                    id: caps.rootid,
-                                })
-                                .with_path(path))
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        let mut acls: Vec<(&'static str, Vec<u8>)> = Vec::new();
-        for (present, xname) in [
-            (names.acl_access, ACL_ACCESS),
-            (names.acl_default, ACL_DEFAULT),
+        // The changes, in order: ACLs (chown leaves them alone), owner
+        // (which, on a non-directory, drops setuid, setgid-with-group-exec
+        // and the capability), mode, capability.
+        let mut ops = Vec::new();
+        for (xname, c, w) in [
+            (ACL_ACCESS, &cur.acl_access, &want.acl_access),
+            (ACL_DEFAULT, &cur.acl_default, &want.acl_default),
         ] {
-            if !present {
-                continue;
-            }
-            let Some(value) = h.get(xname).map_err(|e| xerr("getxattr", xname, e))? else {
-                continue;
-            };
-            let translated = translate_acl(&value, |kind, id| match kind {
-                AclId::User => self.target(self.ctx.uids, "uid", id, path),
-                AclId::Group => self.target(self.ctx.gids, "gid", id, path),
-            });
-            match translated {
-                Err(()) => {
-                    return Err(Error::new(ErrorKind::InvalidInput(format!(
-                        "{xname} is not a version 2 POSIX ACL"
-                    )))
-                    .with_path(path))
-                }
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(Some(new))) => acls.push((xname, new)),
-                Ok(Ok(None)) => {}
+            if c != w {
+                ops.push(Op::Acl(xname, w.clone()));
             }
         }
-
-        let need_chown = (m.uid, m.gid) != (nu, ng);
-        // What the kernel drops on chown of a non-directory.
-        let kills = need_chown && !m.is_dir() && (bmode & SUID_SGID != 0 || base_cap.is_some());
-        let restore_mode = !m.is_dir()
-            && !m.is_symlink()
-            && ((need_chown && bmode & SUID_SGID != 0) || m.mode & PERMS != bmode & PERMS);
-        let cap_differs = base_cap != new_cap;
-        let changes = need_chown || restore_mode || cap_differs || !acls.is_empty() || names.stash;
+        let chown = (cur.uid, cur.gid) != (want.uid, want.gid);
+        let kills = chown && !m.is_dir() && !m.is_symlink();
+        if chown {
+            ops.push(Op::Chown(want.uid, want.gid));
+        }
+        if !m.is_symlink() {
+            let mut mode_after = cur.mode;
+            if kills {
+                mode_after &= !S_ISUID;
+                if mode_after & S_IXGRP != 0 {
+                    mode_after &= !S_ISGID;
+                }
+            }
+            // After a chown that could drop a bit, set the mode regardless:
+            // some filesystems drop setgid without group-exec too.
+            if mode_after & PERMS != want.mode & PERMS
+                || (kills && cur.mode & (S_ISUID | S_ISGID) != 0)
+            {
+                ops.push(Op::Chmod(want.mode));
+            }
+        }
+        let cap_after = if kills { None } else { cur.cap.clone() };
+        if cap_after != want.cap || (kills && want.cap.is_some()) {
+            ops.push(Op::Cap(want.cap.clone()));
+        }
         if stash.is_some() {
             self.counts.recovered += 1;
         }
-        if !changes {
-            return Ok(());
+        if ops.is_empty() && stash.is_none() && !keep_stash {
+            return Ok(false);
         }
-        self.counts.changed += 1;
-        self.counts.acls += acls.len() as u64;
-        if cap_differs {
-            self.counts.caps += 1;
-        }
-        if self.ctx.opts.dry_run {
-            return Ok(());
-        }
-
-        // ACL values are replaced atomically and chown leaves them alone:
-        // they need no stash.
-        for (xname, value) in &acls {
-            h.set(xname, value)
-                .map_err(|e| xerr("setxattr", xname, e))?;
-        }
-        let mut stashed = names.stash;
-        if kills && stash.is_none() {
-            let s = Stash {
-                uid: buid,
-                gid: bgid,
-                mode: bmode,
-                new_uid: nu,
-                new_gid: ng,
-                cap: base_cap.clone(),
-            };
-            match h.set(STASH, &s.encode()) {
-                Ok(()) => stashed = true,
-                // No xattrs on this filesystem (hence no capabilities), or
-                // no CAP_SYS_ADMIN for trusted.*: only a setuid/setgid bit
-                // is at stake, restored right below, so go on without the
-                // stash (a kill in those few instructions would lose it).
-                Err(Errno::NOTSUP | Errno::PERM) if base_cap.is_none() => {}
-                Err(e) => return Err(xerr("setxattr", STASH, e)),
+        if !ops.is_empty() {
+            self.counts.changed += 1;
+            self.counts.acls += ops.iter().filter(|o| matches!(o, Op::Acl(..))).count() as u64;
+            if want.cap != orig.cap {
+                self.counts.caps += 1;
             }
         }
-        if need_chown {
-            h.chown(nu, ng).map_err(|e| {
-                sys(
-                    "fchownat",
-                    format!("{}, \"\", {nu}, {ng}, AT_EMPTY_PATH", h.describe()),
-                    e,
-                    path,
-                )
-            })?;
-        }
-        if restore_mode {
-            h.chmod(bmode).map_err(|e| {
-                sys(
-                    "chmod",
-                    format!("{}, {:o}", h.describe(), bmode & PERMS),
-                    e,
-                    path,
-                )
-            })?;
-        }
-        if base_cap.is_some() || new_cap.is_some() {
-            let current = h
-                .get(CAPABILITY)
-                .map_err(|e| xerr("getxattr", CAPABILITY, e))?;
-            if current != new_cap {
-                match &new_cap {
-                    Some(v) => h
-                        .set(CAPABILITY, v)
-                        .map_err(|e| xerr("setxattr", CAPABILITY, e))?,
-                    None => h
-                        .remove(CAPABILITY)
-                        .map_err(|e| xerr("removexattr", CAPABILITY, e))?,
+        if spec.scan {
+            if !ops.is_empty() {
+                self.ctx.claim(m);
+                if let Some(attr) = m.frozen {
+                    lock(&self.ctx.frozen).push((path.to_path_buf(), attr, m.key()));
                 }
             }
+            return Ok(false);
         }
-        if stashed {
+        if let (Some(attr), false) = (m.frozen, ops.is_empty()) {
+            // Nothing of it was changed: the record lists it, so that the
+            // run after `chattr -i` (which bumps its ctime) still does it.
+            lock(&self.ctx.frozen).push((path.to_path_buf(), attr, m.key()));
+            self.counts.changed -= 1;
+            return Ok(false);
+        }
+        if !ops.is_empty() && !self.ctx.claim(m) {
+            // Another worker took it meanwhile (it moved): shifted once.
+            self.counts.dedup += 1;
+            self.counts.changed -= 1;
+            return Ok(false);
+        }
+        let stashed = stash.is_some() || ((ops.len() > 1 || keep_stash) && !ops.is_empty());
+        if stashed && stash.is_none() {
+            let s = Stash {
+                nonce: spec.nonce,
+                state: cur.clone(),
+            };
+            h.set(STASH, &s.encode())
+                .map_err(|e| xerr("setxattr", STASH, e))?;
+        }
+        for op in &ops {
+            match op {
+                Op::Acl(xname, Some(v)) => {
+                    h.set(xname, v).map_err(|e| xerr("setxattr", xname, e))?
+                }
+                Op::Acl(xname, None) => {
+                    h.remove(xname).map_err(|e| xerr("removexattr", xname, e))?
+                }
+                Op::Chown(u, g) => h.chown(*u, *g).map_err(|e| {
+                    sys(
+                        "fchownat",
+                        format!("{}, \"\", {u}, {g}, AT_EMPTY_PATH", h.describe()),
+                        e,
+                        path,
+                    )
+                })?,
+                Op::Chmod(mode) => h.chmod(*mode).map_err(|e| {
+                    sys(
+                        "chmod",
+                        format!("{}, {:o}", h.describe(), mode & PERMS),
+                        e,
+                        path,
+                    )
+                })?,
+                Op::Cap(Some(v)) => h
+                    .set(CAPABILITY, v)
+                    .map_err(|e| xerr("setxattr", CAPABILITY, e))?,
+                Op::Cap(None) => h
+                    .remove(CAPABILITY)
+                    .map_err(|e| xerr("removexattr", CAPABILITY, e))?,
+            }
+        }
+        if stashed && !keep_stash {
             h.remove(STASH).map_err(|e| xerr("removexattr", STASH, e))?;
         }
-        Ok(())
+        Ok(stashed)
     }
 
     /// Open a subdirectory found by a scan and check it is still that one.
@@ -1044,8 +1271,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         pmeta: &Meta,
         path: &Path,
     ) -> Result<Child> {
-        let cross = sd.meta.is_mount_below(pmeta);
-        let fd = match open_dir(self.ctx, parent, &sd.name, cross) {
+        let _ = pmeta;
+        let fd = match open_dir(self.ctx, parent, &sd.name) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(Child::Gone),
             Err(Errno::LOOP | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN) => {
@@ -1054,10 +1281,9 @@ impl<'c, 'a> Worker<'c, 'a> {
             Err(e) => {
                 let p = path.join(OsStr::from_bytes(sd.name.to_bytes()));
                 let a = format!(
-                    "fd {}, {:?}, O_RDONLY|O_DIRECTORY|O_NOFOLLOW, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS{}",
+                    "fd {}, {:?}, O_RDONLY|O_DIRECTORY|O_NOFOLLOW, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV",
                     parent.as_raw_fd(),
                     sd.name,
-                    if cross { "" } else { "|RESOLVE_NO_XDEV" }
                 );
                 return Err(sys("openat2", a, e, &p));
             }
@@ -1079,7 +1305,22 @@ impl<'c, 'a> Worker<'c, 'a> {
         } = work;
         let subdirs = match part {
             None => self.scan(fd.as_fd(), &meta, &path)?,
-            Some(p) => self.visit_names(fd.as_fd(), &meta, &path, &p.names, &p.starts)?,
+            Some(p) => {
+                self.mismatch = false;
+                let subdirs = self.visit_names(
+                    fd.as_fd(),
+                    &meta,
+                    &path,
+                    &p.names,
+                    &p.starts,
+                    &p.inos,
+                    &p.types,
+                )?;
+                if self.mismatch {
+                    self.ctx.walk_again(fd.as_fd(), &meta, &path);
+                }
+                subdirs
+            }
         };
         let mut stack = vec![Frame {
             fd: Some(fd),
@@ -1139,17 +1380,21 @@ impl<'c, 'a> Worker<'c, 'a> {
                     // directory, so it is ours to shift (a symlink now, say).
                     tries += 1;
                     if tries > RETRIES {
-                        let p = path.join(OsStr::from_bytes(sd.name.to_bytes()));
-                        return Err(changed_under_us(
-                            &p,
-                            "directory kept changing while being opened",
-                        ));
+                        // Keeps changing: leave it to the next pass over
+                        // this directory (walk_again below).
+                        self.ctx.walk_again(parent, &pmeta, &path);
+                        top.next += 1;
+                        pending = pending.saturating_sub(1);
+                        tries = 0;
+                        continue;
                     }
                     let name = sd.name.clone();
+                    // The directory listed under this name is elsewhere now.
+                    self.ctx.walk_again(parent, &pmeta, &path);
                     let mut again = Vec::new();
                     // visit() counts the name; it was counted by the scan already.
                     self.counts.visited = self.counts.visited.saturating_sub(1);
-                    self.visit(parent, &pmeta, &path, &name, &mut again)?;
+                    self.visit(parent, &pmeta, &path, &name, None, DT_UNKNOWN, &mut again)?;
                     match again.pop() {
                         Some(sd) => top.subdirs[idx] = sd,
                         None => {
@@ -1166,13 +1411,8 @@ impl<'c, 'a> Worker<'c, 'a> {
             tries = 0;
             // The name is not needed again; free it (wide trees).
             let name = std::mem::take(&mut top.subdirs[idx].name);
-            if let Some(seen) = &self.ctx.dirs_seen {
-                if !lock(seen).insert((cmeta.dev, cmeta.ino)) {
-                    continue;
-                }
-            }
             path.push(OsStr::from_bytes(name.to_bytes()));
-            self.shift_inode(Handle::Dir(cfd.as_fd()), &cmeta, &path)?;
+            self.shift_inode(Handle::Dir(cfd.as_fd()), &cmeta, &path, false)?;
             let mut cfd = cfd;
             if pending > 0 && self.ctx.waiting.load(Ordering::Relaxed) > 0 {
                 let work = Work {
@@ -1213,20 +1453,18 @@ fn lost(path: &Path) -> Error {
 }
 
 /// Open a directory entry as a directory, never through a symlink, never out
-/// of `parent`, and (unless `cross`) never onto another mount.
+/// of `parent`, never onto another mount.
 fn open_dir(
     ctx: &Ctx<'_>,
     parent: BorrowedFd<'_>,
     name: &CStr,
-    cross: bool,
 ) -> std::result::Result<OwnedFd, Errno> {
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if ctx.openat2.load(Ordering::Relaxed) != 2 {
-        let mut resolve =
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        if !cross {
-            resolve |= ResolveFlags::NO_XDEV;
-        }
+        let resolve = ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV;
         for _ in 0..8 {
             match rfs::openat2(parent, name, oflags, Mode::empty(), resolve) {
                 // A concurrent rename makes RESOLVE_BENEATH ask for a retry.
@@ -1274,15 +1512,8 @@ fn reopen_parent(child: BorrowedFd<'_>, expect: &Meta, path: &Path) -> Result<Ow
     Ok(fd)
 }
 
-fn worker(ctx: &Ctx<'_>, spawned: bool) -> Counts {
+fn worker(ctx: &Ctx<'_>) -> Counts {
     let mut w = Worker::new(ctx);
-    // A thread of our own may have a working directory of its own: then the
-    // xattr listing, which has no `*at` form in rustix, can name an entry
-    // relative to the directory being walked instead of through /proc.
-    // Never on the caller's thread, whose working directory is not ours.
-    if spawned && crate::sys::unshare_fs().is_ok() {
-        w.own_cwd = true;
-    }
     lock(&ctx.queue).workers += 1;
     loop {
         let item = {
@@ -1362,22 +1593,83 @@ fn check_proc(root: BorrowedFd<'_>, meta: &Meta, path: &Path) -> Result<()> {
     }
 }
 
-pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result<ShiftReport> {
+/// What one id becomes.
+#[derive(Debug, Clone, Copy)]
+enum Tr {
+    /// Translated by the mapping (or written as the overflow id).
+    Shifted(u32),
+    /// Left as it is (uncovered, `Keep`).
+    Kept(u32),
+}
+
+impl Tr {
+    fn value(self) -> u32 {
+        match self {
+            Tr::Shifted(v) | Tr::Kept(v) => v,
+        }
+    }
+}
+
+/// Run the workers over `items` until the queue is drained.
+fn pool(ctx: &Ctx<'_>, items: Vec<Work>) -> Counts {
+    {
+        let mut q = lock(&ctx.queue);
+        q.queued_reset(items);
+        ctx.queued.store(q.items.len(), Ordering::Relaxed);
+        ctx.waiting.store(0, Ordering::Relaxed);
+        ctx.done.store(false, Ordering::Relaxed);
+    }
+    let mut counts = Counts::default();
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for i in 0..ctx.threads {
+            let spawned = std::thread::Builder::new()
+                .name(format!("idmapped-shift-{i}"))
+                .spawn_scoped(s, || worker(ctx));
+            // Could not start a thread: the others share its work.
+            if let Ok(h) = spawned {
+                handles.push(h);
+            }
+        }
+        if handles.is_empty() {
+            counts.add(&worker(ctx));
+        }
+        for h in handles {
+            match h.join() {
+                Ok(c) => counts.add(&c),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    counts
+}
+
+impl Queue {
+    fn queued_reset(&mut self, items: Vec<Work>) {
+        self.items = items;
+        self.workers = 0;
+        self.idle = 0;
+        self.finished = false;
+    }
+}
+
+/// Walk the tree whose root directory is `root_fd` (at `root`) by `spec`:
+/// everything below the root, then the root itself (through its stash),
+/// then `finish` (which marks the record done), then the root's stash goes.
+pub(super) fn run(
+    root_fd: &OwnedFd,
+    root: &Path,
+    spec: &Spec<'_>,
+    opts: &ShiftOptions,
+    finish: &mut dyn FnMut(&Frozen) -> Result<()>,
+) -> Result<ShiftReport> {
     let start = Instant::now();
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let root_fd = rfs::openat(CWD, root, oflags, Mode::empty()).map_err(|e| {
-        sys(
-            "openat",
-            format!("AT_FDCWD, {root:?}, O_DIRECTORY|O_NOFOLLOW"),
-            e,
-            root,
-        )
-    })?;
     let root_meta = fstatx(root_fd.as_fd(), root)?;
     check_proc(root_fd.as_fd(), &root_meta, root)?;
     // A second descriptor for the queue; the first stays for the root's own
     // shift, which comes last.
-    let work_fd = rfs::openat(&root_fd, c".", oflags, Mode::empty()).map_err(|e| {
+    let work_fd = rfs::openat(root_fd, c".", oflags, Mode::empty()).map_err(|e| {
         sys(
             "openat",
             format!("fd {}, \".\"", root_fd.as_raw_fd()),
@@ -1408,29 +1700,29 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
     let window = ((budget / threads as u64).saturating_sub(4) as usize).clamp(2, 64);
 
     let ctx = Ctx {
-        uids: mapping.uids(),
-        gids: mapping.gids(),
+        uids: spec.mapping.uids(),
+        gids: spec.mapping.gids(),
+        spec,
         opts,
         threads,
         window,
-        hardlinks: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
-        dirs_seen: opts
-            .cross_mounts
-            .then(|| Mutex::new(HashSet::from([(root_meta.dev, root_meta.ino)]))),
+        claimed: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
+        links: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        kept: Mutex::new(Vec::new()),
+        frozen: Mutex::new(Vec::new()),
+        uncovered: Mutex::new(Uncovered::default()),
+        rescan: Mutex::new(Vec::new()),
+        rescan_keys: Mutex::new(HashSet::new()),
+        tree_changed: AtomicBool::new(false),
         queue: Mutex::new(Queue {
-            items: vec![Work {
-                fd: work_fd,
-                meta: root_meta,
-                path: root.to_path_buf(),
-                part: None,
-            }],
+            items: Vec::new(),
             workers: 0,
             idle: 0,
             finished: false,
         }),
         cv: Condvar::new(),
         waiting: AtomicUsize::new(0),
-        queued: AtomicUsize::new(1),
+        queued: AtomicUsize::new(0),
         done: AtomicBool::new(false),
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
@@ -1444,40 +1736,106 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         }),
     };
 
-    let mut counts = Counts::default();
-    std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for i in 0..threads {
-            let spawned = std::thread::Builder::new()
-                .name(format!("idmapped-shift-{i}"))
-                .spawn_scoped(s, || worker(&ctx, true));
-            // Could not start a thread: the others share its work.
-            if let Ok(h) = spawned {
-                handles.push(h);
-            }
+    let mut counts = pool(
+        &ctx,
+        vec![Work {
+            fd: work_fd,
+            meta: root_meta,
+            path: root.to_path_buf(),
+            part: None,
+        }],
+    );
+    // Directories whose names moved during the walk: walk them again (an
+    // inode changed already is never changed twice), until they hold still.
+    let mut leftover = false;
+    for round in 0..=RESCANS {
+        if lock(&ctx.error).is_some() {
+            break;
         }
-        if handles.is_empty() {
-            counts.add(&worker(&ctx, false));
+        let again = std::mem::take(&mut *lock(&ctx.rescan));
+        lock(&ctx.rescan_keys).clear();
+        if again.is_empty() {
+            break;
         }
-        for h in handles {
-            match h.join() {
-                Ok(c) => counts.add(&c),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+        if round == RESCANS {
+            leftover = true;
+            break;
         }
-    });
+        // Names seen again are not new entries.
+        let before = counts.visited;
+        let c = pool(&ctx, again);
+        counts.add(&c);
+        counts.visited = before;
+    }
+    let _ = leftover;
     if let Some(e) = lock(&ctx.error).take() {
         return Err(e);
     }
+    let mut frozen = std::mem::take(&mut *lock(&ctx.frozen));
+    if !frozen.is_empty() {
+        // Stop before the root: the record stays unfinished and lists them.
+        frozen.sort();
+        if !spec.scan {
+            finish(&frozen)?;
+        }
+        let (path, attribute, _) = frozen[0].clone();
+        return Err(Error::new(ErrorKind::Immutable {
+            attribute,
+            count: frozen.len() as u64,
+        })
+        .with_path(path));
+    }
 
-    // The root last: once it shows the seen ids, the whole tree is done.
+    // The root last. While it is being changed it has a stash; the record
+    // becomes done before the stash goes, so a run killed anywhere here
+    // either finishes the root from its stash or finds the record done.
     let mut w = Worker::new(&ctx);
     w.visited_one();
-    w.shift_inode(Handle::Dir(root_fd.as_fd()), &root_meta, root)?;
+    let stashed = w.shift_inode(Handle::Dir(root_fd.as_fd()), &root_meta, root, !spec.scan)?;
     w.flush_progress();
     counts.add(&w.counts);
 
+    let mut outside = Vec::new();
+    for shard in &ctx.links {
+        for l in lock(shard).values() {
+            if (l.names.len() as u64) < u64::from(l.nlink) {
+                outside.push((l.first.clone(), l.nlink, l.names.len() as u32));
+            }
+        }
+    }
+    outside.sort();
+    if spec.scan {
+        let u = std::mem::take(&mut *lock(&ctx.uncovered));
+        if let Some((path, kind, id)) = u.first {
+            return Err(Error::new(ErrorKind::IdOutOfRange {
+                kind,
+                id,
+                count: u.count,
+            })
+            .with_path(path));
+        }
+        if spec.outside_links == OutsideLinks::Fail {
+            if let Some((path, links, found)) = outside.first() {
+                return Err(Error::new(ErrorKind::LinkedOutside {
+                    links: *links,
+                    found: *found,
+                })
+                .with_path(path));
+            }
+        }
+    } else {
+        finish(&frozen)?;
+        if stashed {
+            drop_root_stash(root_fd.as_fd(), root)?;
+        }
+    }
+
+    let mut kept = std::mem::take(&mut *lock(&ctx.kept));
+    kept.sort_by(|a, b| (&a.path, a.kind, a.id).cmp(&(&b.path, b.kind, b.id)));
+    kept.dedup();
     Ok(ShiftReport {
+        completed_before: false,
+        resumed: false,
         visited: counts.visited,
         changed: counts.changed,
         already_shifted: counts.already,
@@ -1485,8 +1843,12 @@ pub(super) fn run(root: &Path, mapping: &Mapping, opts: &ShiftOptions) -> Result
         acls_rewritten: counts.acls,
         capabilities_rewritten: counts.caps,
         out_of_range: counts.out_of_range,
+        kept_in_seen_range: kept,
         skipped_mounts: counts.mounts,
+        mounts_shifted: Vec::new(),
+        outside_links: outside.into_iter().map(|o| o.0).collect(),
         recovered: counts.recovered,
+        tree_changed: ctx.tree_changed.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
     })
 }

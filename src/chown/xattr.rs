@@ -1,5 +1,6 @@
 //! The on-disk formats the walker rewrites: POSIX ACL xattrs, file
-//! capabilities, and the walker's own crash-recovery stash.
+//! capabilities, and the walker's own crash-recovery stash (its record, on
+//! the tree's root, is in `record.rs`).
 //!
 //! All three are little-endian byte strings defined by the kernel ABI
 //! (`include/uapi/linux/posix_acl_xattr.h`, `include/uapi/linux/capability.h`).
@@ -151,58 +152,97 @@ impl FileCaps {
     }
 }
 
-const STASH_MAGIC: &[u8; 8] = b"IDMSHFT1";
-const STASH_FIXED: usize = 8 + 4 * 6;
+const STASH_MAGIC: &[u8; 8] = b"IDMSHFT2";
+const ABSENT: u32 = u32::MAX;
 
-/// What an entry looked like before a chown the kernel answers by dropping
-/// setuid/setgid bits or capabilities, and which owner the chown gives it.
-///
-/// Written to the entry itself ([`STASH`]) before the chown and removed after
-/// mode and capabilities are restored, so that a walk killed in between can
-/// be finished by the next run from the entry alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stash {
+/// An entry's complete pre-shift state: everything the walk may rewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct State {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// `st_mode`, type bits included.
     pub(crate) mode: u32,
-    pub(crate) new_uid: u32,
-    pub(crate) new_gid: u32,
-    /// The raw `security.capability` value before the shift, if any.
+    /// The raw `security.capability` value, if any.
     pub(crate) cap: Option<Vec<u8>>,
+    /// The raw `system.posix_acl_access` value, if any.
+    pub(crate) acl_access: Option<Vec<u8>>,
+    /// The raw `system.posix_acl_default` value, if any.
+    pub(crate) acl_default: Option<Vec<u8>>,
+}
+
+/// What an entry looked like before a shift that takes more than one system
+/// call, tagged with the nonce of the run (the record's) that wrote it.
+///
+/// Written to the entry itself ([`STASH`]) before its first change and
+/// removed after its last, so that a walk killed in between is finished by
+/// the next run from the original state, never from a half-shifted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stash {
+    pub(crate) nonce: u64,
+    pub(crate) state: State,
 }
 
 impl Stash {
-    /// Serialise: magic, five little-endian words, capability length and bytes.
+    /// Serialise: magic, nonce, uid, gid, mode, then capability, access ACL
+    /// and default ACL, each as a length (`u32::MAX` for none) and bytes.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let cap = self.cap.as_deref().unwrap_or(&[]);
-        let mut out = Vec::with_capacity(STASH_FIXED + cap.len());
+        let s = &self.state;
+        let mut out = Vec::with_capacity(64);
         out.extend_from_slice(STASH_MAGIC);
-        for w in [self.uid, self.gid, self.mode, self.new_uid, self.new_gid] {
+        out.extend_from_slice(&self.nonce.to_le_bytes());
+        for w in [s.uid, s.gid, s.mode] {
             out.extend_from_slice(&w.to_le_bytes());
         }
-        // A capability value is at most 24 bytes; the cast cannot truncate.
-        out.extend_from_slice(&(cap.len() as u32).to_le_bytes());
-        out.extend_from_slice(cap);
+        for blob in [&s.cap, &s.acl_access, &s.acl_default] {
+            match blob {
+                // An xattr value is at most 64 KiB: the cast cannot truncate.
+                Some(b) => {
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+                None => out.extend_from_slice(&ABSENT.to_le_bytes()),
+            }
+        }
         out
     }
 
-    /// Parse; `None` for anything we did not write.
+    /// Parse; `None` for anything we did not write (an older format included).
     pub(crate) fn decode(b: &[u8]) -> Option<Stash> {
         if b.get(..8)? != STASH_MAGIC {
             return None;
         }
-        let w = |i: usize| le32(b, 8 + 4 * i);
-        let cap_len = usize::try_from(w(5)?).ok()?;
-        if b.len() != STASH_FIXED.checked_add(cap_len)? {
+        let nonce = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+        let uid = le32(b, 16)?;
+        let gid = le32(b, 20)?;
+        let mode = le32(b, 24)?;
+        let mut at = 28usize;
+        let mut blob = || -> Option<Option<Vec<u8>>> {
+            let len = le32(b, at)?;
+            at = at.checked_add(4)?;
+            if len == ABSENT {
+                return Some(None);
+            }
+            let end = at.checked_add(usize::try_from(len).ok()?)?;
+            let v = b.get(at..end)?.to_vec();
+            at = end;
+            Some(Some(v))
+        };
+        let cap = blob()?;
+        let acl_access = blob()?;
+        let acl_default = blob()?;
+        if at != b.len() {
             return None;
         }
         Some(Stash {
-            uid: w(0)?,
-            gid: w(1)?,
-            mode: w(2)?,
-            new_uid: w(3)?,
-            new_gid: w(4)?,
-            cap: (cap_len > 0).then(|| b[STASH_FIXED..].to_vec()),
+            nonce,
+            state: State {
+                uid,
+                gid,
+                mode,
+                cap,
+                acl_access,
+                acl_default,
+            },
         })
     }
 }
@@ -293,21 +333,27 @@ mod tests {
 
     #[test]
     fn stash_round_trips_and_rejects_garbage() {
-        for cap in [None, Some(vec![1u8, 2, 3])] {
+        for (cap, acl) in [(None, None), (Some(vec![1u8, 2, 3]), Some(vec![]))] {
             let s = Stash {
-                uid: 1,
-                gid: 2,
-                mode: 0o104755,
-                new_uid: 10001,
-                new_gid: 10002,
-                cap,
+                nonce: 0x0123_4567_89ab_cdef,
+                state: State {
+                    uid: 1,
+                    gid: 2,
+                    mode: 0o104755,
+                    cap,
+                    acl_access: acl.clone(),
+                    acl_default: acl.map(|_| vec![9, 9]),
+                },
             };
             let b = s.encode();
             assert_eq!(Stash::decode(&b), Some(s));
             for cut in 0..b.len() {
                 assert!(Stash::decode(&b[..cut]).is_none());
             }
+            let mut longer = b.clone();
+            longer.push(0);
+            assert!(Stash::decode(&longer).is_none());
         }
-        assert!(Stash::decode(b"IDMSHFT2xxxxxxxxxxxxxxxxxxxxxxxx").is_none());
+        assert!(Stash::decode(b"IDMSHFT1xxxxxxxxxxxxxxxxxxxxxxxx").is_none());
     }
 }
