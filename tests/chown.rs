@@ -1059,6 +1059,19 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
     assert!(ra.visited as usize >= entries - 1000, "{ra:?}");
     eprintln!("uninterrupted: {ra:?}");
 
+    // A child's start-up (exec, test harness), timed on the tree already
+    // shifted, where the run is the O(1) completed-shift check: kills are
+    // aimed past it, so under emulation (where start-up dwarfs the walk)
+    // they still land inside walks.
+    let startup = {
+        let t = Instant::now();
+        let st = child(&a, mapping)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "child on the shifted tree failed: {st}");
+        t.elapsed()
+    };
     let mut r = Rng::new(1234);
     let (mut killed, mut finished, mut recovered, mut resumed) = (0, 0, 0, 0u64);
     // Kill until 30 kills landed: the first ones interrupt real work, later
@@ -1076,8 +1089,15 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // A random point of the window (exec and harness start-up included).
-        let delay = window.mul_f64(r.below(1000) as f64 / 1000.0);
+        // A random point of the window: past the start-up until a child
+        // has finished (so the first kills interrupt the walk itself), then
+        // from the start (exec and harness start-up included).
+        let aim = if finished == 0 {
+            startup
+        } else {
+            Duration::ZERO
+        };
+        let delay = aim + window.mul_f64(r.below(1000) as f64 / 1000.0);
         std::thread::sleep(delay);
         match ch.try_wait().unwrap() {
             Some(st) => {
