@@ -72,7 +72,9 @@ pub(crate) fn forced_fallback(feature: &str) -> bool {
 /// `open_tree_attr`, `statmount`, `openat2`, `pidfd`, `pidfd_get_user_namespace`,
 /// `listmount` makes those report [`Availability::Missing`], so the fallback
 /// paths can be tested on a new kernel (`openat2` does the same for the
-/// [`chown`](crate::chown) walker's directory opens; `pidfd` covers both
+/// [`chown`](crate::chown) walker's directory opens, `nodev_view` makes the
+/// walker pin every entry `O_PATH` (its pre-5.12 rung) and `xattrat` makes
+/// its scan read xattrs by `/proc` path (pre-6.13); `pidfd` covers both
 /// pidfd calls; `fsopen_proc` makes the procfs handle use the checked
 /// `/proc` mount instead of a private instance).
 pub fn features() -> &'static Features {

@@ -24,6 +24,11 @@ const SYS_STATMOUNT: libc::c_long = NR_BASE + 457;
 /// `open_tree_attr(2)`, Linux 6.15.
 const SYS_OPEN_TREE_ATTR: libc::c_long = NR_BASE + 467;
 
+/// `getxattrat(2)`, Linux 6.13.
+const SYS_GETXATTRAT: libc::c_long = NR_BASE + 464;
+/// `listxattrat(2)`, Linux 6.13.
+const SYS_LISTXATTRAT: libc::c_long = NR_BASE + 465;
+
 /// `NS_GET_NSTYPE` ioctl (`_IO(0xb7, 0x3)`), Linux 4.11.
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
@@ -116,6 +121,76 @@ pub(crate) fn ns_get_nstype(fd: BorrowedFd<'_>) -> Result<libc::c_int, Errno> {
     } else {
         Ok(ret)
     }
+}
+
+/// `listxattrat(dirfd, path, at_flags, list, size)`: the xattr names of the
+/// entry `path` names relative to `dirfd` (with `AT_SYMLINK_NOFOLLOW`, of a
+/// final symlink itself). Returns the bytes written to `list`.
+///
+/// # References
+/// - Linux commit "fs/xattr: add *at family syscalls" (6.13), `fs/xattr.c`
+pub(crate) fn listxattrat(
+    dirfd: BorrowedFd<'_>,
+    path: &CStr,
+    at_flags: libc::c_uint,
+    list: &mut [u8],
+) -> Result<usize, Errno> {
+    // SAFETY: `path` is NUL-terminated; the kernel writes at most
+    // `list.len()` bytes into `list`.
+    let ret = unsafe {
+        libc::syscall(
+            SYS_LISTXATTRAT,
+            dirfd.as_raw_fd(),
+            path.as_ptr(),
+            at_flags,
+            list.as_mut_ptr(),
+            list.len(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| errno())
+}
+
+/// `struct xattr_args` (`XATTR_ARGS_SIZE_VER0`, 16 bytes).
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// `getxattrat(dirfd, path, at_flags, name, &args, sizeof args)`: the value
+/// of xattr `name` of the entry `path` names relative to `dirfd`. Returns
+/// the bytes written to `value`.
+///
+/// # References
+/// - Linux commit "fs/xattr: add *at family syscalls" (6.13), `fs/xattr.c`
+pub(crate) fn getxattrat(
+    dirfd: BorrowedFd<'_>,
+    path: &CStr,
+    at_flags: libc::c_uint,
+    name: &CStr,
+    value: &mut [u8],
+) -> Result<usize, Errno> {
+    let args = XattrArgs {
+        value: value.as_mut_ptr() as u64,
+        size: u32::try_from(value.len()).unwrap_or(u32::MAX),
+        flags: 0,
+    };
+    // SAFETY: `path` and `name` are NUL-terminated; `args` is a valid
+    // `struct xattr_args` of the size passed, whose buffer is `value` (at
+    // most `value.len()` bytes written); the kernel only reads `args`.
+    let ret = unsafe {
+        libc::syscall(
+            SYS_GETXATTRAT,
+            dirfd.as_raw_fd(),
+            path.as_ptr(),
+            at_flags,
+            name.as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| errno())
 }
 
 /// `unshare(CLONE_FS)`: give the calling thread its own working directory,

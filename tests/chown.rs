@@ -17,8 +17,8 @@ mod common;
 
 use common::TestFs;
 use idmapped::chown::{
-    read_record, shift_tree, unshift_tree, OutOfRange, OutsideLinks, RecordState, ShiftOptions,
-    ShiftReport,
+    read_record, shift_tree, unshift_tree, EntryAccess, OutOfRange, OutsideLinks, RecordState,
+    ShiftOptions, ShiftReport,
 };
 use idmapped::error::ErrorKind;
 use idmapped::map::Mapping;
@@ -950,6 +950,158 @@ fn fifos_sockets_and_devices_are_never_opened() {
         lget(&tty, "system.posix_acl_access"),
         Some(acl(6, &[(101000, 4)], 4, &[], 4))
     );
+}
+
+/// Whether `IDMAPPED_FORCE_FALLBACK` names `feature`.
+fn forced_fallback(feature: &str) -> bool {
+    std::env::var("IDMAPPED_FORCE_FALLBACK")
+        .unwrap_or_default()
+        .split(',')
+        .any(|f| f.trim() == feature)
+}
+
+/// What `ShiftReport::entry_access` must say for a tree on a mount that is
+/// not `nodev` and has no mount below it, found by probing as the library
+/// chooses.
+fn expected_access() -> EntryAccess {
+    use idmapped::features::{features, Availability};
+    let f = features();
+    if forced_fallback("nodev_view")
+        || f.openat2 != Availability::Available
+        || f.mount_setattr != Availability::Available
+    {
+        EntryAccess::ProcPaths
+    } else {
+        EntryAccess::NodevClone
+    }
+}
+
+/// IN_OPEN events queued on a non-blocking inotify descriptor.
+fn opens_seen(inotify: &rustix::fd::OwnedFd) -> usize {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let mut reader = rfs::inotify::Reader::new(inotify, &mut buf);
+    let mut n = 0;
+    while let Ok(ev) = reader.next() {
+        if ev.events().contains(rfs::inotify::ReadFlags::OPEN) {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_device_swapped_in_for_a_file_is_never_opened() {
+    privileged!();
+    // Regular files are opened for reading (their xattr calls then take the
+    // descriptor) only through a nodev view, so a device node an attacker
+    // exchanges into a regular file's name fails to open before its driver
+    // runs. inotify sees every successful open of the node (O_PATH ones
+    // excepted), whoever makes it.
+    let fs = TestFs::ext4_sized(64, 8192);
+    let m = map(MAP);
+    let runs = scaled(6, 2) as u64;
+    let mut total_swaps = 0;
+    for run in 0..runs {
+        let d = fs.root.join(format!("t{run}"));
+        fs::create_dir(&d).unwrap();
+        const N: usize = 400;
+        for i in 0..N {
+            fs::write(d.join(format!("f{i}")), format!("F{i}")).unwrap();
+        }
+        let dev = d.join("dev");
+        rfs::mknodat(
+            CWD,
+            &dev,
+            FileType::CharacterDevice,
+            Mode::from_bits_truncate(0o666),
+            rfs::makedev(1, 3),
+        )
+        .unwrap();
+        let inotify = rfs::inotify::init(
+            rfs::inotify::CreateFlags::NONBLOCK | rfs::inotify::CreateFlags::CLOEXEC,
+        )
+        .unwrap();
+        rfs::inotify::add_watch(&inotify, &dev, rfs::inotify::WatchFlags::OPEN).unwrap();
+        // The watch works: our own open of the node is seen.
+        drop(fs::File::open(&dev).unwrap());
+        assert_eq!(opens_seen(&inotify), 1, "inotify does not see opens of {dev:?}");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        let attacker = {
+            let (stop, swaps, d) = (stop.clone(), swaps.clone(), d.clone());
+            std::thread::spawn(move || {
+                let dir = rfs::open(&d, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+                let mut r = Rng::new(run + 7);
+                while !stop.load(Ordering::Relaxed) || swaps.load(Ordering::Relaxed) < 1000 {
+                    let f = format!("f{}", r.below(N as u64));
+                    if rfs::renameat_with(&dir, "dev", &dir, f.as_str(), rfs::RenameFlags::EXCHANGE)
+                        .is_ok()
+                    {
+                        swaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        while swaps.load(Ordering::Relaxed) < 50 {
+            std::hint::spin_loop();
+        }
+        let rep = shift_tree(&d, &m, &opts(2));
+        stop.store(true, Ordering::Relaxed);
+        attacker.join().unwrap();
+        let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
+        total_swaps += swaps.load(Ordering::Relaxed);
+        assert_eq!(opens_seen(&inotify), 0, "run {run}: the walker opened the device node");
+        assert_eq!(rep.entry_access, expected_access(), "run {run}");
+        // Every entry, the device included, shifted exactly once.
+        for e in fs::read_dir(&d).unwrap() {
+            let md = fs::symlink_metadata(e.unwrap().path()).unwrap();
+            assert_eq!((md.uid(), md.gid()), (100000, 100000), "run {run}");
+        }
+    }
+    eprintln!("{runs} runs, {total_swaps} swaps");
+}
+
+#[test]
+fn entry_access_follows_the_mount() {
+    privileged!();
+    let m = map(MAP);
+    // A mount that is not nodev, nothing below the tree: a nodev clone.
+    let fs = TestFs::ext4_sized(64, 4096);
+    let a = fs.root.join("a");
+    fs::create_dir(&a).unwrap();
+    fs::write(a.join("f"), "x").unwrap();
+    assert_eq!(shift(&a, &m, &opts(1)).entry_access, expected_access());
+    // A mount below the tree: a clone would show what it covers, so O_PATH
+    // pins and /proc paths.
+    let b = fs.root.join("b");
+    fs::create_dir_all(b.join("sub")).unwrap();
+    fs::write(b.join("f"), "x").unwrap();
+    let inner = TestFs::tmpfs();
+    run(Command::new("mount").arg("--bind").arg(&inner.root).arg(b.join("sub")));
+    let rep = shift(&b, &m, &opts(1));
+    assert_eq!(rep.entry_access, EntryAccess::ProcPaths);
+    assert_eq!(rep.skipped_mounts, 1);
+    assert_eq!(owner(&b.join("f")), (100000, 100000));
+    run(Command::new("umount").arg(b.join("sub")));
+    // A nodev mount: opened for reading on the mount itself (if openat2 works).
+    let nodev = TestFs::tmpfs();
+    run(Command::new("mount")
+        .args(["-o", "remount,bind,nodev"])
+        .arg(&nodev.root));
+    let c = nodev.root.join("c");
+    fs::create_dir(&c).unwrap();
+    fs::write(c.join("f"), "x").unwrap();
+    let f = idmapped::features::features();
+    let want = if forced_fallback("nodev_view")
+        || f.openat2 != idmapped::features::Availability::Available
+    {
+        EntryAccess::ProcPaths
+    } else {
+        EntryAccess::NodevMount
+    };
+    assert_eq!(shift(&c, &m, &opts(1)).entry_access, want);
+    assert_eq!(owner(&c.join("f")), (100000, 100000));
 }
 
 #[test]

@@ -26,11 +26,16 @@
 //!   ACL two entries for one id, the run refuses before changing anything.
 //!   With [`OutOfRange::Fail`] the tree is scanned first and nothing changes
 //!   if any id is uncovered.
-//! - **Race-free.** Every entry is pinned (`openat(O_PATH|O_NOFOLLOW)`) and
-//!   checked to be the inode its directory listing named (`d_ino`); its
-//!   state is read and written only through that descriptor (`statx` and
-//!   `fchownat` with `AT_EMPTY_PATH`, xattrs and chmod through its
-//!   `/proc/self/fd` link). A name whose inode was exchanged has its
+//! - **Race-free.** Every entry is pinned by one open and checked to be the
+//!   inode its directory listing named (`d_ino`); its state is read and
+//!   written only through that descriptor (`statx` and `fchownat` with
+//!   `AT_EMPTY_PATH`, `fchmod`, `f*xattr`). A regular file is opened for
+//!   reading only through a `nodev` mount (the tree's own, or a private
+//!   `nodev` clone of it), so a device node swapped in under its name fails
+//!   to open before any driver runs; everything else, and every entry where
+//!   no `nodev` view can be had, is pinned `O_PATH|O_NOFOLLOW` and its xattr
+//!   and chmod calls go through its `/proc/self/fd` link
+//!   ([`ShiftReport::entry_access`] says which). A name whose inode was exchanged has its
 //!   directory walked again, and every inode is shifted at most once per run
 //!   (an in-memory set of the inodes changed), so an attacker renaming or
 //!   exchanging entries inside the tree can neither redirect a change nor
@@ -105,7 +110,8 @@
 //! cannot hold the record: refused, before anything changes.
 //!
 //! It needs `/proc` mounted (to name `O_PATH` descriptors in the xattr and
-//! chmod calls), and privilege: `CAP_CHOWN`, `CAP_FOWNER`, `CAP_FSETID`,
+//! chmod calls; on a `nodev` view only fifos, sockets, devices and files
+//! that refuse a read open go that way), and privilege: `CAP_CHOWN`, `CAP_FOWNER`, `CAP_FSETID`,
 //! `CAP_SETFCAP`, and `CAP_SYS_ADMIN` for the `trusted.*` xattrs.
 #![forbid(unsafe_code)]
 
@@ -317,12 +323,72 @@ pub struct ShiftReport {
     /// rename): their directories were walked again; true if, after that,
     /// something listed could still not be found (it left the directory).
     pub tree_changed: bool,
+    /// How the walk opened entries (the slowest way any mount needed).
+    pub entry_access: EntryAccess,
     /// Wall-clock time of the walk.
     pub elapsed: Duration,
 }
 
+/// How a walk opened the entries it changed ([`ShiftReport::entry_access`]).
+///
+/// Every entry is pinned by one open and every change goes through that
+/// descriptor; what differs is the cost of the xattr calls (listing, ACLs,
+/// capabilities), which an `O_PATH` descriptor cannot take directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum EntryAccess {
+    /// Nothing was walked (a completed shift, or nothing to do).
+    #[default]
+    NotWalked,
+    /// Regular files opened for reading on the tree's own mount, which is
+    /// `nodev` (so no device driver's `open` can run): xattr calls take the
+    /// descriptor.
+    NodevMount,
+    /// Regular files opened for reading through a private clone of the
+    /// tree's mount marked `nodev` (Linux 5.12; trees with no mount below
+    /// them).
+    NodevClone,
+    /// Every entry pinned `O_PATH`, its xattr calls through
+    /// `/proc/self/fd/N` (before Linux 5.12, mounts below the tree, a clone
+    /// refused, or `IDMAPPED_FORCE_FALLBACK=nodev_view`).
+    ProcPaths,
+}
+
+impl EntryAccess {
+    /// A short name for output (`nodev-mount`, `nodev-clone`, `proc-paths`,
+    /// `not-walked`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryAccess::NotWalked => "not-walked",
+            EntryAccess::NodevMount => "nodev-mount",
+            EntryAccess::NodevClone => "nodev-clone",
+            EntryAccess::ProcPaths => "proc-paths",
+        }
+    }
+
+    pub(crate) fn opens_for_reading(self) -> bool {
+        matches!(self, EntryAccess::NodevMount | EntryAccess::NodevClone)
+    }
+
+    /// The slower of two (for a report over several mounts).
+    fn slower(self, other: EntryAccess) -> EntryAccess {
+        let rank = |a: EntryAccess| match a {
+            EntryAccess::NotWalked => 0,
+            EntryAccess::NodevMount => 1,
+            EntryAccess::NodevClone => 2,
+            EntryAccess::ProcPaths => 3,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 impl ShiftReport {
-    fn absorb(&mut self, o: ShiftReport) {
+    /// Add `o` (another mount's walk) to this report.
+    pub(crate) fn absorb(&mut self, o: ShiftReport) {
         self.visited += o.visited;
         self.changed += o.changed;
         self.already_shifted += o.already_shifted;
@@ -338,6 +404,7 @@ impl ShiftReport {
         self.tree_changed |= o.tree_changed;
         self.resumed |= o.resumed;
         self.completed_before &= o.completed_before;
+        self.entry_access = self.entry_access.slower(o.entry_access);
         self.elapsed += o.elapsed;
     }
 }
@@ -719,6 +786,7 @@ fn shift_one(
         Some(r) => Some(r),
         None => None,
     };
+    let view = walk::View::open(&fd, path)?;
     let resumed = record.as_ref().is_some_and(|r| r.since.is_some());
     let mut spec = walk::Spec {
         mapping,
@@ -735,7 +803,7 @@ fn shift_one(
     // Find out first where the run must change nothing if it cannot finish.
     if needs_scan(mapping, oor, links) || options.dry_run {
         spec.scan = true;
-        let scanned = walk::run(&fd, path, &spec, options, &mut |_| Ok(()))?;
+        let scanned = walk::run(&view, path, &spec, options, &mut |_| Ok(()))?;
         if options.dry_run {
             return Ok(Some(ShiftReport {
                 resumed,
@@ -776,7 +844,7 @@ fn shift_one(
         }
         store_record(fd.as_fd(), path, &record)
     };
-    let mut report = walk::run(&fd, path, &spec, options, &mut finish)?;
+    let mut report = walk::run(&view, path, &spec, options, &mut finish)?;
     report.resumed = resumed;
     report.elapsed = start.elapsed();
     Ok(Some(report))
@@ -920,6 +988,7 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
         }
     };
     let inverse = record.mapping.inverse();
+    let view = walk::View::open(&fd, path)?;
     let spec = walk::Spec {
         mapping: &inverse,
         out_of_range: OutOfRange::Keep,
@@ -940,7 +1009,7 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
             store_record(fd.as_fd(), path, &record)
         }
     };
-    let mut report = walk::run(&fd, path, &spec, options, &mut finish)?;
+    let mut report = walk::run(&view, path, &spec, options, &mut finish)?;
     report.resumed = resumed;
     report.elapsed = start.elapsed();
     Ok(Some(report))

@@ -11,10 +11,13 @@
 //! another is idle, it hands the back half of the names still to do (with a
 //! duplicate of the directory's descriptor) to the queue.
 //!
-//! Per entry: `openat(O_PATH|O_NOFOLLOW)` pins the name, `statx` of that
-//! descriptor must show the inode the listing's `d_ino` named (else the
-//! directory is walked again afterwards), and every read and write goes
-//! through the descriptor. See the module docs of `chown` for the
+//! Per entry: one open pins the name, `statx` of that descriptor must show
+//! the inode the listing's `d_ino` named (else the directory is walked again
+//! afterwards), and every read and write goes through the descriptor. Where
+//! the walk goes through a `nodev` mount ([`View`]) a regular file is opened
+//! for reading, so its xattr calls take the descriptor itself; anything
+//! else, and every entry elsewhere, is pinned `O_PATH` and its xattr calls
+//! name it through `/proc/self/fd`. See the module docs of `chown` for the
 //! bookkeeping (record, ctime threshold, stash).
 #![forbid(unsafe_code)]
 
@@ -38,20 +41,25 @@ use rustix::io::Errno;
 use super::xattr::{
     translate_acl, AclId, FileCaps, Stash, State, ACL_ACCESS, ACL_DEFAULT, CAPABILITY, STASH,
 };
-use super::{KeptId, OutOfRange, OutsideLinks, Progress, ShiftOptions, ShiftReport};
+use super::{EntryAccess, KeptId, OutOfRange, OutsideLinks, Progress, ShiftOptions, ShiftReport};
 use crate::error::{Error, ErrorKind, Result};
+use crate::features::{self, Availability};
 use crate::map::{IdMap, Mapping, OVERFLOW_ID};
+use crate::mount::{CloneFlags, DetachedMount, MountAttr, MountAttrFlags};
 
 const DT_UNKNOWN: u8 = 0;
 const DT_DIR: u8 = 4;
+const DT_REG: u8 = 8;
 const DT_LNK: u8 = 10;
-const DT_OTHER: u8 = 8;
+/// Fifos, sockets, devices: never opened for reading.
+const DT_OTHER: u8 = 1;
 
 /// A listing's file type, as the `DT_*` number the walker needs.
 fn dtype(t: rfs::FileType) -> u8 {
     match t {
         rfs::FileType::Directory => DT_DIR,
         rfs::FileType::Symlink => DT_LNK,
+        rfs::FileType::RegularFile => DT_REG,
         rfs::FileType::Unknown => DT_UNKNOWN,
         _ => DT_OTHER,
     }
@@ -281,6 +289,11 @@ struct Ctx<'a> {
     changed: AtomicU64,
     /// 0 unknown, 1 `openat2` works, 2 it does not (old kernel, seccomp).
     openat2: AtomicU8,
+    /// Regular files may be opened for reading: the walk goes through a
+    /// `nodev` mount ([`View`]). Cleared if `openat2` turns out missing.
+    read_opens: AtomicBool,
+    /// 0 unknown, 1 `listxattrat`/`getxattrat` work (6.13), 2 they do not.
+    xattrat: AtomicU8,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -439,16 +452,20 @@ impl Names {
 }
 
 /// An inode the walker may change, named so that no path is ever followed:
-/// a real directory descriptor, or an `O_PATH` descriptor reached through
-/// its `/proc/self/fd` magic link (which names exactly that inode, whatever
+/// a descriptor opened for reading (a directory, or a regular file on a
+/// `nodev` mount), or an `O_PATH` descriptor reached through its
+/// `/proc/self/fd` magic link (which names exactly that inode, whatever
 /// happens to the tree meanwhile).
 #[derive(Clone, Copy)]
 enum Handle<'f> {
-    Dir(BorrowedFd<'f>),
+    Open(BorrowedFd<'f>),
     Path(BorrowedFd<'f>),
     /// `/proc/self/fd/<dir>/<name>`, read with the `l*` xattr calls (the
     /// last component not followed): for the read-only scan only.
     Named(&'f CStr),
+    /// `<dir>` and `<name>`, read with `listxattrat`/`getxattrat` and
+    /// `AT_SYMLINK_NOFOLLOW` (Linux 6.13): for the read-only scan only.
+    At(BorrowedFd<'f>, &'f CStr),
 }
 
 /// `/proc/self/fd/<dir>/<name>`.
@@ -461,17 +478,20 @@ fn entry_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
 impl Handle<'_> {
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         match *self {
-            Handle::Dir(fd) | Handle::Path(fd) => Some(fd),
-            Handle::Named(_) => None,
+            Handle::Open(fd) | Handle::Path(fd) => Some(fd),
+            Handle::Named(_) | Handle::At(..) => None,
         }
     }
 
     fn list(&self, buf: &mut Vec<u8>) -> std::result::Result<Names, Errno> {
         loop {
             let n = match *self {
-                Handle::Dir(fd) => rfs::flistxattr(fd, &mut buf[..]),
+                Handle::Open(fd) => rfs::flistxattr(fd, &mut buf[..]),
                 Handle::Path(fd) => rfs::listxattr(proc_fd_path(fd), &mut buf[..]),
                 Handle::Named(p) => rfs::llistxattr(p, &mut buf[..]),
+                Handle::At(dir, name) => {
+                    crate::sys::listxattrat(dir, name, AT_SYMLINK_NOFOLLOW, &mut buf[..])
+                }
             };
             match n {
                 Ok(n) => return Ok(Names::parse(&buf[..n])),
@@ -486,9 +506,15 @@ impl Handle<'_> {
         let mut buf = vec![0u8; 256];
         loop {
             let n = match *self {
-                Handle::Dir(fd) => rfs::fgetxattr(fd, name, &mut buf[..]),
+                Handle::Open(fd) => rfs::fgetxattr(fd, name, &mut buf[..]),
                 Handle::Path(fd) => rfs::getxattr(proc_fd_path(fd), name, &mut buf[..]),
                 Handle::Named(p) => rfs::lgetxattr(p, name, &mut buf[..]),
+                Handle::At(dir, entry) => {
+                    let Ok(cname) = CString::new(name) else {
+                        return Err(Errno::INVAL);
+                    };
+                    crate::sys::getxattrat(dir, entry, AT_SYMLINK_NOFOLLOW, &cname, &mut buf[..])
+                }
             };
             match n {
                 Ok(n) => {
@@ -505,17 +531,17 @@ impl Handle<'_> {
     fn set(&self, name: &str, value: &[u8]) -> std::result::Result<(), Errno> {
         let flags = rfs::XattrFlags::empty();
         match *self {
-            Handle::Dir(fd) => rfs::fsetxattr(fd, name, value, flags),
+            Handle::Open(fd) => rfs::fsetxattr(fd, name, value, flags),
             Handle::Path(fd) => rfs::setxattr(proc_fd_path(fd), name, value, flags),
-            Handle::Named(_) => Err(Errno::PERM),
+            Handle::Named(_) | Handle::At(..) => Err(Errno::PERM),
         }
     }
 
     fn remove(&self, name: &str) -> std::result::Result<(), Errno> {
         let r = match *self {
-            Handle::Dir(fd) => rfs::fremovexattr(fd, name),
+            Handle::Open(fd) => rfs::fremovexattr(fd, name),
             Handle::Path(fd) => rfs::removexattr(proc_fd_path(fd), name),
-            Handle::Named(_) => Err(Errno::PERM),
+            Handle::Named(_) | Handle::At(..) => Err(Errno::PERM),
         };
         match r {
             Err(Errno::NODATA) => Ok(()),
@@ -539,20 +565,24 @@ impl Handle<'_> {
     fn chmod(&self, mode: u32) -> std::result::Result<(), Errno> {
         let mode = Mode::from_bits_retain(mode & PERMS);
         match *self {
-            Handle::Dir(fd) => rfs::fchmod(fd, mode),
+            Handle::Open(fd) => rfs::fchmod(fd, mode),
             Handle::Path(fd) => rfs::chmodat(CWD, proc_fd_path(fd), mode, AtFlags::empty()),
-            Handle::Named(_) => Err(Errno::PERM),
+            Handle::Named(_) | Handle::At(..) => Err(Errno::PERM),
         }
     }
 
     fn describe(&self) -> String {
         match *self {
-            Handle::Dir(fd) => format!("fd {}", fd.as_raw_fd()),
+            Handle::Open(fd) => format!("fd {}", fd.as_raw_fd()),
             Handle::Path(fd) => format!("\"/proc/self/fd/{}\"", fd.as_raw_fd()),
             Handle::Named(p) => format!("{p:?}"),
+            Handle::At(dir, name) => format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd()),
         }
     }
 }
+
+/// `AT_SYMLINK_NOFOLLOW` for the `*xattrat` calls.
+const AT_SYMLINK_NOFOLLOW: u32 = libc::AT_SYMLINK_NOFOLLOW as u32;
 
 /// Double an xattr buffer after `ERANGE`; give up at 1 MiB (the VFS limit is 64 KiB).
 fn grow(buf: &mut Vec<u8>) -> std::result::Result<(), Errno> {
@@ -584,10 +614,92 @@ pub(super) fn dev_ino(fd: BorrowedFd<'_>, path: &Path) -> Result<(u64, u64)> {
     fstatx(fd, path).map(|m| m.key())
 }
 
+/// The mount a walk goes through, and how it may open entries.
+pub(super) struct View {
+    /// A private clone of the tree's mount, marked `nodev`, unmounted when
+    /// the view is dropped.
+    _clone: Option<DetachedMount>,
+    /// The tree's root directory, on the mount the walk goes through.
+    pub(super) root: OwnedFd,
+    pub(super) access: EntryAccess,
+}
+
+impl View {
+    /// The view of the tree whose root directory is `fd` (at `path`).
+    ///
+    /// Opening a regular file for reading lets its xattr calls take the
+    /// descriptor (an `O_PATH` one needs a `/proc/self/fd` path walk per
+    /// call, the largest cost per entry), but an open of a device runs its
+    /// driver, and an attacker can swap a device node in under a name the
+    /// listing gave as a regular file. On a `nodev` mount that open fails
+    /// before any driver runs. So: the mount itself if it is `nodev`; else a
+    /// private non-recursive clone marked `nodev` (`open_tree` +
+    /// `mount_setattr`, Linux 5.12), used only where no mount lies below the
+    /// tree (a clone without them would show what they cover); else
+    /// [`EntryAccess::ProcPaths`]. Opens for reading also need `openat2`
+    /// (`RESOLVE_NO_XDEV`). `IDMAPPED_FORCE_FALLBACK=nodev_view` forces the
+    /// last rung.
+    pub(super) fn open(fd: &OwnedFd, path: &Path) -> Result<View> {
+        let dup = |fd: BorrowedFd<'_>| {
+            rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| {
+                sys("fcntl", format!("fd {}, F_DUPFD_CLOEXEC", fd.as_raw_fd()), e, path)
+            })
+        };
+        let proc_paths = || {
+            Ok(View {
+                _clone: None,
+                root: dup(fd.as_fd())?,
+                access: EntryAccess::ProcPaths,
+            })
+        };
+        let f = features::features();
+        if features::forced_fallback("nodev_view") || f.openat2 != Availability::Available {
+            return proc_paths();
+        }
+        let nodev = rfs::fstatvfs(fd)
+            .is_ok_and(|st| st.f_flag.contains(rfs::StatVfsMountFlags::NODEV));
+        if nodev {
+            return Ok(View {
+                _clone: None,
+                root: dup(fd.as_fd())?,
+                access: EntryAccess::NodevMount,
+            });
+        }
+        if f.mount_setattr != Availability::Available {
+            return proc_paths();
+        }
+        match crate::mounttable::subtree(path) {
+            Ok(mounts) if mounts.len() == 1 => {}
+            _ => return proc_paths(),
+        }
+        let Ok(mut clone) = DetachedMount::clone_tree_at(fd, "", CloneFlags::empty()) else {
+            return proc_paths();
+        };
+        if clone
+            .set_attr(&MountAttr::new().set(MountAttrFlags::NODEV))
+            .is_err()
+        {
+            return proc_paths();
+        }
+        let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(root) = rfs::openat(&clone, c".", oflags, Mode::empty()) else {
+            return proc_paths();
+        };
+        if fstatx(root.as_fd(), path)?.key() != fstatx(fd.as_fd(), path)?.key() {
+            return proc_paths();
+        }
+        Ok(View {
+            _clone: Some(clone),
+            root,
+            access: EntryAccess::NodevClone,
+        })
+    }
+}
+
 /// Remove the root's stash left by a run killed between writing the `done`
 /// record and removing it.
 pub(super) fn drop_root_stash(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    Handle::Dir(fd)
+    Handle::Open(fd)
         .remove(STASH)
         .or_else(|e| if e == Errno::NOTSUP { Ok(()) } else { Err(e) })
         .map_err(|e| {
@@ -950,15 +1062,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         if self.ctx.spec.scan {
             return self.look(dir, dmeta, dpath, name, d_type, subdirs);
         }
-        // O_PATH opens nothing (no fifo blocks, no device driver runs) and,
-        // with O_NOFOLLOW, pins a symlink itself.
-        let fd = match rfs::openat(
-            dir,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
+        let (fd, opened) = match pin(self.ctx, dir, name, d_type) {
+            Ok(pinned) => pinned,
             Err(Errno::NOENT) => {
                 // Renamed away or removed since the listing.
                 self.mismatch = true;
@@ -997,8 +1102,12 @@ impl<'c, 'a> Worker<'c, 'a> {
             self.counts.dedup += 1;
             return Ok(());
         }
-        self.shift_inode(Handle::Path(fd.as_fd()), &m, &p, false)
-            .map(|_| ())
+        let h = if opened {
+            Handle::Open(fd.as_fd())
+        } else {
+            Handle::Path(fd.as_fd())
+        };
+        self.shift_inode(h, &m, &p, false).map(|_| ())
     }
 
     /// [`visit`](Self::visit) for the read-only scan: no pinning (nothing
@@ -1027,12 +1136,17 @@ impl<'c, 'a> Worker<'c, 'a> {
             return Ok(());
         }
         if light && d_type != DT_DIR && d_type != DT_UNKNOWN {
-            let named = entry_path(dir, name);
-            let h = Handle::Named(&named);
+            let named;
+            let h = if self.ctx.xattrat.load(Ordering::Relaxed) == 1 {
+                Handle::At(dir, name)
+            } else {
+                named = entry_path(dir, name);
+                Handle::Named(&named)
+            };
             let names = match h.list(&mut self.list) {
                 Ok(n) => n,
                 Err(Errno::NOENT) => return Ok(()),
-                Err(e) => return Err(sys("llistxattr", format!("{named:?}"), e, &path)),
+                Err(e) => return Err(sys("llistxattr", h.describe(), e, &path)),
             };
             if !names.acl_access && !names.acl_default {
                 return Ok(());
@@ -1042,7 +1156,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                     return Ok(None);
                 }
                 h.get(x)
-                    .map_err(|e| sys("lgetxattr", format!("{named:?}, {x:?}"), e, &path))
+                    .map_err(|e| sys("lgetxattr", format!("{}, {x:?}", h.describe()), e, &path))
             };
             let st = State {
                 acl_access: get(names.acl_access, ACL_ACCESS)?,
@@ -1079,8 +1193,14 @@ impl<'c, 'a> Worker<'c, 'a> {
             self.counts.dedup += 1;
             return Ok(());
         }
-        let named = entry_path(dir, name);
-        self.shift_inode(Handle::Named(&named), &m, &path, false)
+        let named;
+        let h = if self.ctx.xattrat.load(Ordering::Relaxed) == 1 {
+            Handle::At(dir, name)
+        } else {
+            named = entry_path(dir, name);
+            Handle::Named(&named)
+        };
+        self.shift_inode(h, &m, &path, false)
             .map(|_| ())
     }
 
@@ -1412,7 +1532,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             // The name is not needed again; free it (wide trees).
             let name = std::mem::take(&mut top.subdirs[idx].name);
             path.push(OsStr::from_bytes(name.to_bytes()));
-            self.shift_inode(Handle::Dir(cfd.as_fd()), &cmeta, &path, false)?;
+            self.shift_inode(Handle::Open(cfd.as_fd()), &cmeta, &path, false)?;
             let mut cfd = cfd;
             if pending > 0 && self.ctx.waiting.load(Ordering::Relaxed) > 0 {
                 let work = Work {
@@ -1450,6 +1570,50 @@ impl<'c, 'a> Worker<'c, 'a> {
 
 fn lost(path: &Path) -> Error {
     changed_under_us(path, "internal: the walk lost a directory descriptor")
+}
+
+/// Pin the entry `name` of `dir`; true if it was opened for reading.
+///
+/// On a `nodev` view ([`Ctx::read_opens`]) a name listed as a regular file
+/// (or untyped) is opened `O_RDONLY|O_NONBLOCK|O_NOCTTY|O_NOFOLLOW` with
+/// `RESOLVE_BENEATH|RESOLVE_NO_XDEV|RESOLVE_NO_SYMLINKS`: `nodev` makes a
+/// device swapped in under the name fail with `EACCES` before any driver's
+/// `open` runs, `O_NONBLOCK` keeps a fifo from blocking and a lease from
+/// stalling the walk (`EWOULDBLOCK`), and `NO_XDEV` keeps the open on this
+/// mount. A fifo swapped in is opened and closed at once (its writers see a
+/// reader come and go); a socket gives `ENXIO`. On any refusal the name is
+/// pinned `O_PATH` instead, which opens nothing (no fifo blocks, no driver
+/// runs) and, with `O_NOFOLLOW`, pins a symlink itself.
+fn pin(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    d_type: u8,
+) -> std::result::Result<(OwnedFd, bool), Errno> {
+    if (d_type == DT_REG || d_type == DT_UNKNOWN) && ctx.read_opens.load(Ordering::Relaxed) {
+        let oflags = OFlags::RDONLY
+            | OFlags::NONBLOCK
+            | OFlags::NOCTTY
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC;
+        let resolve = ResolveFlags::BENEATH
+            | ResolveFlags::NO_XDEV
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS;
+        match rfs::openat2(dir, name, oflags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok((fd, true)),
+            Err(Errno::NOENT) => return Err(Errno::NOENT),
+            Err(Errno::NOSYS) => ctx.read_opens.store(false, Ordering::Relaxed),
+            Err(_) => {}
+        }
+    }
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok((fd, false))
 }
 
 /// Open a directory entry as a directory, never through a symlink, never out
@@ -1593,6 +1757,19 @@ fn check_proc(root: BorrowedFd<'_>, meta: &Meta, path: &Path) -> Result<()> {
     }
 }
 
+/// Whether `listxattrat`/`getxattrat` (Linux 6.13) work here: 1 yes, 2 no.
+/// `IDMAPPED_FORCE_FALLBACK=xattrat` says no.
+fn probe_xattrat(root: BorrowedFd<'_>) -> u8 {
+    if features::forced_fallback("xattrat") {
+        return 2;
+    }
+    match crate::sys::listxattrat(root, c".", AT_SYMLINK_NOFOLLOW, &mut [0u8; 0]) {
+        // Seccomp filters answer unknown calls with ENOSYS or EPERM.
+        Err(Errno::NOSYS) | Err(Errno::PERM) => 2,
+        _ => 1,
+    }
+}
+
 /// What one id becomes.
 #[derive(Debug, Clone, Copy)]
 enum Tr {
@@ -1657,13 +1834,14 @@ impl Queue {
 /// everything below the root, then the root itself (through its stash),
 /// then `finish` (which marks the record done), then the root's stash goes.
 pub(super) fn run(
-    root_fd: &OwnedFd,
+    view: &View,
     root: &Path,
     spec: &Spec<'_>,
     opts: &ShiftOptions,
     finish: &mut dyn FnMut(&Frozen) -> Result<()>,
 ) -> Result<ShiftReport> {
     let start = Instant::now();
+    let root_fd = &view.root;
     let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let root_meta = fstatx(root_fd.as_fd(), root)?;
     check_proc(root_fd.as_fd(), &root_meta, root)?;
@@ -1729,11 +1907,13 @@ pub(super) fn run(
         visited: AtomicU64::new(0),
         changed: AtomicU64::new(0),
         // IDMAPPED_FORCE_FALLBACK=openat2 tests the pre-5.6 path.
-        openat2: AtomicU8::new(if crate::features::forced_fallback("openat2") {
+        openat2: AtomicU8::new(if features::forced_fallback("openat2") {
             2
         } else {
             0
         }),
+        read_opens: AtomicBool::new(view.access.opens_for_reading()),
+        xattrat: AtomicU8::new(probe_xattrat(root_fd.as_fd())),
     };
 
     let mut counts = pool(
@@ -1791,7 +1971,7 @@ pub(super) fn run(
     // either finishes the root from its stash or finds the record done.
     let mut w = Worker::new(&ctx);
     w.visited_one();
-    let stashed = w.shift_inode(Handle::Dir(root_fd.as_fd()), &root_meta, root, !spec.scan)?;
+    let stashed = w.shift_inode(Handle::Open(root_fd.as_fd()), &root_meta, root, !spec.scan)?;
     w.flush_progress();
     counts.add(&w.counts);
 
@@ -1849,6 +2029,11 @@ pub(super) fn run(
         outside_links: outside.into_iter().map(|o| o.0).collect(),
         recovered: counts.recovered,
         tree_changed: ctx.tree_changed.load(Ordering::Relaxed),
+        entry_access: if ctx.read_opens.load(Ordering::Relaxed) {
+            view.access
+        } else {
+            EntryAccess::ProcPaths
+        },
         elapsed: start.elapsed(),
     })
 }
