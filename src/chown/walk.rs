@@ -265,7 +265,7 @@ struct Ctx<'a> {
     threads: usize,
     window: usize,
     /// Inodes this run changed (or, scanning, would change): none twice.
-    claimed: Vec<Mutex<HashSet<(u64, u64)>>>,
+    claimed: Vec<Mutex<InodeSet>>,
     /// Multiply-linked inodes, by (dev, ino).
     links: Vec<Mutex<HashMap<(u64, u64), Links>>>,
     kept: Mutex<Vec<KeptId>>,
@@ -295,6 +295,28 @@ struct Ctx<'a> {
     /// 0 unknown, 1 `listxattrat`/`getxattrat` work (6.13), 2 they do not.
     xattrat: AtomicU8,
 }
+
+/// A hasher for (dev, ino) keys, cheaper than SipHash on the per-entry
+/// path. The filesystems the walker shifts assign inode numbers themselves
+/// (FUSE, where a user could pick them, is not among them).
+#[derive(Default, Clone, Copy)]
+struct InodeHasher(u64);
+
+impl Hasher for InodeHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type InodeSet = HashSet<(u64, u64), std::hash::BuildHasherDefault<InodeHasher>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -594,8 +616,8 @@ fn grow(buf: &mut Vec<u8>) -> std::result::Result<(), Errno> {
     Ok(())
 }
 
-/// `statx` of an open fd; `path` names it in the error.
-fn fstatx(fd: BorrowedFd<'_>, path: &Path) -> Result<Meta> {
+/// `statx` of an open fd.
+fn statx_fd(fd: BorrowedFd<'_>) -> std::result::Result<Meta, Errno> {
     rfs::statx(
         fd,
         c"",
@@ -603,10 +625,16 @@ fn fstatx(fd: BorrowedFd<'_>, path: &Path) -> Result<Meta> {
         STATX_MASK,
     )
     .map(|st| Meta::new(&st))
-    .map_err(|e| {
-        let args = format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd());
-        sys("statx", args, e, path)
-    })
+}
+
+fn statx_error(fd: BorrowedFd<'_>, e: Errno, path: &Path) -> Error {
+    let args = format!("fd {}, \"\", AT_EMPTY_PATH", fd.as_raw_fd());
+    sys("statx", args, e, path)
+}
+
+/// `statx` of an open fd; `path` names it in the error.
+fn fstatx(fd: BorrowedFd<'_>, path: &Path) -> Result<Meta> {
+    statx_fd(fd).map_err(|e| statx_error(fd, e, path))
 }
 
 /// Device and inode number of an open directory.
@@ -742,6 +770,37 @@ enum Op {
     Cap(Option<Vec<u8>>),
 }
 
+/// The changes to one entry: at most one of each kind (two ACLs, owner,
+/// mode, capability), kept on the stack.
+struct Ops {
+    items: [Option<Op>; 5],
+    len: usize,
+}
+
+impl Ops {
+    fn new() -> Ops {
+        Ops {
+            items: [None, None, None, None, None],
+            len: 0,
+        }
+    }
+    fn push(&mut self, op: Op) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = Some(op);
+            self.len += 1;
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    fn iter(&self) -> impl Iterator<Item = &Op> {
+        self.items.iter().flatten()
+    }
+}
+
 struct Worker<'c, 'a> {
     ctx: &'c Ctx<'a>,
     counts: Counts,
@@ -758,6 +817,8 @@ struct Worker<'c, 'a> {
     mismatch: bool,
     /// The current pass handed names to another worker.
     split: bool,
+    /// Reused for the path of the entry at hand.
+    path_buf: PathBuf,
 }
 
 impl<'c, 'a> Worker<'c, 'a> {
@@ -775,6 +836,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             pinned: Vec::new(),
             mismatch: false,
             split: false,
+            path_buf: PathBuf::new(),
         }
     }
 
@@ -1074,7 +1136,7 @@ impl<'c, 'a> Worker<'c, 'a> {
                 return Err(sys("openat", a, e, &path()));
             }
         };
-        let m = fstatx(fd.as_fd(), &path())?;
+        let m = statx_fd(fd.as_fd()).map_err(|e| statx_error(fd.as_fd(), e, &path()))?;
         if m.is_mount_below(dmeta) {
             // The listing names the directory under the mount point, hidden.
             if let Some(ino) = d_ino {
@@ -1097,17 +1159,25 @@ impl<'c, 'a> Worker<'c, 'a> {
             });
             return Ok(());
         }
-        let p = path();
-        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &p) {
+        // The entry's path, for errors and reports, in a buffer kept across
+        // entries (no allocation per entry).
+        let mut p = std::mem::take(&mut self.path_buf);
+        p.clear();
+        p.push(dpath);
+        p.push(OsStr::from_bytes(name.to_bytes()));
+        let r = if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &p) {
             self.counts.dedup += 1;
-            return Ok(());
-        }
-        let h = if opened {
-            Handle::Open(fd.as_fd())
+            Ok(())
         } else {
-            Handle::Path(fd.as_fd())
+            let h = if opened {
+                Handle::Open(fd.as_fd())
+            } else {
+                Handle::Path(fd.as_fd())
+            };
+            self.shift_inode(h, &m, &p, false).map(|_| ())
         };
-        self.shift_inode(h, &m, &p, false).map(|_| ())
+        self.path_buf = p;
+        r
     }
 
     /// [`visit`](Self::visit) for the read-only scan: no pinning (nothing
@@ -1123,7 +1193,27 @@ impl<'c, 'a> Worker<'c, 'a> {
         d_type: u8,
         subdirs: &mut Vec<SubDir>,
     ) -> Result<()> {
-        let path = dpath.join(OsStr::from_bytes(name.to_bytes()));
+        // The entry's path in the buffer kept across entries.
+        let mut path = std::mem::take(&mut self.path_buf);
+        path.clear();
+        path.push(dpath);
+        path.push(OsStr::from_bytes(name.to_bytes()));
+        let r = self.look_at(dir, dmeta, &path, name, d_type, subdirs);
+        self.path_buf = path;
+        r
+    }
+
+    // The hot path of the scan: the entry as the listing gave it.
+    #[allow(clippy::too_many_arguments)]
+    fn look_at(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        dmeta: &Meta,
+        path: &Path,
+        name: &CStr,
+        d_type: u8,
+        subdirs: &mut Vec<SubDir>,
+    ) -> Result<()> {
         let spec = self.ctx.spec;
         // A first run's scan for `keep` only looks for ACL collisions: a
         // non-directory needs no statx (its owner cannot make the run
@@ -1146,7 +1236,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             let names = match h.list(&mut self.list) {
                 Ok(n) => n,
                 Err(Errno::NOENT) => return Ok(()),
-                Err(e) => return Err(sys("llistxattr", h.describe(), e, &path)),
+                Err(e) => return Err(sys("llistxattr", h.describe(), e, path)),
             };
             if !names.acl_access && !names.acl_default {
                 return Ok(());
@@ -1156,14 +1246,14 @@ impl<'c, 'a> Worker<'c, 'a> {
                     return Ok(None);
                 }
                 h.get(x)
-                    .map_err(|e| sys("lgetxattr", format!("{}, {x:?}", h.describe()), e, &path))
+                    .map_err(|e| sys("lgetxattr", format!("{}, {x:?}", h.describe()), e, path))
             };
             let st = State {
                 acl_access: get(names.acl_access, ACL_ACCESS)?,
                 acl_default: get(names.acl_default, ACL_DEFAULT)?,
                 ..State::default()
             };
-            return self.plan(&st, &path).map(|_| ());
+            return self.plan(&st, path).map(|_| ());
         }
         let m = match rfs::statx(
             dir,
@@ -1175,7 +1265,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             Err(Errno::NOENT) => return Ok(()),
             Err(e) => {
                 let a = format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd());
-                return Err(sys("statx", a, e, &path));
+                return Err(sys("statx", a, e, path));
             }
         };
         if m.is_mount_below(dmeta) {
@@ -1189,7 +1279,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             });
             return Ok(());
         }
-        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, &path) {
+        if m.nlink > 1 && !self.ctx.link_found(&m, dmeta, name, path) {
             self.counts.dedup += 1;
             return Ok(());
         }
@@ -1200,7 +1290,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             named = entry_path(dir, name);
             Handle::Named(&named)
         };
-        self.shift_inode(h, &m, &path, false)
+        self.shift_inode(h, &m, path, false)
             .map(|_| ())
     }
 
@@ -1267,7 +1357,7 @@ impl<'c, 'a> Worker<'c, 'a> {
         // The changes, in order: ACLs (chown leaves them alone), owner
         // (which, on a non-directory, drops setuid, setgid-with-group-exec
         // and the capability), mode, capability.
-        let mut ops = Vec::new();
+        let mut ops = Ops::new();
         for (xname, c, w) in [
             (ACL_ACCESS, &cur.acl_access, &want.acl_access),
             (ACL_DEFAULT, &cur.acl_default, &want.acl_default),
@@ -1345,7 +1435,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             h.set(STASH, &s.encode())
                 .map_err(|e| xerr("setxattr", STASH, e))?;
         }
-        for op in &ops {
+        for op in ops.iter() {
             match op {
                 Op::Acl(xname, Some(v)) => {
                     h.set(xname, v).map_err(|e| xerr("setxattr", xname, e))?
@@ -1884,7 +1974,7 @@ pub(super) fn run(
         opts,
         threads,
         window,
-        claimed: (0..SHARDS).map(|_| Mutex::new(HashSet::new())).collect(),
+        claimed: (0..SHARDS).map(|_| Mutex::new(InodeSet::default())).collect(),
         links: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         kept: Mutex::new(Vec::new()),
         frozen: Mutex::new(Vec::new()),
