@@ -541,7 +541,7 @@ fn auto_per_mount(
     for (path, _, way) in &ways {
         if way.is_some() {
             let r = shift_tree(path, plan.shift_mapping()?, &options)?;
-            report = merge(report, r);
+            report.absorb(r);
         }
     }
     // Clone each mount on its own (idmapped or not) and attach it in place,
@@ -612,24 +612,6 @@ fn auto_per_mount(
         },
         top_attached,
     ))
-}
-
-fn merge(mut a: ShiftReport, b: ShiftReport) -> ShiftReport {
-    a.visited += b.visited;
-    a.changed += b.changed;
-    a.already_shifted += b.already_shifted;
-    a.hardlinks_deduplicated += b.hardlinks_deduplicated;
-    a.acls_rewritten += b.acls_rewritten;
-    a.capabilities_rewritten += b.capabilities_rewritten;
-    a.out_of_range += b.out_of_range;
-    a.kept_in_seen_range.extend(b.kept_in_seen_range);
-    a.skipped_mounts += b.skipped_mounts;
-    a.outside_links.extend(b.outside_links);
-    a.recovered += b.recovered;
-    a.tree_changed |= b.tree_changed;
-    a.resumed |= b.resumed;
-    a.elapsed += b.elapsed;
-    a
 }
 
 /// A directory `rel` beneath `root`, never through a symlink or `..`.

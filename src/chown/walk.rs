@@ -1072,8 +1072,13 @@ impl<'c, 'a> Worker<'c, 'a> {
                 let cut = i + (to - i) / 2;
                 let end = starts.get(to).copied().unwrap_or(names.len());
                 let fed = self.ctx.feed(|| {
-                    // No descriptor to spare: keep the names.
-                    let fd = rustix::io::fcntl_dupfd_cloexec(dir, 0).ok()?;
+                    // A descriptor of its own (not a dup: one open file
+                    // shared by two workers has its reference count
+                    // bounce between their CPUs on every call). None to
+                    // spare: keep the names.
+                    let oflags =
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                    let fd = rfs::openat(dir, c".", oflags, Mode::empty()).ok()?;
                     let base = starts[cut];
                     Some(Work {
                         fd,
