@@ -1307,9 +1307,18 @@ impl Display for Ratio {
                 Target::AtLeast => (v >= limit, ">="),
             };
             let verdict = if met { "met" } else { "MISSED" };
-            write!(f, " (target {sym} {limit}: {verdict})")?;
+            write!(f, " (target {sym} {}: {verdict})", fmt_limit(limit))?;
         }
         Ok(())
+    }
+}
+
+/// A ratio's target as a reader wants it: `1000`, `2`, `0.77`.
+fn fmt_limit(limit: f64) -> String {
+    if limit.fract() == 0.0 {
+        format!("{limit:.0}")
+    } else {
+        format!("{limit:.2}")
     }
 }
 

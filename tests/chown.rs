@@ -1024,7 +1024,11 @@ fn a_device_swapped_in_for_a_file_is_never_opened() {
         rfs::inotify::add_watch(&inotify, &dev, rfs::inotify::WatchFlags::OPEN).unwrap();
         // The watch works: our own open of the node is seen.
         drop(fs::File::open(&dev).unwrap());
-        assert_eq!(opens_seen(&inotify), 1, "inotify does not see opens of {dev:?}");
+        assert_eq!(
+            opens_seen(&inotify),
+            1,
+            "inotify does not see opens of {dev:?}"
+        );
 
         let stop = Arc::new(AtomicBool::new(false));
         let swaps = Arc::new(AtomicU64::new(0));
@@ -1051,7 +1055,11 @@ fn a_device_swapped_in_for_a_file_is_never_opened() {
         attacker.join().unwrap();
         let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
         total_swaps += swaps.load(Ordering::Relaxed);
-        assert_eq!(opens_seen(&inotify), 0, "run {run}: the walker opened the device node");
+        assert_eq!(
+            opens_seen(&inotify),
+            0,
+            "run {run}: the walker opened the device node"
+        );
         assert_eq!(rep.entry_access, expected_access(), "run {run}");
         // Every entry, the device included, shifted exactly once.
         for e in fs::read_dir(&d).unwrap() {
@@ -1078,7 +1086,10 @@ fn entry_access_follows_the_mount() {
     fs::create_dir_all(b.join("sub")).unwrap();
     fs::write(b.join("f"), "x").unwrap();
     let inner = TestFs::tmpfs();
-    run(Command::new("mount").arg("--bind").arg(&inner.root).arg(b.join("sub")));
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(&inner.root)
+        .arg(b.join("sub")));
     let rep = shift(&b, &m, &opts(1));
     assert_eq!(rep.entry_access, EntryAccess::ProcPaths);
     assert_eq!(rep.skipped_mounts, 1);

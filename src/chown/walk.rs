@@ -598,7 +598,9 @@ impl Handle<'_> {
             Handle::Open(fd) => format!("fd {}", fd.as_raw_fd()),
             Handle::Path(fd) => format!("\"/proc/self/fd/{}\"", fd.as_raw_fd()),
             Handle::Named(p) => format!("{p:?}"),
-            Handle::At(dir, name) => format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd()),
+            Handle::At(dir, name) => {
+                format!("fd {}, {name:?}, AT_SYMLINK_NOFOLLOW", dir.as_raw_fd())
+            }
         }
     }
 }
@@ -670,7 +672,12 @@ impl View {
     pub(super) fn open(fd: &OwnedFd, path: &Path) -> Result<View> {
         let dup = |fd: BorrowedFd<'_>| {
             rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| {
-                sys("fcntl", format!("fd {}, F_DUPFD_CLOEXEC", fd.as_raw_fd()), e, path)
+                sys(
+                    "fcntl",
+                    format!("fd {}, F_DUPFD_CLOEXEC", fd.as_raw_fd()),
+                    e,
+                    path,
+                )
             })
         };
         let proc_paths = || {
@@ -684,8 +691,8 @@ impl View {
         if features::forced_fallback("nodev_view") || f.openat2 != Availability::Available {
             return proc_paths();
         }
-        let nodev = rfs::fstatvfs(fd)
-            .is_ok_and(|st| st.f_flag.contains(rfs::StatVfsMountFlags::NODEV));
+        let nodev =
+            rfs::fstatvfs(fd).is_ok_and(|st| st.f_flag.contains(rfs::StatVfsMountFlags::NODEV));
         if nodev {
             return Ok(View {
                 _clone: None,
@@ -1295,8 +1302,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             named = entry_path(dir, name);
             Handle::Named(&named)
         };
-        self.shift_inode(h, &m, path, false)
-            .map(|_| ())
+        self.shift_inode(h, &m, path, false).map(|_| ())
     }
 
     /// The procedure for one pinned inode. Returns whether a stash was
@@ -1686,11 +1692,8 @@ fn pin(
     d_type: u8,
 ) -> std::result::Result<(OwnedFd, bool), Errno> {
     if (d_type == DT_REG || d_type == DT_UNKNOWN) && ctx.read_opens.load(Ordering::Relaxed) {
-        let oflags = OFlags::RDONLY
-            | OFlags::NONBLOCK
-            | OFlags::NOCTTY
-            | OFlags::NOFOLLOW
-            | OFlags::CLOEXEC;
+        let oflags =
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let resolve = ResolveFlags::BENEATH
             | ResolveFlags::NO_XDEV
             | ResolveFlags::NO_SYMLINKS
@@ -1979,7 +1982,9 @@ pub(super) fn run(
         opts,
         threads,
         window,
-        claimed: (0..SHARDS).map(|_| Mutex::new(InodeSet::default())).collect(),
+        claimed: (0..SHARDS)
+            .map(|_| Mutex::new(InodeSet::default()))
+            .collect(),
         links: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         kept: Mutex::new(Vec::new()),
         frozen: Mutex::new(Vec::new()),
