@@ -177,6 +177,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
 fn main() -> ExitCode {
     // A worker process of the ranges scenario (not a user-facing option).
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(SHIFT_WORKER) {
+        return match shift_worker(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench worker: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some(RANGES_WORKER) {
         return match ranges_worker(&args[1..]) {
             Ok(()) => ExitCode::SUCCESS,
@@ -266,6 +275,11 @@ fn measure<T>(
         samples.push(d);
     }
     Ok(Stats::of(samples))
+}
+
+/// How long one closure takes.
+fn timed(f: impl FnOnce() -> Res<()>) -> Res<Duration> {
+    time(f).map(|(d, ())| d)
 }
 
 /// Time one closure.
@@ -806,7 +820,8 @@ mod walker {
 struct Destructive<'a> {
     method: &'a str,
     note: &'a str,
-    op: &'a dyn Fn() -> Res<()>,
+    /// Runs the method once and says how long it took.
+    op: &'a dyn Fn() -> Res<Duration>,
     /// The uid = gid each sampled entry must have afterwards, from its
     /// starting owner.
     expect: &'a dyn Fn(u32) -> u32,
@@ -863,38 +878,52 @@ fn ownership(
         Destructive {
             method: "walker, 1 thread",
             note: "",
-            op: &|| walker::shift(&tree.root, mapping, 1).map(drop),
+            op: &|| timed(|| walker::shift(&tree.root, mapping, 1).map(drop)),
             expect: &shifted,
         },
         Destructive {
             method: "walker, all cores",
             note: "",
-            op: &|| walker::shift(&tree.root, mapping, 0).map(drop),
+            op: &|| timed(|| walker::shift(&tree.root, mapping, 0).map(drop)),
             expect: &shifted,
         },
         Destructive {
             method: "walker, all cores, --out-of-range=overflow",
             note: "no scan first",
             op: &|| {
-                walker::shift_with(
-                    &tree.root,
-                    mapping,
-                    0,
-                    idmapped::chown::OutOfRange::Overflow,
-                )
-                .map(drop)
+                timed(|| {
+                    walker::shift_with(
+                        &tree.root,
+                        mapping,
+                        0,
+                        idmapped::chown::OutOfRange::Overflow,
+                    )
+                    .map(drop)
+                })
             },
+            expect: &shifted,
+        },
+        // The walker's older rung, in a child process (the rung is chosen
+        // once per process): every entry pinned O_PATH, xattr calls through
+        // /proc/self/fd, the scan by /proc path. The child times its own
+        // walk, so process start-up is not counted.
+        Destructive {
+            method: "walker, all cores, O_PATH pins + /proc paths (forced)",
+            note: "the pre-5.12 rung",
+            op: &|| shift_in_child(&tree.root, "nodev_view,xattrat"),
             expect: &shifted,
         },
         Destructive {
             method: "GNU chown -R 100000:100000",
             note: chown_note,
             op: &|| {
-                run_cmd(
-                    Command::new("chown")
-                        .args(["-R", CHOWN_TARGET])
-                        .arg(&tree.root),
-                )
+                timed(|| {
+                    run_cmd(
+                        Command::new("chown")
+                            .args(["-R", CHOWN_TARGET])
+                            .arg(&tree.root),
+                    )
+                })
             },
             expect: &|_| SHIFT,
         },
@@ -914,7 +943,7 @@ fn ownership(
         let stats = measure(
             cfg.repeats,
             || tree.warm(),
-            || time(op),
+            || op().map(|d| (d, ())),
             |()| {
                 tree.check(method, expect)?;
                 tree.reset_owners()
@@ -1375,6 +1404,17 @@ fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
                     chown(fs, n),
                 ),
                 target: Some((Target::AtMost, 1.0 / 1.3)),
+            });
+            out.push(Ratio {
+                what: format!(
+                    "{fs}, N={}: walker (all cores): O_PATH pins + /proc paths / nodev view",
+                    fmt_n(n)
+                ),
+                value: ratio(
+                    r.get("ownership", fs, Some(n), "walker, all cores, O_PATH pins"),
+                    walk_all(fs, n),
+                ),
+                target: None,
             });
         }
     }
@@ -1896,6 +1936,43 @@ fn rootfs_ratios(r: &Results<'_>) -> Vec<Ratio> {
 // ------------------------------------------------------- per-pod id ranges
 
 const RANGES_WORKER: &str = "--ranges-worker";
+
+/// `--shift-worker ROOT`: shift ROOT by [`MAP`] on all cores with the
+/// default policies; print the walk's own time in nanoseconds.
+const SHIFT_WORKER: &str = "--shift-worker";
+
+fn shift_worker(args: &[String]) -> Res<()> {
+    let [root] = args else {
+        return Err(format!("usage: {SHIFT_WORKER} ROOT"));
+    };
+    let mapping = Mapping::parse_map_mount([MAP]).ctx("mapping")?;
+    let (d, _) = time(|| walker::shift(Path::new(root), &mapping, 0))?;
+    println!("{}", d.as_nanos());
+    Ok(())
+}
+
+/// Shift `root` in a child process with `IDMAPPED_FORCE_FALLBACK=forced`;
+/// the child's own time of the walk.
+fn shift_in_child(root: &Path, forced: &str) -> Res<Duration> {
+    let exe = std::env::current_exe().ctx("current_exe")?;
+    let out = Command::new(exe)
+        .arg(SHIFT_WORKER)
+        .arg(root)
+        .env("IDMAPPED_FORCE_FALLBACK", forced)
+        .output()
+        .ctx("spawning the shift worker")?;
+    if !out.status.success() {
+        return Err(format!(
+            "shift worker: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let ns: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("shift worker output: {e}"))?;
+    Ok(Duration::from_nanos(ns))
+}
 /// Processes and keys per process of the concurrent figure.
 const RANGES_PROCS: usize = 8;
 const RANGES_KEYS: usize = 1000;

@@ -76,6 +76,18 @@ fn chmod(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// A character device node, mode 0666.
+fn char_device(p: &Path, major: u32, minor: u32) {
+    rfs::mknodat(
+        CWD,
+        p,
+        FileType::CharacterDevice,
+        Mode::from_bits_truncate(0o666),
+        rfs::makedev(major, minor),
+    )
+    .unwrap_or_else(|e| panic!("mknod {p:?}: {e}"));
+}
+
 fn owner(p: &Path) -> (u32, u32) {
     let m = fs::symlink_metadata(p).unwrap();
     (m.uid(), m.gid())
@@ -918,14 +930,7 @@ fn fifos_sockets_and_devices_are_never_opened() {
     rfs::mkfifoat(CWD, &fifo2, Mode::from_bits_truncate(0o644)).unwrap();
     chmod(&fifo2, 0o4644);
     let tty = root.join("tty");
-    rfs::mknodat(
-        CWD,
-        &tty,
-        FileType::CharacterDevice,
-        Mode::from_bits_truncate(0o666),
-        rfs::makedev(5, 0),
-    )
-    .unwrap();
+    char_device(&tty, 5, 0);
     lset(
         &tty,
         "system.posix_acl_access",
@@ -976,6 +981,67 @@ fn expected_access() -> EntryAccess {
     }
 }
 
+/// A thread exchanging two names of one directory (`RENAME_EXCHANGE`) over
+/// and over, `pick` choosing them: it has made 50 swaps when `start`
+/// returns, and makes at least 1,000 in all, going on until `stop`.
+struct ExchangeAttacker {
+    stop: Arc<AtomicBool>,
+    swaps: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ExchangeAttacker {
+    fn start(
+        dir: &Path,
+        seed: u64,
+        mut pick: impl FnMut(&mut Rng) -> (String, String) + Send + 'static,
+    ) -> ExchangeAttacker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        let dir = rfs::open(dir, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+        let thread = {
+            let (stop, swaps) = (stop.clone(), swaps.clone());
+            std::thread::spawn(move || {
+                let mut r = Rng::new(seed);
+                while !stop.load(Ordering::Relaxed) || swaps.load(Ordering::Relaxed) < 1000 {
+                    let (a, b) = pick(&mut r);
+                    if a != b
+                        && rfs::renameat_with(
+                            &dir,
+                            a.as_str(),
+                            &dir,
+                            b.as_str(),
+                            rfs::RenameFlags::EXCHANGE,
+                        )
+                        .is_ok()
+                    {
+                        swaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        while swaps.load(Ordering::Relaxed) < 50 {
+            std::hint::spin_loop();
+        }
+        ExchangeAttacker {
+            stop,
+            swaps,
+            thread,
+        }
+    }
+
+    fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Relaxed)
+    }
+
+    /// Stop (after 1,000 swaps at least); the number made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.swaps.load(Ordering::Relaxed)
+    }
+}
+
 /// IN_OPEN events queued on a non-blocking inotify descriptor.
 fn opens_seen(inotify: &rustix::fd::OwnedFd) -> usize {
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
@@ -1009,14 +1075,7 @@ fn a_device_swapped_in_for_a_file_is_never_opened() {
             fs::write(d.join(format!("f{i}")), format!("F{i}")).unwrap();
         }
         let dev = d.join("dev");
-        rfs::mknodat(
-            CWD,
-            &dev,
-            FileType::CharacterDevice,
-            Mode::from_bits_truncate(0o666),
-            rfs::makedev(1, 3),
-        )
-        .unwrap();
+        char_device(&dev, 1, 3);
         let inotify = rfs::inotify::init(
             rfs::inotify::CreateFlags::NONBLOCK | rfs::inotify::CreateFlags::CLOEXEC,
         )
@@ -1030,31 +1089,12 @@ fn a_device_swapped_in_for_a_file_is_never_opened() {
             "inotify does not see opens of {dev:?}"
         );
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let swaps = Arc::new(AtomicU64::new(0));
-        let attacker = {
-            let (stop, swaps, d) = (stop.clone(), swaps.clone(), d.clone());
-            std::thread::spawn(move || {
-                let dir = rfs::open(&d, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
-                let mut r = Rng::new(run + 7);
-                while !stop.load(Ordering::Relaxed) || swaps.load(Ordering::Relaxed) < 1000 {
-                    let f = format!("f{}", r.below(N as u64));
-                    if rfs::renameat_with(&dir, "dev", &dir, f.as_str(), rfs::RenameFlags::EXCHANGE)
-                        .is_ok()
-                    {
-                        swaps.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        while swaps.load(Ordering::Relaxed) < 50 {
-            std::hint::spin_loop();
-        }
+        let attacker = ExchangeAttacker::start(&d, run + 7, |r| {
+            ("dev".to_string(), format!("f{}", r.below(N as u64)))
+        });
         let rep = shift_tree(&d, &m, &opts(2));
-        stop.store(true, Ordering::Relaxed);
-        attacker.join().unwrap();
+        total_swaps += attacker.stop();
         let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
-        total_swaps += swaps.load(Ordering::Relaxed);
         assert_eq!(
             opens_seen(&inotify),
             0,
@@ -1932,42 +1972,16 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
             }
         }
         let out_before = snapshot(&outside);
-        let stop = Arc::new(AtomicBool::new(false));
-        let swaps = Arc::new(AtomicU64::new(0));
-        let attacker = {
-            let (stop, swaps, d) = (stop.clone(), swaps.clone(), d.clone());
-            std::thread::spawn(move || {
-                let dir = rfs::open(&d, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
-                let mut r = Rng::new(run + 99);
-                // At least 1,000 swaps during the walk: the walk waits for
-                // the first ones, and the attacker goes on until it ends.
-                while !stop.load(Ordering::Relaxed) || swaps.load(Ordering::Relaxed) < 1000 {
-                    let a = format!("n{}", r.below(N as u64));
-                    let b = format!("n{}", r.below(N as u64));
-                    if a != b
-                        && rfs::renameat_with(
-                            &dir,
-                            a.as_str(),
-                            &dir,
-                            b.as_str(),
-                            rfs::RenameFlags::EXCHANGE,
-                        )
-                        .is_ok()
-                    {
-                        swaps.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        while swaps.load(Ordering::Relaxed) < 50 {
-            std::hint::spin_loop();
-        }
+        let attacker = ExchangeAttacker::start(&d, run + 99, |r| {
+            (
+                format!("n{}", r.below(N as u64)),
+                format!("n{}", r.below(N as u64)),
+            )
+        });
         let rep = shift_tree(&root, &m, &opts(2));
-        let during = swaps.load(Ordering::Relaxed);
-        stop.store(true, Ordering::Relaxed);
-        attacker.join().unwrap();
+        let during = attacker.swaps();
+        total_swaps += attacker.stop();
         let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
-        total_swaps += swaps.load(Ordering::Relaxed);
         changed_reported += u64::from(rep.tree_changed);
         eprintln!(
             "run {run}: {during} swaps during the walk, tree_changed {}",
