@@ -1120,6 +1120,16 @@ fn entry_access_follows_the_mount() {
     fs::create_dir(&a).unwrap();
     fs::write(a.join("f"), "x").unwrap();
     assert_eq!(shift(&a, &m, &opts(1)).entry_access, expected_access());
+    // The caller can rule out opens for reading.
+    let pinned = fs.root.join("pinned");
+    fs::create_dir(&pinned).unwrap();
+    fs::write(pinned.join("f"), "x").unwrap();
+    let o = ShiftOptions {
+        pin_only: true,
+        ..opts(1)
+    };
+    assert_eq!(shift(&pinned, &m, &o).entry_access, EntryAccess::ProcPaths);
+    assert_eq!(owner(&pinned.join("f")), (100000, 100000));
     // A mount below the tree: a clone would show what it covers, so O_PATH
     // pins and /proc paths.
     let b = fs.root.join("b");

@@ -242,6 +242,11 @@ pub struct ShiftOptions {
     pub cross_mounts: bool,
     /// Compute and report, but change nothing (no record either).
     pub dry_run: bool,
+    /// Never open an entry for reading: pin every one `O_PATH` and make its
+    /// xattr calls through `/proc/self/fd` ([`EntryAccess::ProcPaths`];
+    /// slower). For hosts where opening a file has a cost of its own, such
+    /// as an IMA policy that measures files opened for reading.
+    pub pin_only: bool,
     /// Called with running totals while the walk goes on.
     pub progress: Option<ProgressFn>,
 }
@@ -254,6 +259,7 @@ impl fmt::Debug for ShiftOptions {
             .field("threads", &self.threads)
             .field("cross_mounts", &self.cross_mounts)
             .field("dry_run", &self.dry_run)
+            .field("pin_only", &self.pin_only)
             .field("progress", &self.progress.as_ref().map(|_| "Fn"))
             .finish()
     }
@@ -350,7 +356,8 @@ pub enum EntryAccess {
     NodevClone,
     /// Every entry pinned `O_PATH`, its xattr calls through
     /// `/proc/self/fd/N` (before Linux 5.12, mounts below the tree, a clone
-    /// refused, or `IDMAPPED_FORCE_FALLBACK=nodev_view`).
+    /// refused, [`ShiftOptions::pin_only`], or
+    /// `IDMAPPED_FORCE_FALLBACK=nodev_view`).
     ProcPaths,
 }
 
@@ -786,7 +793,7 @@ fn shift_one(
         Some(r) => Some(r),
         None => None,
     };
-    let view = walk::View::open(&fd, path)?;
+    let view = walk::View::open(&fd, path, options.pin_only)?;
     let resumed = record.as_ref().is_some_and(|r| r.since.is_some());
     let mut spec = walk::Spec {
         mapping,
@@ -988,7 +995,7 @@ fn unshift_one(tree: &Path, rel: &Path, options: &ShiftOptions) -> Result<Option
         }
     };
     let inverse = record.mapping.inverse();
-    let view = walk::View::open(&fd, path)?;
+    let view = walk::View::open(&fd, path, options.pin_only)?;
     let spec = walk::Spec {
         mapping: &inverse,
         out_of_range: OutOfRange::Keep,

@@ -667,9 +667,9 @@ impl View {
     /// `mount_setattr`, Linux 5.12), used only where no mount lies below the
     /// tree (a clone without them would show what they cover); else
     /// [`EntryAccess::ProcPaths`]. Opens for reading also need `openat2`
-    /// (`RESOLVE_NO_XDEV`). `IDMAPPED_FORCE_FALLBACK=nodev_view` forces the
-    /// last rung.
-    pub(super) fn open(fd: &OwnedFd, path: &Path) -> Result<View> {
+    /// (`RESOLVE_NO_XDEV`). `pin_only` ([`ShiftOptions::pin_only`]) and
+    /// `IDMAPPED_FORCE_FALLBACK=nodev_view` choose the last rung.
+    pub(super) fn open(fd: &OwnedFd, path: &Path, pin_only: bool) -> Result<View> {
         let dup = |fd: BorrowedFd<'_>| {
             rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| {
                 sys(
@@ -688,7 +688,10 @@ impl View {
             })
         };
         let f = features::features();
-        if features::forced_fallback("nodev_view") || f.openat2 != Availability::Available {
+        if pin_only
+            || features::forced_fallback("nodev_view")
+            || f.openat2 != Availability::Available
+        {
             return proc_paths();
         }
         let nodev =
