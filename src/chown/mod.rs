@@ -35,11 +35,11 @@
 //!   to open before any driver runs; everything else, and every entry where
 //!   no `nodev` view can be had, is pinned `O_PATH|O_NOFOLLOW` and its xattr
 //!   and chmod calls go through its `/proc/self/fd` link
-//!   ([`ShiftReport::entry_access`] says which). A name whose inode was exchanged has its
-//!   directory walked again, and every inode is shifted at most once per run
-//!   (an in-memory set of the inodes changed), so an attacker renaming or
-//!   exchanging entries inside the tree can neither redirect a change nor
-//!   get an inode shifted twice. A directory whose ctime changed while it
+//!   ([`ShiftReport::entry_access`] says which). A name whose inode was
+//!   exchanged has its directory walked again, and every inode is shifted
+//!   at most once per run (an in-memory set of the inodes changed), so an
+//!   attacker renaming or exchanging entries inside the tree can neither
+//!   redirect a change nor get an inode shifted twice. A directory whose ctime changed while it
 //!   was listed (a name renamed from a part not yet read to one already
 //!   read is in no listing) is walked again too. What moved is reported
 //!   ([`ShiftReport::tree_changed`]). On kernels with coarse timestamps
@@ -111,8 +111,9 @@
 //!
 //! It needs `/proc` mounted (to name `O_PATH` descriptors in the xattr and
 //! chmod calls; on a `nodev` view only fifos, sockets, devices and files
-//! that refuse a read open go that way), and privilege: `CAP_CHOWN`, `CAP_FOWNER`, `CAP_FSETID`,
-//! `CAP_SETFCAP`, and `CAP_SYS_ADMIN` for the `trusted.*` xattrs.
+//! that refuse a read open go that way), and privilege: `CAP_CHOWN`,
+//! `CAP_FOWNER`, `CAP_FSETID`, `CAP_SETFCAP`, and `CAP_SYS_ADMIN` for the
+//! `trusted.*` xattrs.
 #![forbid(unsafe_code)]
 
 use std::fmt;
