@@ -97,20 +97,7 @@ fn tmpfs_can_be_idmapped_on_this_kernel() {
 fn recursive_means_recursive_in_both_calls() {
     privileged!();
     needs_mount_setattr!();
-    let outer = TestFs::ext4();
-    let inner = TestFs::ext4();
-    let src = outer.path("src");
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    touch_owned(&src.join("top"), 1000, 1000);
-    touch_owned(&inner.path("deep"), 1000, 1000);
-    common::run(
-        "mount",
-        &[
-            "--bind",
-            inner.root.to_str().unwrap(),
-            src.join("sub").to_str().unwrap(),
-        ],
-    );
+    let (outer, _inner, src) = common::tree_with_submount();
 
     // Non-recursive: the submount is not part of the clone at all.
     let t1 = outer.scratch("t1");

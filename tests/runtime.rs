@@ -369,32 +369,12 @@ fn replace_under_a_concurrent_reader() {
 // ---------------------------------------------------------------------------
 // OCI semantics.
 
-/// `src` on one ext4 with `src/top` (on-disk 1000), another ext4 mounted at
-/// `src/sub` with `deep` (on-disk 1000).
-fn tree_with_submount() -> (TestFs, TestFs, PathBuf) {
-    let outer = TestFs::ext4();
-    let inner = TestFs::ext4();
-    let src = outer.path("src");
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    touch_owned(&src.join("top"), 1000, 1000);
-    touch_owned(&inner.path("deep"), 1000, 1000);
-    common::run(
-        "mount",
-        &[
-            "--bind",
-            inner.root.to_str().unwrap(),
-            src.join("sub").to_str().unwrap(),
-        ],
-    );
-    (outer, inner, src)
-}
-
 #[test]
 #[serial]
 fn rbind_idmap_maps_the_top_only_and_ridmap_every_mount() {
     privileged!();
     needs_mount_setattr!();
-    let (outer, _inner, src) = tree_with_submount();
+    let (outer, _inner, src) = common::tree_with_submount();
     let ns = UserNamespace::from_mapping(&example_mapping()).unwrap();
 
     // OCI ["rbind", "idmap"]: the submount is cloned but not idmapped.
@@ -440,7 +420,7 @@ fn rbind_idmap_maps_the_top_only_and_ridmap_every_mount() {
 fn ro_is_the_top_mount_and_rro_every_mount() {
     privileged!();
     needs_mount_setattr!();
-    let (outer, _inner, src) = tree_with_submount();
+    let (outer, _inner, src) = common::tree_with_submount();
     let write = |p: PathBuf| std::fs::write(p, b"w").map_err(|e| e.raw_os_error());
 
     let t = outer.scratch("ro");

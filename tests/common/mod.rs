@@ -490,3 +490,23 @@ pub fn id_ranges<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// `src` on one ext4 with `src/top` (on-disk 1000), another ext4 mounted at
+/// `src/sub` with `deep` (on-disk 1000).
+pub fn tree_with_submount() -> (TestFs, TestFs, PathBuf) {
+    let outer = TestFs::ext4();
+    let inner = TestFs::ext4();
+    let src = outer.path("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    touch_owned(&src.join("top"), 1000, 1000);
+    touch_owned(&inner.path("deep"), 1000, 1000);
+    run(
+        "mount",
+        &[
+            "--bind",
+            inner.root.to_str().unwrap(),
+            src.join("sub").to_str().unwrap(),
+        ],
+    );
+    (outer, inner, src)
+}
