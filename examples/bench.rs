@@ -282,6 +282,21 @@ fn timed(f: impl FnOnce() -> Res<()>) -> Res<Duration> {
     time(f).map(|(d, ())| d)
 }
 
+/// One native-endian u64 from a forked helper's pipe; `who` names the
+/// helper in errors.
+fn read_u64_from(fd: &OwnedFd, who: &str) -> Res<u64> {
+    let mut b = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        let n = rustix::io::read(fd, &mut b[got..]).ctx(format_args!("reading from {who}"))?;
+        if n == 0 {
+            return Err(format!("{who} exited"));
+        }
+        got += n;
+    }
+    Ok(u64::from_ne_bytes(b))
+}
+
 /// Time one closure.
 fn time<T>(f: impl FnOnce() -> Res<T>) -> Res<(Duration, T)> {
     let t0 = Instant::now();
@@ -1077,19 +1092,7 @@ fn userns_creation(cfg: &Config, mapping: &Mapping) -> Res<Vec<Row>> {
         unsafe { libc::_exit(0) };
     }
     drop((req_r, resp_w));
-    let read_u64 = || -> Res<u64> {
-        let mut b = [0u8; 8];
-        let mut got = 0;
-        while got < 8 {
-            let n =
-                rustix::io::read(&resp_r, &mut b[got..]).ctx("reading from the 2 GiB caller")?;
-            if n == 0 {
-                return Err("the 2 GiB caller exited".into());
-            }
-            got += n;
-        }
-        Ok(u64::from_ne_bytes(b))
-    };
+    let read_u64 = || read_u64_from(&resp_r, "the 2 GiB caller");
     let big_call = |cmd: u8| -> Res<Duration> {
         rustix::io::write(&req_w, &[cmd]).ctx("asking the 2 GiB caller")?;
         match read_u64()? {
@@ -2320,19 +2323,7 @@ fn mount_table(cfg: &Config, scratch: &Scratch, mapping: &Mapping) -> Res<Vec<Ro
         unsafe { libc::_exit(0) };
     }
     drop((req_r, resp_w));
-    let read_u64 = || -> Res<u64> {
-        let mut b = [0u8; 8];
-        let mut got = 0;
-        while got < 8 {
-            let n =
-                rustix::io::read(&resp_r, &mut b[got..]).ctx("reading from the 20k-mount copy")?;
-            if n == 0 {
-                return Err("the 20k-mount copy exited".into());
-            }
-            got += n;
-        }
-        Ok(u64::from_ne_bytes(b))
-    };
+    let read_u64 = || read_u64_from(&resp_r, "the 20k-mount copy");
     let result = (|| -> Res<Vec<Row>> {
         let many = match read_u64()? {
             u64::MAX => return Err("the 20k-mount copy could not set up".into()),
