@@ -339,17 +339,6 @@ fn sigkill_at_random_points_then_every_command_works() {
 
 const USER: &str = "idmapped-cli-kubelet";
 
-fn bind_over_etc(t: &Path, subuid: &str, subgid: &str) {
-    for (name, text) in [("subuid", subuid), ("subgid", subgid)] {
-        let src = t.join(name);
-        std::fs::write(&src, text).unwrap();
-        common::run(
-            "mount",
-            &["--bind", src.to_str().unwrap(), &format!("/etc/{name}")],
-        );
-    }
-}
-
 #[test]
 fn subids_from_etc_with_and_without_getsubids() {
     privileged!();
@@ -359,7 +348,6 @@ fn subids_from_etc_with_and_without_getsubids() {
         eprintln!("SKIPPED subids_from_etc: {why}");
         return;
     }
-    let t = tempfile::tempdir().unwrap();
     let (_s, dir) = state_dir();
     let subids = format!("--subids={USER}");
     // With the PATH of the test (getsubids used if installed) and with a
@@ -374,24 +362,24 @@ fn subids_from_etc_with_and_without_getsubids() {
         id_ranges(&all, &[("PATH", path)])
     };
     let line = format!("{USER}:327680:7208960\n");
-    bind_over_etc(t.path(), &line, &line);
+    let _m = common::SubidFiles::bind(&line, &line);
     for path in &paths {
         let out = with(path, &["allocate", "pod"]).expect(0).stdout;
         let (first, _) = parse_map_mount(&out);
         assert!((327680..327680 + 7208960).contains(&first), "{out}");
     }
-    bind_over_etc(t.path(), &line, &format!("{USER}:393216:7208960\n"));
+    let _m2 = common::SubidFiles::bind(&line, &format!("{USER}:393216:7208960\n"));
     for path in &paths {
         with(path, &["list"])
             .expect(1)
             .stderr_line_names(&["differ"]);
     }
-    bind_over_etc(t.path(), "", "");
+    let _m3 = common::SubidFiles::bind("", "");
     for path in &paths {
         with(path, &["list"]).expect(1).stderr_line_names(&[USER]);
     }
     let wrap = format!("{USER}:327680:4294836224\n");
-    bind_over_etc(t.path(), &wrap, &wrap);
+    let _m4 = common::SubidFiles::bind(&wrap, &wrap);
     for path in &paths {
         with(path, &["list"])
             .expect(2)

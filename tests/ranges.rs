@@ -571,28 +571,6 @@ fn random_u64() -> u64 {
 
 const USER: &str = "idmapped-test-kubelet";
 
-/// Bind-mounts `subuid`/`subgid` text over `/etc/subuid`/`/etc/subgid` in
-/// this thread's private mount namespace (files that do not exist in /etc
-/// are hidden by an empty one: bind-mount targets must exist).
-fn with_subid_files(subuid: Option<&str>, subgid: Option<&str>) -> tempfile::TempDir {
-    let t = tempfile::tempdir().unwrap();
-    for (name, text) in [("subuid", subuid), ("subgid", subgid)] {
-        let target = Path::new("/etc").join(name);
-        assert!(
-            target.exists(),
-            "{} must exist as a bind-mount target",
-            target.display()
-        );
-        let src = t.path().join(name);
-        std::fs::write(&src, text.unwrap_or("")).unwrap();
-        common::run(
-            "mount",
-            &["--bind", src.to_str().unwrap(), target.to_str().unwrap()],
-        );
-    }
-    t
-}
-
 fn subid_problem(r: idmapped::Result<Subids>) -> SubidProblem {
     match r.unwrap_err().kind() {
         ErrorKind::Subids(p) => p.clone(),
@@ -633,7 +611,7 @@ fn subids_discovery_in_a_private_mount_namespace() {
     }
     let range = "327680:7208960";
     let line = format!("root:1:2\n{USER}:{range}\n");
-    let _m = with_subid_files(Some(&line), Some(&line));
+    let _m = common::SubidFiles::bind(&line, &line);
     for lookup in &lookups {
         let s = Subids::lookup(USER, lookup).unwrap();
         assert_eq!(s.pool, Pool::new(327680, 7208960));
@@ -650,7 +628,7 @@ fn subids_discovery_in_a_private_mount_namespace() {
     assert_eq!(Pool::from_subids(USER).unwrap(), Pool::new(327680, 7208960));
     // Mismatching.
     let gid_line = format!("{USER}:393216:7208960\n");
-    let _m2 = with_subid_files(Some(&line), Some(&gid_line));
+    let _m2 = common::SubidFiles::bind(&line, &gid_line);
     for lookup in &lookups {
         assert!(
             matches!(
@@ -661,14 +639,14 @@ fn subids_discovery_in_a_private_mount_namespace() {
         );
     }
     // Missing (no gid range for the user, then none at all).
-    let _m3 = with_subid_files(Some(&line), Some("root:1:2\n"));
+    let _m3 = common::SubidFiles::bind(&line, "root:1:2\n");
     for lookup in &lookups {
         assert!(matches!(
             subid_problem(Subids::lookup(USER, lookup)),
             SubidProblem::Missing { kind: "gid", .. }
         ));
     }
-    let _m4 = with_subid_files(None, None);
+    let _m4 = common::SubidFiles::bind("", "");
     for lookup in &lookups {
         assert!(matches!(
             subid_problem(Subids::lookup(USER, lookup)),
@@ -677,7 +655,7 @@ fn subids_discovery_in_a_private_mount_namespace() {
     }
     // The wrap case from a subuid file: found, then refused by the rules.
     let wrap = format!("{USER}:327680:4294836224\n");
-    let _m5 = with_subid_files(Some(&wrap), Some(&wrap));
+    let _m5 = common::SubidFiles::bind(&wrap, &wrap);
     for lookup in &lookups {
         let pool = Subids::lookup(USER, lookup).unwrap().pool;
         assert!(matches!(

@@ -141,6 +141,43 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Text bind-mounted over `/etc/subuid` and `/etc/subgid` in this thread's
+/// private mount namespace; on drop both mounts come off and the files go.
+/// Guards stack (a later one covers an earlier one): drop them in reverse,
+/// as locals are. The files must be unmounted first: a file under a stacked
+/// bind mount is a mount point, and unlinking it fails with `EBUSY`.
+pub struct SubidFiles {
+    dir: TempDir,
+}
+
+impl SubidFiles {
+    pub const TARGETS: [&'static str; 2] = ["/etc/subuid", "/etc/subgid"];
+
+    pub fn bind(subuid: &str, subgid: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (target, text) in Self::TARGETS.iter().zip([subuid, subgid]) {
+            assert!(
+                Path::new(target).exists(),
+                "{target} must exist as a bind-mount target"
+            );
+            let src = dir.path().join(Path::new(target).file_name().unwrap());
+            std::fs::write(&src, text).unwrap();
+            run("mount", &["--bind", src.to_str().unwrap(), target]);
+        }
+        SubidFiles { dir }
+    }
+}
+
+impl Drop for SubidFiles {
+    fn drop(&mut self) {
+        for target in Self::TARGETS {
+            if let Err(e) = rustix::mount::unmount(target, UnmountFlags::empty()) {
+                eprintln!("SubidFiles: umount {target}: {e}");
+            }
+        }
+    }
+}
+
 /// A filesystem mounted for one test, unmounted (and its loop device
 /// released, for images) on drop.
 pub struct TestFs {
