@@ -332,5 +332,15 @@ if ((quiet)); then
 		sed "s/^/[$k] /" "$consoles/$k.log"
 	done
 fi
+# Last, so that the tail of a long log still names what failed: each
+# failing program, each failed test, and each panic with its message.
+for k in "${kernels[@]}"; do
+	read -r status _ <"$work/$k.result" 2>/dev/null || status=1
+	[[ "$status" == 0 ]] && continue
+	echo
+	echo "=== what failed on $k ==="
+	grep -a -E -A2 'VM-TEST-END: .* status=[1-9]|--- FAILED|panicked at|Kernel panic' "$consoles/$k.log" |
+		sed "s/^/[$k] /" || echo "[$k] (no failing test named in the console)"
+done
 echo "total: $(elapsed "$t_start")s"
 exit "$failed"

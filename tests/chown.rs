@@ -1226,9 +1226,14 @@ fn child_shift_helper() {
         )
         .unwrap();
     }
+    // The crash tests aim their kills from this line (start-up, which
+    // under emulation dwarfs the walk, is behind it).
+    println!("{CHILD_WALKS}");
     let rep = shift(Path::new(&root), &map(&m), &opts(0));
     println!("CHILD-REPORT {rep:?}");
 }
+
+const CHILD_WALKS: &str = "CHILD-WALKS";
 
 fn child(root: &Path, m: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
@@ -1272,52 +1277,44 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
     assert!(ra.visited as usize >= entries - 1000, "{ra:?}");
     eprintln!("uninterrupted: {ra:?}");
 
-    // A child's start-up (exec, test harness), timed on the tree already
-    // shifted, where the run is the O(1) completed-shift check: kills are
-    // aimed past it, so under emulation (where start-up dwarfs the walk)
-    // they still land inside walks.
-    let startup = {
-        let t = Instant::now();
-        let st = child(&a, mapping)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "child on the shifted tree failed: {st}");
-        t.elapsed()
-    };
     let mut r = Rng::new(1234);
     let (mut killed, mut finished, mut recovered, mut resumed) = (0, 0, 0, 0u64);
-    // Kill until 30 kills landed: the first ones interrupt real work, later
-    // ones a run that is mostly checking what is done (also a crash point).
-    // Each resumed run has less left to do, so the window to aim in shrinks
-    // to what the last finished child took (timing-independent: on a loaded
-    // machine the window adapts instead of every child finishing first).
+    // Kill until enough kills landed: the first ones interrupt real work,
+    // later ones a run that is mostly checking what is done (also a crash
+    // point). Each kill is aimed at a random point of the window after the
+    // child says it starts walking, so the child's start-up (which under
+    // emulation dwarfs the walk) never eats the aim. Each resumed run has
+    // less left to do, so the window shrinks to what the last finished
+    // walk took (timing-independent: on a loaded machine the window adapts
+    // instead of every child finishing first).
     let mut window = full;
     for _ in 0..400 {
         if killed >= kills {
             break;
         }
-        let started = Instant::now();
         let mut ch = child(&b, mapping)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // A random point of the window: past the start-up until a child
-        // has finished (so the first kills interrupt the walk itself), then
-        // from the start (exec and harness start-up included).
-        let aim = if finished == 0 {
-            startup
-        } else {
-            Duration::ZERO
-        };
-        let delay = aim + window.mul_f64(r.below(1000) as f64 / 1000.0);
-        std::thread::sleep(delay);
+        let mut out = std::io::BufReader::new(ch.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains(CHILD_WALKS) {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(n > 0, "the child ended before walking: {:?}", ch.wait());
+        }
+        let started = Instant::now();
+        std::thread::sleep(window.mul_f64(r.below(1000) as f64 / 1000.0));
         match ch.try_wait().unwrap() {
             Some(st) => {
                 assert!(st.success(), "child failed: {st}");
                 window = window.min(started.elapsed());
-                let mut out = String::new();
-                std::io::Read::read_to_string(&mut ch.stdout.take().unwrap(), &mut out).unwrap();
+                let mut out = {
+                    let mut rest = String::new();
+                    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+                    rest
+                };
+                out.insert_str(0, &line);
                 recovered += out
                     .split("recovered: ")
                     .nth(1)
