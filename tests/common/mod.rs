@@ -270,9 +270,10 @@ impl TestFs {
 impl Drop for TestFs {
     fn drop(&mut self) {
         // Everything mounted below the root first (a test may leave attached
-        // clones there), then the filesystem itself.
+        // clones there), then the filesystem itself. NOFOLLOW: a mount of a
+        // symlink (OCI src-nofollow) must be unmounted, not the path it names.
         for m in mounts_below(self.dir.path()).into_iter().rev() {
-            let _ = rustix::mount::unmount(&m, UnmountFlags::DETACH);
+            let _ = rustix::mount::unmount(&m, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
         }
     }
 }
