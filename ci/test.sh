@@ -42,6 +42,15 @@ step "cargo clippy --all-targets -- -D warnings -D clippy::incompatible_msrv"
 cargo clippy --all-targets -- -D warnings -D clippy::incompatible_msrv
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps
+# What the tests must not leave behind (checked at the end): temporary
+# files (the tests get a TMPDIR of their own, so whatever is left in it is
+# theirs), mounts in this namespace, loop devices.
+# (mode 1777 as /tmp: tests write there as other users.)
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/idmapped-ci.XXXXXX")
+chmod 1777 "$tmp"
+export TMPDIR=$tmp
+mounts_before=$(findmnt -rn -o TARGET | sort)
+loops_before=$( (losetup -a 2>/dev/null || true) | sort)
 step "cargo test"
 cargo test
 # The same mount tests through the pre-6.15 path (open_tree + mount_setattr,
@@ -75,3 +84,17 @@ for forced in overlay_layer_fds overlay_lowerdir_plus; do
 	step "cargo test --test rootfs (rung choice) with IDMAPPED_FORCE_FALLBACK=$forced"
 	IDMAPPED_FORCE_FALLBACK=$forced cargo test --test rootfs -- create_picks cli_overlay
 done
+
+step "nothing left behind: temporary directories, mounts, loop devices"
+left=$(find "$tmp" -mindepth 1 -maxdepth 1 -print)
+[[ -n $left ]] || rmdir "$tmp"
+mounts_new=$(comm -13 <(echo "$mounts_before") <(findmnt -rn -o TARGET | sort))
+loops_new=$(comm -13 <(echo "$loops_before") <( (losetup -a 2>/dev/null || true) | sort))
+if [[ -n $left || -n $mounts_new || -n $loops_new ]]; then
+	printf 'ci/test.sh: the tests left behind:\n' >&2
+	[[ -z $left ]] || printf 'in TMPDIR (%s):\n%s\n' "$tmp" "$left" >&2
+	[[ -z $mounts_new ]] || printf 'mounts:\n%s\n' "$mounts_new" >&2
+	[[ -z $loops_new ]] || printf 'loop devices:\n%s\n' "$loops_new" >&2
+	exit 1
+fi
+echo "ok: nothing left behind"
