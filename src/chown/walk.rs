@@ -402,6 +402,22 @@ impl Ctx<'_> {
         }
     }
 
+    /// The scan's handle on `name` in `dir` (nothing pinned): by
+    /// `listxattrat`/`getxattrat` where the kernel has them, else by its
+    /// `/proc/self/fd` path, kept in `named`.
+    fn scan_handle<'h>(
+        &self,
+        dir: BorrowedFd<'h>,
+        name: &'h CStr,
+        named: &'h mut Option<CString>,
+    ) -> Handle<'h> {
+        if self.xattrat.load(Ordering::Relaxed) == 1 {
+            Handle::At(dir, name)
+        } else {
+            Handle::Named(named.insert(entry_path(dir, name)))
+        }
+    }
+
     /// Count one name of a multiply-linked inode; true when the inode is to
     /// be handled now (every link found, or the policy shifts regardless).
     fn link_found(&self, m: &Meta, dir: &Meta, name: &CStr, path: &Path) -> bool {
@@ -1241,13 +1257,8 @@ impl<'c, 'a> Worker<'c, 'a> {
             return Ok(());
         }
         if light && d_type != DT_DIR && d_type != DT_UNKNOWN {
-            let named;
-            let h = if self.ctx.xattrat.load(Ordering::Relaxed) == 1 {
-                Handle::At(dir, name)
-            } else {
-                named = entry_path(dir, name);
-                Handle::Named(&named)
-            };
+            let mut named = None;
+            let h = self.ctx.scan_handle(dir, name, &mut named);
             let names = match h.list(&mut self.list) {
                 Ok(n) => n,
                 Err(Errno::NOENT) => return Ok(()),
@@ -1298,13 +1309,8 @@ impl<'c, 'a> Worker<'c, 'a> {
             self.counts.dedup += 1;
             return Ok(());
         }
-        let named;
-        let h = if self.ctx.xattrat.load(Ordering::Relaxed) == 1 {
-            Handle::At(dir, name)
-        } else {
-            named = entry_path(dir, name);
-            Handle::Named(&named)
-        };
+        let mut named = None;
+        let h = self.ctx.scan_handle(dir, name, &mut named);
         self.shift_inode(h, &m, path, false).map(|_| ())
     }
 
