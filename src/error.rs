@@ -107,8 +107,9 @@ pub enum ErrorKind {
         /// Why, in words.
         why: String,
     },
-    /// The tree carries a shift record for another mapping or policy (or
-    /// an unfinished shift or unshift), so this shift was refused.
+    /// The tree carries a shift record that refuses this call: another
+    /// mapping or policy, an unfinished shift or unshift, or a record
+    /// copied with the tree from another directory.
     ShiftRecorded {
         /// The recorded shift, e.g. `mapping b:0:100000:65536, --out-of-range=keep, ... (finished)`.
         recorded: String,
@@ -422,7 +423,7 @@ impl fmt::Display for ErrorKind {
                 write!(f, "refusing to shift ownership on a {fs} mount: {why}; nothing was changed")
             }
             ErrorKind::ShiftRecorded { recorded, hint } => {
-                write!(f, "the tree records another shift: {recorded}; {hint}")
+                write!(f, "the shift record on the tree refuses this: it records {recorded}; {hint}")
             }
             ErrorKind::Immutable { attribute, count } => write!(
                 f,

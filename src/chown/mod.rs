@@ -635,7 +635,8 @@ fn nonce() -> u64 {
 ///
 /// # Errors
 ///
-/// [`ErrorKind::ShiftRecorded`] for a tree that records another shift;
+/// [`ErrorKind::ShiftRecorded`] for a tree whose record refuses this shift
+/// (another mapping or policy, an unfinished unshift, a copied record);
 /// [`ErrorKind::NotShiftable`] for a virtual filesystem (nothing changed);
 /// [`ErrorKind::IdOutOfRange`] / [`ErrorKind::LinkedOutside`] with the
 /// `Fail` policies and [`ErrorKind::AclCollision`] (nothing changed); during
