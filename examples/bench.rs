@@ -17,7 +17,12 @@
 //!    100000:100000`, (e) the walker's second run over a tree whose record
 //!    says the shift is done (an O(1) check). The page cache is warm: one untimed stat walk
 //!    over the tree precedes every timed run, and the tree is set back to its
-//!    starting owners (untimed) after every destructive run.
+//!    starting owners (untimed) after every destructive run. (f) Per-entry
+//!    cost of the system calls alone, over a directory of 10,000 files: the
+//!    one `chown -R` makes (`fchownat` by name) against the least the walker
+//!    makes for a regular file (`openat2`, `statx`, `flistxattr`,
+//!    `fchownat(AT_EMPTY_PATH)`, `close`: `--out-of-range=overflow`, no
+//!    scan), which bounds what any walker that pins can reach.
 //! 2. **User-namespace creation** from a mapping: `UserNamespace::from_mapping`
 //!    against a `fork()` baseline (child `unshare(CLONE_NEWUSER)`, parent
 //!    writes the maps and opens `/proc/PID/ns/user`), in a small caller and in
@@ -990,6 +995,106 @@ fn ownership(
     Ok(rows)
 }
 
+/// Files in the directory of scenario 1 (f).
+const CALL_FILES: usize = 10_000;
+/// Method names of scenario 1 (f), for the ratios.
+const CALL_CHOWN: &str = "per entry: fchownat by name (the call chown -R makes)";
+const CALL_PINNED: &str =
+    "per entry: openat2 + statx + flistxattr + fchownat(AT_EMPTY_PATH) + close (the walker's least)";
+
+/// Scenario 1 (f): the system calls alone, per entry, over a flat directory
+/// of [`CALL_FILES`] empty files; every round gives each file new owners, so
+/// every `fchownat` changes something. No walker code runs: the second
+/// figure divided by the cores is a floor for any walker that pins each
+/// entry and reads its state before writing it.
+fn call_costs(cfg: &Config, fs_name: &str, mnt: &Path) -> Res<Vec<Row>> {
+    use rustix::fs::{ResolveFlags, StatxFlags};
+    let dir_path = mnt.join("call-costs");
+    fs::create_dir(&dir_path).ctx(format_args!("mkdir {}", dir_path.display()))?;
+    let names: Vec<std::ffi::CString> = (0..CALL_FILES)
+        .map(|i| std::ffi::CString::new(format!("f{i:05}")).expect("no NUL"))
+        .collect();
+    let dir = rustix::fs::open(
+        &dir_path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx(format_args!("open {}", dir_path.display()))?;
+    for name in &names {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        rustix::fs::openat(&dir, name, flags, Mode::from_raw_mode(0o644))
+            .ctx(format_args!("create {name:?}"))?;
+    }
+    let per_entry = |d: Duration| d / CALL_FILES as u32;
+    let mut round = 0u32;
+    let mut next_owner = || {
+        round += 1;
+        let id = 200_000 + round % 2;
+        (Uid::from_raw(id), Gid::from_raw(id))
+    };
+    let mut rows = Vec::new();
+    let chown = measure(
+        cfg.repeats,
+        || Ok(()),
+        || {
+            let (u, g) = next_owner();
+            time(|| {
+                for name in &names {
+                    rustix::fs::chownat(&dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+                        .ctx(format_args!("fchownat {name:?}"))?;
+                }
+                Ok(())
+            })
+            .map(|(d, ())| (per_entry(d), ()))
+        },
+        |()| Ok(()),
+    )?;
+    rows.push(Row::new("ownership", fs_name, None, CALL_CHOWN).measured(chown));
+    // The walker's calls for a regular file (src/chown/walk.rs, `pin` and
+    // `shift_inode`), with the same flags.
+    let oflags =
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH
+        | ResolveFlags::NO_XDEV
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_MAGICLINKS;
+    let mask = StatxFlags::TYPE
+        | StatxFlags::MODE
+        | StatxFlags::NLINK
+        | StatxFlags::UID
+        | StatxFlags::GID
+        | StatxFlags::INO
+        | StatxFlags::CTIME
+        | StatxFlags::MNT_ID;
+    let mut list = [0u8; 256];
+    let pinned = measure(
+        cfg.repeats,
+        || Ok(()),
+        || {
+            let (u, g) = next_owner();
+            time(|| {
+                for name in &names {
+                    let fd = rustix::fs::openat2(&dir, name, oflags, Mode::empty(), resolve)
+                        .ctx(format_args!("openat2 {name:?}"))?;
+                    rustix::fs::statx(&fd, c"", AtFlags::EMPTY_PATH, mask)
+                        .ctx(format_args!("statx {name:?}"))?;
+                    rustix::fs::flistxattr(&fd, &mut list)
+                        .ctx(format_args!("flistxattr {name:?}"))?;
+                    rustix::fs::chownat(&fd, c"", Some(u), Some(g), AtFlags::EMPTY_PATH)
+                        .ctx(format_args!("fchownat {name:?}"))?;
+                }
+                Ok(())
+            })
+            .map(|(d, ())| (per_entry(d), ()))
+        },
+        |()| Ok(()),
+    )?;
+    rows.push(Row::new("ownership", fs_name, None, CALL_PINNED).measured(pinned));
+    drop(dir);
+    fs::remove_dir_all(&dir_path).ctx(format_args!("removing {}", dir_path.display()))?;
+    Ok(rows)
+}
+
 /// The baseline of scenario 2: what util-linux and xfstests do. fork(); the
 /// child unshares a user namespace, says so on a pipe and waits on another;
 /// the parent writes the maps, opens `/proc/PID/ns/user` and reaps the child.
@@ -1421,6 +1526,21 @@ fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
             });
         }
     }
+    for &fs in fss {
+        // Per entry: the walker's calls split over every core, against
+        // chown -R's one call. Above 1, no pinning walker can catch up.
+        let floor = r
+            .get("ownership", fs, None, CALL_PINNED)
+            .map(|d| d / threads() as u32);
+        out.push(Ratio {
+            what: format!(
+                "{fs}: floor of the walker's time per entry ({} cores, its system calls alone, no scan) / GNU chown -R's fchownat",
+                threads()
+            ),
+            value: ratio(floor, r.get("ownership", fs, None, CALL_CHOWN)),
+            target: None,
+        });
+    }
     let min = |label: &str| {
         r.by_key
             .iter()
@@ -1550,6 +1670,10 @@ fn run(cfg: &Config) -> Res<()> {
             if cfg.runs(Scenario::Ownership) {
                 progress(format!("{fs_name}: ownership, N={}", fmt_n(n)));
                 rows.extend(ownership(cfg, fs_name, &tree, &mapping, &attach)?);
+            }
+            if cfg.runs(Scenario::Ownership) && n == sizes[0] {
+                progress(format!("{fs_name}: per-entry system call costs"));
+                rows.extend(call_costs(cfg, fs_name, mnt)?);
             }
             if cfg.runs(Scenario::MountCalls) && n == sizes[0] {
                 progress(format!("{fs_name}: mount calls"));
