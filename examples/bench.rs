@@ -21,8 +21,9 @@
 //!    cost of the system calls alone, over a directory of 10,000 files: the
 //!    one `chown -R` makes (`fchownat` by name) against the least the walker
 //!    makes for a regular file (`openat2`, `statx`, `flistxattr`,
-//!    `fchownat(AT_EMPTY_PATH)`, `close`: `--out-of-range=overflow`, no
-//!    scan), which bounds what any walker that pins can reach.
+//!    `fchownat(AT_EMPTY_PATH)`, `close`: `--out-of-range=overflow`), and the
+//!    scan's one call by name that `keep` adds; they bound what any walker
+//!    that pins can reach.
 //! 2. **User-namespace creation** from a mapping: `UserNamespace::from_mapping`
 //!    against a `fork()` baseline (child `unshare(CLONE_NEWUSER)`, parent
 //!    writes the maps and opens `/proc/PID/ns/user`), in a small caller and in
@@ -1001,6 +1002,7 @@ const CALL_FILES: usize = 10_000;
 const CALL_CHOWN: &str = "per entry: fchownat by name (the call chown -R makes)";
 const CALL_PINNED: &str =
     "per entry: openat2 + statx + flistxattr + fchownat(AT_EMPTY_PATH) + close (the walker's least)";
+const CALL_SCAN: &str = "per entry: llistxattr by name (what keep's scan adds)";
 
 /// Scenario 1 (f): the system calls alone, per entry, over a flat directory
 /// of [`CALL_FILES`] empty files; every round gives each file new owners, so
@@ -1090,6 +1092,27 @@ fn call_costs(cfg: &Config, fs_name: &str, mnt: &Path) -> Res<Vec<Row>> {
         |()| Ok(()),
     )?;
     rows.push(Row::new("ownership", fs_name, None, CALL_PINNED).measured(pinned));
+    // The scan's listxattrat(dir, name) is, for the kernel, llistxattr of
+    // the name from the directory as working directory: one component.
+    let cwd = std::env::current_dir().ctx("getcwd")?;
+    std::env::set_current_dir(&dir_path).ctx(format_args!("chdir {}", dir_path.display()))?;
+    let scan = measure(
+        cfg.repeats,
+        || Ok(()),
+        || {
+            time(|| {
+                for name in &names {
+                    rustix::fs::llistxattr(name.as_c_str(), &mut list)
+                        .ctx(format_args!("llistxattr {name:?}"))?;
+                }
+                Ok(())
+            })
+            .map(|(d, ())| (per_entry(d), ()))
+        },
+        |()| Ok(()),
+    );
+    std::env::set_current_dir(&cwd).ctx(format_args!("chdir {}", cwd.display()))?;
+    rows.push(Row::new("ownership", fs_name, None, CALL_SCAN).measured(scan?));
     drop(dir);
     fs::remove_dir_all(&dir_path).ctx(format_args!("removing {}", dir_path.display()))?;
     Ok(rows)
@@ -1527,19 +1550,28 @@ fn ratios(rows: &[Row], fss: &[&str], sizes: &[usize]) -> Vec<Ratio> {
         }
     }
     for &fs in fss {
-        // Per entry: the walker's calls split over every core, against
-        // chown -R's one call. Above 1, no pinning walker can catch up.
+        // Per entry: the walker's calls split over every core, with nothing
+        // else, against all of chown -R (its listing included) at the
+        // largest N. Above 1, no walker that pins and reads each entry can
+        // catch up with chown -R on this machine.
+        let per = |d: Duration, n: usize| d / n as u32;
+        let chown_entry = chown(fs, last).map(|d| per(d, last));
         let floor = r
             .get("ownership", fs, None, CALL_PINNED)
-            .map(|d| d / threads() as u32);
-        out.push(Ratio {
-            what: format!(
-                "{fs}: floor of the walker's time per entry ({} cores, its system calls alone, no scan) / GNU chown -R's fchownat",
-                threads()
-            ),
-            value: ratio(floor, r.get("ownership", fs, None, CALL_CHOWN)),
-            target: None,
-        });
+            .map(|d| per(d, threads()));
+        let scan = r.get("ownership", fs, None, CALL_SCAN);
+        let floor_keep = floor.zip(scan).map(|(f, s)| f + per(s, threads()));
+        for (policy, value) in [("overflow", floor), ("keep, with its scan", floor_keep)] {
+            out.push(Ratio {
+                what: format!(
+                    "{fs}: floor of the walker's time per entry ({policy}: its system calls alone, split over {} cores) / GNU chown -R's per entry at N={}",
+                    threads(),
+                    fmt_n(last)
+                ),
+                value: ratio(value, chown_entry),
+                target: None,
+            });
+        }
     }
     let min = |label: &str| {
         r.by_key
