@@ -1027,30 +1027,28 @@ fn call_costs(cfg: &Config, fs_name: &str, mnt: &Path) -> Res<Vec<Row>> {
         rustix::fs::openat(&dir, name, flags, Mode::from_raw_mode(0o644))
             .ctx(format_args!("create {name:?}"))?;
     }
-    let per_entry = |d: Duration| d / CALL_FILES as u32;
+    // One figure: `call` on every name, per entry; each round passes a new
+    // owner, so that every fchownat changes something.
     let mut round = 0u32;
-    let mut next_owner = || {
-        round += 1;
-        let id = 200_000 + round % 2;
-        (Uid::from_raw(id), Gid::from_raw(id))
+    let mut per_entry = |call: &mut dyn FnMut(&std::ffi::CStr, Uid, Gid) -> Res<()>| {
+        measure(
+            cfg.repeats,
+            || Ok(()),
+            || {
+                round += 1;
+                let id = 200_000 + round % 2;
+                let (u, g) = (Uid::from_raw(id), Gid::from_raw(id));
+                time(|| names.iter().try_for_each(|name| call(name, u, g)))
+                    .map(|(d, ())| (d / CALL_FILES as u32, ()))
+            },
+            |()| Ok(()),
+        )
     };
     let mut rows = Vec::new();
-    let chown = measure(
-        cfg.repeats,
-        || Ok(()),
-        || {
-            let (u, g) = next_owner();
-            time(|| {
-                for name in &names {
-                    rustix::fs::chownat(&dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
-                        .ctx(format_args!("fchownat {name:?}"))?;
-                }
-                Ok(())
-            })
-            .map(|(d, ())| (per_entry(d), ()))
-        },
-        |()| Ok(()),
-    )?;
+    let chown = per_entry(&mut |name, u, g| {
+        rustix::fs::chownat(&dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+            .ctx(format_args!("fchownat {name:?}"))
+    })?;
     rows.push(Row::new("ownership", fs_name, None, CALL_CHOWN).measured(chown));
     // The walker's calls for a regular file (src/chown/walk.rs, `pin` and
     // `shift_inode`), with the same flags.
@@ -1069,48 +1067,25 @@ fn call_costs(cfg: &Config, fs_name: &str, mnt: &Path) -> Res<Vec<Row>> {
         | StatxFlags::CTIME
         | StatxFlags::MNT_ID;
     let mut list = [0u8; 256];
-    let pinned = measure(
-        cfg.repeats,
-        || Ok(()),
-        || {
-            let (u, g) = next_owner();
-            time(|| {
-                for name in &names {
-                    let fd = rustix::fs::openat2(&dir, name, oflags, Mode::empty(), resolve)
-                        .ctx(format_args!("openat2 {name:?}"))?;
-                    rustix::fs::statx(&fd, c"", AtFlags::EMPTY_PATH, mask)
-                        .ctx(format_args!("statx {name:?}"))?;
-                    rustix::fs::flistxattr(&fd, &mut list)
-                        .ctx(format_args!("flistxattr {name:?}"))?;
-                    rustix::fs::chownat(&fd, c"", Some(u), Some(g), AtFlags::EMPTY_PATH)
-                        .ctx(format_args!("fchownat {name:?}"))?;
-                }
-                Ok(())
-            })
-            .map(|(d, ())| (per_entry(d), ()))
-        },
-        |()| Ok(()),
-    )?;
+    let pinned = per_entry(&mut |name, u, g| {
+        let fd = rustix::fs::openat2(&dir, name, oflags, Mode::empty(), resolve)
+            .ctx(format_args!("openat2 {name:?}"))?;
+        rustix::fs::statx(&fd, c"", AtFlags::EMPTY_PATH, mask)
+            .ctx(format_args!("statx {name:?}"))?;
+        rustix::fs::flistxattr(&fd, &mut list).ctx(format_args!("flistxattr {name:?}"))?;
+        rustix::fs::chownat(&fd, c"", Some(u), Some(g), AtFlags::EMPTY_PATH)
+            .ctx(format_args!("fchownat {name:?}"))
+    })?;
     rows.push(Row::new("ownership", fs_name, None, CALL_PINNED).measured(pinned));
     // The scan's listxattrat(dir, name) is, for the kernel, llistxattr of
     // the name from the directory as working directory: one component.
     let cwd = std::env::current_dir().ctx("getcwd")?;
     std::env::set_current_dir(&dir_path).ctx(format_args!("chdir {}", dir_path.display()))?;
-    let scan = measure(
-        cfg.repeats,
-        || Ok(()),
-        || {
-            time(|| {
-                for name in &names {
-                    rustix::fs::llistxattr(name.as_c_str(), &mut list)
-                        .ctx(format_args!("llistxattr {name:?}"))?;
-                }
-                Ok(())
-            })
-            .map(|(d, ())| (per_entry(d), ()))
-        },
-        |()| Ok(()),
-    );
+    let scan = per_entry(&mut |name, _, _| {
+        rustix::fs::llistxattr(name, &mut list)
+            .map(drop)
+            .ctx(format_args!("llistxattr {name:?}"))
+    });
     std::env::set_current_dir(&cwd).ctx(format_args!("chdir {}", cwd.display()))?;
     rows.push(Row::new("ownership", fs_name, None, CALL_SCAN).measured(scan?));
     drop(dir);
