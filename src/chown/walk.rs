@@ -992,8 +992,6 @@ impl<'c, 'a> Worker<'c, 'a> {
         })
     }
 
-    /// Read all names of a directory, handle every non-directory, and return
-    /// the subdirectories (pinned and checked, not yet opened as directories).
     /// Put the listing in inode order. A hashed directory (ext4's htree)
     /// lists in hash order, which visits the inode table at random; in inode
     /// order consecutive entries share its blocks, and an ext4 walk of
@@ -1024,6 +1022,8 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.types = types;
     }
 
+    /// Read all names of a directory, handle every non-directory, and return
+    /// the subdirectories (pinned and checked, not yet opened as directories).
     fn scan(&mut self, dir: BorrowedFd<'_>, dmeta: &Meta, path: &Path) -> Result<Vec<SubDir>> {
         self.names.clear();
         self.starts.clear();
