@@ -1317,19 +1317,16 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
             Some(st) => {
                 assert!(st.success(), "child failed: {st}");
                 window = window.min(started.elapsed());
-                let mut out = {
-                    let mut rest = String::new();
-                    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-                    rest
-                };
-                out.insert_str(0, &line);
-                recovered += out
+                // The report comes after the line already read.
+                let mut report = String::new();
+                std::io::Read::read_to_string(&mut out, &mut report).unwrap();
+                recovered += report
                     .split("recovered: ")
                     .nth(1)
                     .and_then(|s| s.split(',').next())
                     .and_then(|n| n.parse::<u64>().ok())
                     .unwrap_or(0);
-                resumed += u64::from(out.contains("resumed: true"));
+                resumed += u64::from(report.contains("resumed: true"));
                 finished += 1;
                 if resumed == 0 {
                     fs::remove_dir_all(&b).unwrap();
