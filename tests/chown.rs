@@ -1229,8 +1229,9 @@ fn child_shift_helper() {
     // The crash tests aim their kills from this line (start-up, which
     // under emulation dwarfs the walk, is behind it).
     println!("{CHILD_WALKS}");
+    let t = Instant::now();
     let rep = shift(Path::new(&root), &map(&m), &opts(0));
-    println!("CHILD-REPORT {rep:?}");
+    println!("CHILD-REPORT {} {rep:?}", t.elapsed().as_nanos());
 }
 
 const CHILD_WALKS: &str = "CHILD-WALKS";
@@ -1252,7 +1253,7 @@ fn child(root: &Path, m: &str) -> Command {
 #[test]
 fn crash_safety_sigkill_at_random_points() {
     privileged!();
-    crash_test(MAP, scaled(40_500, 3000), scaled(30, 5));
+    crash_test(MAP, scaled(40_500, 3000), scaled(12, 5));
 }
 
 /// The same with a mapping whose on-disk and seen ranges overlap (each id
@@ -1260,7 +1261,7 @@ fn crash_safety_sigkill_at_random_points() {
 #[test]
 fn crash_safety_sigkill_with_an_overlapping_mapping() {
     privileged!();
-    crash_test("b:0:1:65536", scaled(20_000, 2000), scaled(25, 5));
+    crash_test("b:0:1:65536", scaled(20_000, 2000), scaled(10, 5));
 }
 
 fn crash_test(mapping: &str, entries: usize, kills: usize) {
@@ -1279,27 +1280,27 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
 
     let mut r = Rng::new(1234);
     let (mut killed, mut finished, mut recovered, mut resumed) = (0, 0, 0, 0u64);
-    // Kill until enough kills landed: the first ones interrupt real work,
-    // later ones a run that is mostly checking what is done (also a crash
-    // point). Each kill is aimed at a random point of the window after the
-    // child says it starts walking, so the child's start-up (which under
-    // emulation dwarfs the walk) never eats the aim. Each resumed run has
-    // less left to do, so the window shrinks to what the last finished
-    // walk took (timing-independent: on a loaded machine the window adapts
-    // instead of every child finishing first).
+    // Each kill is aimed at a random point of the child's walk, timed from
+    // the line it prints just before the walk (start-up, which under
+    // emulation dwarfs the walk, is behind it). The window is the walk time
+    // the last child that walked a fresh tree measured itself, so on a
+    // loaded or emulated machine the aim adapts instead of every child
+    // finishing first. It never shrinks below a walk: a kill that lands
+    // early (while the run picks its ctime threshold, before it changed
+    // anything) leaves a record the next run starts afresh from, and
+    // aiming earlier would only make that likelier.
     let mut window = full;
-    // The kills this test is about are those inside a walk, after it began
-    // changing entries: the next run that finishes says it resumed one
-    // (a kill while the run picks its ctime threshold leaves a record that
-    // says running, yet nothing changed, and the next run starts afresh).
-    // Until a run has resumed, a child that finishes leaves nothing to
-    // resume (every later run is the O(1) check), so the tree is made again
-    // and the window halved.
+    // Every run that finishes changed the tree (a fresh walk or a resumed
+    // one), so the tree is made again unless the test is done: each kill
+    // interrupts real work. The test is done when enough kills landed and
+    // the run after the last one resumed it (the tree then is what killed
+    // and resumed runs made). With enough kills, the next child is let
+    // finish; if it walked afresh (the kill was early), one more is killed.
+    let mut last_killed = false;
+    let mut done = false;
     let mut fresh_trees = 0;
     for _ in 0..400 {
-        if killed >= kills && resumed > 0 {
-            break;
-        }
+        let aim = killed < kills || !last_killed;
         let mut ch = child(&b, mapping)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1311,44 +1312,59 @@ fn crash_test(mapping: &str, entries: usize, kills: usize) {
             let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
             assert!(n > 0, "the child ended before walking: {:?}", ch.wait());
         }
-        let started = Instant::now();
-        std::thread::sleep(window.mul_f64(r.below(1000) as f64 / 1000.0));
-        match ch.try_wait().unwrap() {
-            Some(st) => {
-                assert!(st.success(), "child failed: {st}");
-                window = window.min(started.elapsed());
-                // The report comes after the line already read.
-                let mut report = String::new();
-                std::io::Read::read_to_string(&mut out, &mut report).unwrap();
-                recovered += report
-                    .split("recovered: ")
-                    .nth(1)
-                    .and_then(|s| s.split(',').next())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-                resumed += u64::from(report.contains("resumed: true"));
-                finished += 1;
-                if resumed == 0 {
-                    fs::remove_dir_all(&b).unwrap();
-                    fs::create_dir(&b).unwrap();
-                    random_tree(&b, 42, entries, 2);
-                    fresh_trees += 1;
-                    window /= 2;
-                }
-            }
-            None => {
+        if aim {
+            std::thread::sleep(window.mul_f64(r.below(1000) as f64 / 1000.0));
+            if ch.try_wait().unwrap().is_none() {
                 ch.kill().unwrap();
                 ch.wait().unwrap();
                 killed += 1;
+                last_killed = true;
+                continue;
             }
         }
+        let st = ch.wait().unwrap();
+        assert!(st.success(), "child failed: {st}");
+        last_killed = false;
+        finished += 1;
+        // The report comes after the line already read.
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut out, &mut report).unwrap();
+        let report = report
+            .split("CHILD-REPORT ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no report from the child: {report:?}"));
+        recovered += report
+            .split("recovered: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if report.contains("completed_before: true") {
+            // The kill landed after the walk had finished.
+        } else if report.contains("resumed: true") {
+            resumed += 1;
+            if killed >= kills {
+                done = true;
+                break;
+            }
+        } else {
+            let walk_ns: u64 = report.split(' ').next().unwrap().parse().unwrap();
+            window = Duration::from_nanos(walk_ns);
+        }
+        fs::remove_dir_all(&b).unwrap();
+        fs::create_dir(&b).unwrap();
+        random_tree(&b, 42, entries, 2);
+        fresh_trees += 1;
     }
     eprintln!(
         "{killed} children killed; {finished} finished, {resumed} of them resuming a killed \
-         walk; the tree made again {fresh_trees} times; entries recovered from a stash: {recovered}"
+         walk; the tree made again {fresh_trees} times; last window {window:?}; entries \
+         recovered from a stash: {recovered}"
     );
-    assert!(killed >= kills, "too few kills landed: {killed}");
-    assert!(resumed > 0, "no kill landed inside a walk");
+    assert!(
+        done,
+        "no run resumed a walk after {kills} kills (400 children; {killed} killed, {resumed} resumed)"
+    );
     let rb = shift(&b, &map(mapping), &opts(0));
     eprintln!("final run after the kills: {rb:?}");
     let (sa, sb) = (snapshot(&a), snapshot(&b));
