@@ -63,9 +63,10 @@ step "cargo test --test chown (safety tests) with IDMAPPED_FORCE_FALLBACK=openat
 IDMAPPED_FORCE_FALLBACK=openat2 cargo test --test chown -- symlinks attacker mounts_inside shifted_tree
 # The whole walker suite through its older rungs: every entry pinned O_PATH
 # with xattr calls through /proc/self/fd (kernels before 5.12, trees with
-# mounts below them), and the scan's xattr reads by /proc path (before 6.13).
-step "cargo test --test chown with IDMAPPED_FORCE_FALLBACK=nodev_view,xattrat"
-IDMAPPED_FORCE_FALLBACK=nodev_view,xattrat cargo test --test chown
+# mounts below them), the scan's xattr reads by /proc path and the settling
+# passes' coarse-timestamp rule (both before 6.13).
+step "cargo test --test chown with IDMAPPED_FORCE_FALLBACK=nodev_view,xattrat,fine_ctime"
+IDMAPPED_FORCE_FALLBACK=nodev_view,xattrat,fine_ctime cargo test --test chown
 # The helper, procfs and namespace-file tests through every older rung: no
 # pidfds (helper by pid), no PIDFD_GET_USER_NAMESPACE, the checked /proc
 # mount instead of a private procfs, no openat2, mountinfo instead of listmount.

@@ -74,7 +74,8 @@ pub(crate) fn forced_fallback(feature: &str) -> bool {
 /// paths can be tested on a new kernel (`openat2` does the same for the
 /// [`chown`](crate::chown) walker's directory opens, `nodev_view` makes the
 /// walker pin every entry `O_PATH` (its pre-5.12 rung) and `xattrat` makes
-/// its scan read xattrs by `/proc` path (pre-6.13); `pidfd` covers both
+/// its scan read xattrs by `/proc` path (pre-6.13), `fine_ctime` makes its
+/// settling passes take timestamps as coarse (pre-6.13); `pidfd` covers both
 /// pidfd calls; `fsopen_proc` makes the procfs handle use the checked
 /// `/proc` mount instead of a private instance).
 pub fn features() -> &'static Features {

@@ -981,9 +981,10 @@ fn expected_access() -> EntryAccess {
     }
 }
 
-/// A thread exchanging two names of one directory (`RENAME_EXCHANGE`) over
-/// and over, `pick` choosing them: it has made 50 swaps when `start`
-/// returns, and makes at least 1,000 in all, going on until `stop`.
+/// A thread exchanging two names (`RENAME_EXCHANGE`) over and over, `pick`
+/// choosing them (an index into `dirs` and a name in it, for each): it has
+/// made 50 swaps when `start` returns, and makes at least 1,000 in all,
+/// going on until `stop`.
 struct ExchangeAttacker {
     stop: Arc<AtomicBool>,
     swaps: Arc<AtomicU64>,
@@ -992,13 +993,16 @@ struct ExchangeAttacker {
 
 impl ExchangeAttacker {
     fn start(
-        dir: &Path,
+        dirs: &[&Path],
         seed: u64,
-        mut pick: impl FnMut(&mut Rng) -> (String, String) + Send + 'static,
+        mut pick: impl FnMut(&mut Rng) -> ((usize, String), (usize, String)) + Send + 'static,
     ) -> ExchangeAttacker {
         let stop = Arc::new(AtomicBool::new(false));
         let swaps = Arc::new(AtomicU64::new(0));
-        let dir = rfs::open(dir, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+        let dirs: Vec<_> = dirs
+            .iter()
+            .map(|d| rfs::open(*d, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap())
+            .collect();
         let thread = {
             let (stop, swaps) = (stop.clone(), swaps.clone());
             std::thread::spawn(move || {
@@ -1007,10 +1011,10 @@ impl ExchangeAttacker {
                     let (a, b) = pick(&mut r);
                     if a != b
                         && rfs::renameat_with(
-                            &dir,
-                            a.as_str(),
-                            &dir,
-                            b.as_str(),
+                            &dirs[a.0],
+                            a.1.as_str(),
+                            &dirs[b.0],
+                            b.1.as_str(),
                             rfs::RenameFlags::EXCHANGE,
                         )
                         .is_ok()
@@ -1089,8 +1093,11 @@ fn a_device_swapped_in_for_a_file_is_never_opened() {
             "inotify does not see opens of {dev:?}"
         );
 
-        let attacker = ExchangeAttacker::start(&d, run + 7, |r| {
-            ("dev".to_string(), format!("f{}", r.below(N as u64)))
+        let attacker = ExchangeAttacker::start(&[&d], run + 7, |r| {
+            (
+                (0, "dev".to_string()),
+                (0, format!("f{}", r.below(N as u64))),
+            )
         });
         let rep = shift_tree(&d, &m, &opts(2));
         total_swaps += attacker.stop();
@@ -2010,10 +2017,10 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
             }
         }
         let out_before = snapshot(&outside);
-        let attacker = ExchangeAttacker::start(&d, run + 99, |r| {
+        let attacker = ExchangeAttacker::start(&[&d], run + 99, |r| {
             (
-                format!("n{}", r.below(N as u64)),
-                format!("n{}", r.below(N as u64)),
+                (0, format!("n{}", r.below(N as u64))),
+                (0, format!("n{}", r.below(N as u64))),
             )
         });
         let rep = shift_tree(&root, &m, &opts(2));
@@ -2069,6 +2076,94 @@ fn exchange_attacker_every_entry_shifted_exactly_once() {
     }
     eprintln!("{runs} runs, {total_swaps} swaps; tree_changed reported in {changed_reported}");
     assert!(total_swaps >= 1000 * runs);
+}
+
+/// The exchange attacker across directories: entries (files, and
+/// directories holding a file) exchanged between random directories of the
+/// tree while the walk runs, so entries keep moving from directories the
+/// walk has not read yet into ones it has finished. Every inode, identified
+/// by its content, must end shifted exactly once (the mapping shifts by
+/// one, so a double shift shows, and so does one the walk never met).
+#[test]
+fn cross_directory_attacker_every_entry_shifted_exactly_once() {
+    privileged!();
+    let fs = TestFs::ext4_sized(128, 32768);
+    let m = map("b:0:1:65536");
+    let runs = scaled(8, 3) as u64;
+    const DIRS: usize = 30;
+    const N: usize = 60;
+    let id_of = |d: usize, i: usize| ((d * N + i) as u32 * 7) % 3000;
+    let mut total_swaps = 0;
+    for run in 0..runs {
+        let root = fs.root.join(format!("x{run}"));
+        let dirs: Vec<PathBuf> = (0..DIRS).map(|k| root.join(format!("d{k}"))).collect();
+        for (k, d) in dirs.iter().enumerate() {
+            fs::create_dir_all(d).unwrap();
+            for i in 0..N {
+                let p = d.join(format!("n{i}"));
+                let id = id_of(k, i);
+                if i % 4 == 0 {
+                    fs::create_dir(&p).unwrap();
+                    fs::write(p.join("inner"), format!("D{k}.{i}")).unwrap();
+                    lchown(&p.join("inner"), id, id);
+                } else {
+                    fs::write(&p, format!("F{k}.{i}")).unwrap();
+                }
+                lchown(&p, id, id);
+            }
+        }
+        let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+        let attacker = ExchangeAttacker::start(&refs, run + 1234, |r| {
+            let mut one = || {
+                (
+                    r.below(DIRS as u64) as usize,
+                    format!("n{}", r.below(N as u64)),
+                )
+            };
+            (one(), one())
+        });
+        let rep = shift_tree(&root, &m, &opts(2));
+        let during = attacker.swaps();
+        total_swaps += attacker.stop();
+        let rep = rep.unwrap_or_else(|e| panic!("run {run}: walk failed under attack: {e}"));
+        eprintln!(
+            "run {run}: {during} swaps during the walk, tree_changed {}",
+            rep.tree_changed
+        );
+        let mut found = 0;
+        for d in &dirs {
+            for e in fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                let md = fs::symlink_metadata(&p).unwrap();
+                let content = if md.is_dir() {
+                    let c = fs::read_to_string(p.join("inner")).unwrap();
+                    let (k, i) = parse_ki(&c[1..]);
+                    let want = m.uids().seen(id_of(k, i)).unwrap();
+                    assert_eq!(owner(&p.join("inner")), (want, want), "run {run}: {c}");
+                    c
+                } else {
+                    fs::read_to_string(&p).unwrap()
+                };
+                let (k, i) = parse_ki(&content[1..]);
+                let want = m.uids().seen(id_of(k, i)).unwrap();
+                assert_eq!(
+                    (md.uid(), md.gid()),
+                    (want, want),
+                    "run {run}: {content} at {p:?}"
+                );
+                found += 1;
+            }
+        }
+        assert_eq!(found, DIRS * N, "run {run}: entries lost");
+    }
+    eprintln!("{runs} runs, {total_swaps} swaps across directories");
+    assert!(total_swaps >= 1000 * runs);
+}
+
+/// `k.i` of an entry's content.
+fn parse_ki(s: &str) -> (usize, usize) {
+    let (k, i) = s.split_once('.').unwrap();
+    (k.parse().unwrap(), i.parse().unwrap())
 }
 
 // --------------------------------------------------- refusals and links

@@ -217,9 +217,13 @@ fn tell_report(source: &Path, r: &ShiftReport, outside: OutsideLinks) {
             eprintln!("  {}", p.display());
         }
     }
-    if r.tree_changed {
+    if r.tree_unsettled {
         eprintln!(
-            "mount-idmapped: the tree changed during the walk (entries moved); the directories concerned were walked again"
+            "mount-idmapped: the tree kept changing during the walk (entries moving between directories): every entry found was shifted, but one that kept moving could have been missed"
+        );
+    } else if r.tree_changed {
+        eprintln!(
+            "mount-idmapped: the tree changed during the walk (entries moved); the directories concerned were walked again, and every entry was met"
         );
     }
 }

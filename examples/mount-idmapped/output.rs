@@ -159,6 +159,7 @@ fn report_json(r: &ShiftReport) -> String {
         .raw("completed_before", r.completed_before.to_string())
         .raw("resumed", r.resumed.to_string())
         .raw("tree_changed", r.tree_changed.to_string())
+        .raw("tree_unsettled", r.tree_unsettled.to_string())
         .raw("entry_access", json::string(r.entry_access.name()))
         .raw(
             "kept_in_seen_range",

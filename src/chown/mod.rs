@@ -37,14 +37,34 @@
 //!   and chmod calls go through its `/proc/self/fd` link
 //!   ([`ShiftReport::entry_access`] says which). A name whose inode was
 //!   exchanged has its directory walked again, and every inode is shifted
-//!   at most once per run (an in-memory set of the inodes changed), so an
+//!   at most once per run (an in-memory set of the inodes met), so an
 //!   attacker renaming or exchanging entries inside the tree can neither
-//!   redirect a change nor get an inode shifted twice. A directory whose ctime changed while it
-//!   was listed (a name renamed from a part not yet read to one already
-//!   read is in no listing) is walked again too. What moved is reported
-//!   ([`ShiftReport::tree_changed`]). On kernels with coarse timestamps
-//!   (before 6.13's multigrain ctime) a rename within the same clock tick as
-//!   the start of a listing can go unnoticed by that check.
+//!   redirect a change nor get an inode shifted twice. A directory whose
+//!   ctime changed while it was listed (a name renamed from a part not yet
+//!   read to one already read is in no listing) is walked again too.
+//! - **No entry missed** when entries move between directories. An entry
+//!   moved during the walk from a directory not yet read into one already
+//!   finished (a rename or exchange across directories) is in no listing.
+//!   So after the walk, *settling passes* go through the tree's directories
+//!   again. A directory whose ctime is still the one read just before its
+//!   names were read has not changed since, and is taken as it is; any
+//!   other has its names read again and checked against the inodes met,
+//!   and one holding an entry never met is walked again. A pass that takes
+//!   every directory as unchanged proves that every entry of the tree was
+//!   met: an entry never met was in some directory when the pass began, and
+//!   either the pass read that directory with it there, or it left before,
+//!   which changed that directory's ctime. A ctime is trusted to show any
+//!   later change only where the filesystem stamps a change after a
+//!   `statx` with a fine-grained time (multigrain timestamps, Linux 6.13:
+//!   probed on the tree's root), or where the coarse clock had passed it
+//!   when it was read; otherwise the next pass waits for the clock to tick.
+//!   On a tree that holds still this costs one `openat2` and one `statx`
+//!   per directory (on older kernels, one more reading of each directory's
+//!   names). While entries keep moving (an attacker still at work), the
+//!   passes stop once 3 in a row meet no inode the run had not met (16 at
+//!   most): every entry found was shifted, but one moved across directories
+//!   at just the right moment, each time, could be missed. What moved is
+//!   reported ([`ShiftReport::tree_changed`]).
 //! - **Never leaves the tree** (no symlink followed, `openat2` with
 //!   `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV`
 //!   where the kernel has it) and **does not cross mounts** (also file bind
@@ -326,10 +346,15 @@ pub struct ShiftReport {
     /// Entries found half-shifted by an interrupted run and finished from
     /// their stash.
     pub recovered: u64,
-    /// Entries moved while the walk listed their directory (an exchange, a
-    /// rename): their directories were walked again; true if, after that,
-    /// something listed could still not be found (it left the directory).
+    /// Entries moved, appeared or went while the walk ran (an exchange, a
+    /// rename, within a directory or across directories): the directories
+    /// concerned were walked again (see the module docs, *No entry missed*).
     pub tree_changed: bool,
+    /// The tree was still changing when the settling passes stopped: every
+    /// entry found was shifted, but that none was missed is not proven (an
+    /// entry moved across directories at just the right moments could have
+    /// escaped every pass). Implies [`tree_changed`](Self::tree_changed).
+    pub tree_unsettled: bool,
     /// How the walk opened entries (the slowest way any mount needed).
     pub entry_access: EntryAccess,
     /// Wall-clock time of the walk.
@@ -410,6 +435,7 @@ impl ShiftReport {
         self.outside_links.extend(o.outside_links);
         self.recovered += o.recovered;
         self.tree_changed |= o.tree_changed;
+        self.tree_unsettled |= o.tree_unsettled;
         self.resumed |= o.resumed;
         self.completed_before &= o.completed_before;
         self.entry_access = self.entry_access.slower(o.entry_access);

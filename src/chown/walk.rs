@@ -27,9 +27,10 @@ use std::hash::{Hash, Hasher};
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
@@ -91,6 +92,11 @@ const PERMS: u32 = 0o7777;
 const RETRIES: usize = 8;
 /// How many times directories whose names moved are walked again.
 const RESCANS: usize = 64;
+/// The most settling passes ([`Worker::settle_pass`]) one run makes.
+const SETTLE_PASSES: usize = 16;
+/// Settling passes in a row that meet no new inode, after which a tree that
+/// keeps changing is taken as it is (and reported changed).
+const QUIET_PASSES: usize = 3;
 /// getdents buffer: large, so a big directory takes few system calls.
 const DIRENT_BUF: usize = 256 * 1024;
 /// Push totals to the shared counters (and the callback) this often.
@@ -249,6 +255,37 @@ struct Links {
     handled: bool,
 }
 
+/// What the walk saw of a directory whose names it went through: what the
+/// settling passes hold the tree against.
+struct Listed {
+    /// Its ctime just before its names were read.
+    ctime: (i64, u32),
+    /// Any later change is sure to give it another ctime: the filesystem
+    /// gives a changed inode a fine-grained ctime once `statx` has read it
+    /// (multigrain timestamps), or the clock had moved on since its last
+    /// change when that ctime was read.
+    distinct: bool,
+    /// Its subdirectories (name, inode), where one worker met all its names.
+    subdirs: Option<Vec<(CString, u64)>>,
+}
+
+/// What one settling pass found.
+#[derive(Default)]
+struct Settled {
+    /// Directories handed back to the walk: an entry in them the walk never
+    /// met, or they changed while this pass read them.
+    dirty: usize,
+    /// Some directory could not be taken as unchanged since the walk (or the
+    /// last pass) read it: only a later pass can tell.
+    unsure: bool,
+    /// Some directory did change since then (or the walk never finished
+    /// reading it).
+    changed: bool,
+    /// The latest ctime whose directory a later change might leave as it is
+    /// (same clock tick): the next pass waits until the clock is past it.
+    wait_for: Option<(i64, u32)>,
+}
+
 /// Uncovered ids met by a scan under `OutOfRange::Fail`.
 #[derive(Default)]
 struct Uncovered {
@@ -264,7 +301,8 @@ struct Ctx<'a> {
     opts: &'a ShiftOptions,
     threads: usize,
     window: usize,
-    /// Inodes this run changed (or, scanning, would change): none twice.
+    /// Inodes this run changed or looked at and left as they are (or,
+    /// scanning, would change): none is done twice.
     claimed: Vec<Mutex<InodeSet>>,
     /// Multiply-linked inodes, by (dev, ino).
     links: Vec<Mutex<HashMap<(u64, u64), Links>>>,
@@ -274,6 +312,11 @@ struct Ctx<'a> {
     /// Directories whose listing and contents disagreed: walked again.
     rescan: Mutex<Vec<Work>>,
     rescan_keys: Mutex<HashSet<(u64, u64)>>,
+    /// Directories whose names the walk went through, by (dev, ino).
+    listed: Vec<Mutex<HashMap<(u64, u64), Listed>>>,
+    /// A change after `statx` read a ctime always gives a later one
+    /// ([`fine_ctimes`]): then every [`Listed`] is `distinct`.
+    fine_ctime: bool,
     tree_changed: AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
@@ -385,6 +428,43 @@ impl Ctx<'_> {
         lock(&self.claimed[shard(m.key())]).insert(m.key())
     }
 
+    /// Whether this run met the inode (`dev`, `ino`): changed it, found it
+    /// needed no change, or counted it as one name of a multiply-linked
+    /// inode.
+    fn met(&self, key: (u64, u64)) -> bool {
+        lock(&self.claimed[shard(key)]).contains(&key)
+            || lock(&self.links[shard(key)]).contains_key(&key)
+    }
+
+    /// How many inodes this run has met (see [`Ctx::met`]).
+    fn met_count(&self) -> usize {
+        let claimed: usize = self.claimed.iter().map(|s| lock(s).len()).sum();
+        let links: usize = self.links.iter().map(|s| lock(s).len()).sum();
+        claimed + links
+    }
+
+    /// Note what the walk saw of a directory whose names it went through;
+    /// `ctime` was read just before the names, and the coarse clock `now`
+    /// right after it.
+    fn note_listed(
+        &self,
+        key: (u64, u64),
+        ctime: (i64, u32),
+        now: (i64, u32),
+        subdirs: Option<Vec<(CString, u64)>>,
+    ) -> bool {
+        let distinct = self.fine_ctime || clock_moved_on(ctime, now);
+        lock(&self.listed[shard(key)]).insert(
+            key,
+            Listed {
+                ctime,
+                distinct,
+                subdirs,
+            },
+        );
+        distinct
+    }
+
     /// Walk `dir` again after this round: a name in it did not lead to the
     /// inode its listing named.
     fn walk_again(&self, dir: BorrowedFd<'_>, meta: &Meta, path: &Path) {
@@ -445,6 +525,47 @@ impl Ctx<'_> {
         }
         false
     }
+}
+
+/// `CLOCK_REALTIME_COARSE`, the clock the kernel stamps a change with
+/// (before multigrain timestamps), as (seconds, nanoseconds).
+fn coarse_now() -> (i64, u32) {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    (t.tv_sec, u32::try_from(t.tv_nsec).unwrap_or(0))
+}
+
+/// Whether a change made after the coarse clock read `now` is sure to stamp
+/// a ctime other than `ctime`. A ctime with no nanoseconds may come from a
+/// filesystem that keeps whole seconds (ext4 with 128-byte inodes): then the
+/// clock must be in a later second.
+fn clock_moved_on(ctime: (i64, u32), now: (i64, u32)) -> bool {
+    if ctime.1 == 0 {
+        ctime.0 < now.0
+    } else {
+        ctime < now
+    }
+}
+
+/// Whether a change to an inode right after `statx` read its ctime always
+/// gives it a later ctime (multigrain timestamps, Linux 6.13, on ext4, xfs,
+/// btrfs and tmpfs), found by trying it on `dir`: `chmod` to the mode it
+/// has changes nothing but the ctime. Three tries within microseconds all
+/// advancing cannot be three clock ticks. No means the coarse clock decides
+/// ([`clock_moved_on`]); so does `IDMAPPED_FORCE_FALLBACK=fine_ctime`.
+fn fine_ctimes(dir: BorrowedFd<'_>) -> bool {
+    if features::forced_fallback("fine_ctime") {
+        return false;
+    }
+    let Ok(st) = rfs::fstat(dir) else {
+        return false;
+    };
+    let mode = Mode::from_bits_retain(st.st_mode & PERMS);
+    (0..3).all(|_| {
+        let Ok(before) = statx_fd(dir) else {
+            return false;
+        };
+        rfs::fchmod(dir, mode).is_ok() && statx_fd(dir).is_ok_and(|m| m.ctime > before.ctime)
+    })
 }
 
 fn sys(name: &'static str, args: String, errno: Errno, path: &Path) -> Error {
@@ -1022,9 +1143,9 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.types = types;
     }
 
-    /// Read all names of a directory, handle every non-directory, and return
-    /// the subdirectories (pinned and checked, not yet opened as directories).
-    fn scan(&mut self, dir: BorrowedFd<'_>, dmeta: &Meta, path: &Path) -> Result<Vec<SubDir>> {
+    /// Read all names of `dir` (from the start: a directory walked again is
+    /// read again) into `names`, `starts`, `inos` and `types`.
+    fn read_names(&mut self, dir: BorrowedFd<'_>, path: &Path) -> Result<()> {
         self.names.clear();
         self.starts.clear();
         self.inos.clear();
@@ -1032,40 +1153,46 @@ impl<'c, 'a> Worker<'c, 'a> {
         if self.dirent.capacity() < DIRENT_BUF {
             self.dirent = Vec::with_capacity(DIRENT_BUF);
         }
-        // Read from the start: a directory walked again is read again.
         let _ = rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0));
-        // A name renamed during the listing from a part not yet read to one
-        // read already is in no listing: the directory's ctime tells (the
-        // walk itself never changes it).
-        let listed_at = fstatx(dir, path)?.ctime;
         let mut dirent = std::mem::take(&mut self.dirent);
-        {
-            let buf: &mut [MaybeUninit<u8>] = dirent.spare_capacity_mut();
-            let mut it = RawDir::new(dir, buf);
-            while let Some(entry) = it.next() {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) => {
-                        self.dirent = dirent;
-                        return Err(sys(
-                            "getdents64",
-                            format!("fd {}", dir.as_raw_fd()),
-                            e,
-                            path,
-                        ));
-                    }
-                };
-                let name = entry.file_name().to_bytes_with_nul();
-                if name == b".\0" || name == b"..\0" {
-                    continue;
+        let buf: &mut [MaybeUninit<u8>] = dirent.spare_capacity_mut();
+        let mut it = RawDir::new(dir, buf);
+        while let Some(entry) = it.next() {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    self.dirent = dirent;
+                    return Err(sys(
+                        "getdents64",
+                        format!("fd {}", dir.as_raw_fd()),
+                        e,
+                        path,
+                    ));
                 }
-                self.starts.push(self.names.len());
-                self.inos.push(entry.ino());
-                self.types.push(dtype(entry.file_type()));
-                self.names.extend_from_slice(name);
+            };
+            let name = entry.file_name().to_bytes_with_nul();
+            if name == b".\0" || name == b"..\0" {
+                continue;
             }
+            self.starts.push(self.names.len());
+            self.inos.push(entry.ino());
+            self.types.push(dtype(entry.file_type()));
+            self.names.extend_from_slice(name);
         }
         self.dirent = dirent;
+        Ok(())
+    }
+
+    /// Read all names of a directory, handle every non-directory, and return
+    /// the subdirectories (pinned and checked, not yet opened as directories).
+    fn scan(&mut self, dir: BorrowedFd<'_>, dmeta: &Meta, path: &Path) -> Result<Vec<SubDir>> {
+        // A name renamed during the listing from a part not yet read to one
+        // read already is in no listing: the directory's ctime tells (the
+        // walk itself never changes it). The coarse clock, read just after,
+        // tells whether a change in the same tick could leave it as it is.
+        let listed_at = fstatx(dir, path)?.ctime;
+        let clock = coarse_now();
+        self.read_names(dir, path)?;
         self.sort_by_inode();
         let names = std::mem::take(&mut self.names);
         let starts = std::mem::take(&mut self.starts);
@@ -1075,24 +1202,37 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.mismatch = false;
         self.split = false;
         let result = self.visit_names(dir, dmeta, path, &names, &starts, &inos, &types);
+        let mut again = false;
         if result.is_ok() && !self.ctx.spec.scan && fstatx(dir, path)?.ctime != listed_at {
-            self.ctx.walk_again(dir, dmeta, path);
+            again = true;
         } else if result.is_ok() && self.mismatch {
             // Names moved during the pass. Unless some of them went to
             // another worker, check that every inode listed was pinned
             // under some name; if one was not, it is still to do.
-            let again = self.split || {
+            again = self.split || {
                 let mut pinned = std::mem::take(&mut self.pinned);
                 pinned.sort_unstable();
                 let missing = inos.iter().any(|i| pinned.binary_search(i).is_err());
                 self.pinned = pinned;
                 missing
             };
-            if again {
-                self.ctx.walk_again(dir, dmeta, path);
-            } else {
+            if !again {
                 self.ctx.tree_changed.store(true, Ordering::Relaxed);
             }
+        }
+        if again {
+            self.ctx.walk_again(dir, dmeta, path);
+        } else if let (Ok(subdirs), false) = (&result, self.ctx.spec.scan) {
+            // What the settling passes check this directory against. The
+            // names handed to another worker hold subdirectories this one
+            // has not seen: then a pass reads them from the directory.
+            let list = (!self.split).then(|| {
+                subdirs
+                    .iter()
+                    .map(|sd| (sd.name.clone(), sd.meta.ino))
+                    .collect()
+            });
+            self.ctx.note_listed(dmeta.key(), listed_at, clock, list);
         }
         self.names = names;
         self.starts = starts;
@@ -1345,6 +1485,15 @@ impl<'c, 'a> Worker<'c, 'a> {
         self.shift_inode(h, &m, path, false).map(|_| ())
     }
 
+    /// Count an inode the walk leaves as it is among those it met (the
+    /// claimed set, which the settling passes consult), so that no later
+    /// look at it does the work again.
+    fn met_unchanged(&self, m: &Meta) {
+        if !self.ctx.spec.scan {
+            self.ctx.claim(m);
+        }
+    }
+
     /// The procedure for one pinned inode. Returns whether a stash was
     /// written and left in place (only with `keep_stash`, for the root).
     fn shift_inode(
@@ -1385,6 +1534,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             && !spec.redo.contains(&m.key())
         {
             self.counts.already += 1;
+            self.met_unchanged(m);
             return Ok(false);
         }
         let get = |present: bool, xname: &str| -> Result<Option<Vec<u8>>> {
@@ -1446,6 +1596,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             self.counts.recovered += 1;
         }
         if ops.is_empty() && stash.is_none() && !keep_stash {
+            self.met_unchanged(m);
             return Ok(false);
         }
         if !ops.is_empty() {
@@ -1469,6 +1620,7 @@ impl<'c, 'a> Worker<'c, 'a> {
             // run after `chattr -i` (which bumps its ctime) still does it.
             lock(&self.ctx.frozen).push((path.to_path_buf(), attr, m.key()));
             self.counts.changed -= 1;
+            self.met_unchanged(m);
             return Ok(false);
         }
         if !ops.is_empty() && !self.ctx.claim(m) {
@@ -1522,6 +1674,166 @@ impl<'c, 'a> Worker<'c, 'a> {
             h.remove(STASH).map_err(|e| xerr("removexattr", STASH, e))?;
         }
         Ok(stashed)
+    }
+
+    /// One settling pass: go through every directory of the tree again and
+    /// hand back to the walk ([`Ctx::walk_again`]) any that holds an entry
+    /// the walk never met.
+    ///
+    /// The walk proper can miss an entry moved from a directory it has not
+    /// read yet into one it has finished (a rename or an exchange across
+    /// directories): no listing ever names it there. Such a move changes both
+    /// directories' ctimes. So a pass takes a directory as settled only if
+    /// its ctime is still the one read just before the walk (or the last
+    /// pass) read its names, and that ctime is one no later change can
+    /// leave ([`Listed::distinct`]); it reads any other directory's names
+    /// and checks each against the inodes the run met. A pass that takes
+    /// every directory as settled proves the tree complete: an entry the
+    /// walk never met was, when the pass began, in some directory; either
+    /// the pass read that directory's names with it there, or it left
+    /// before, changing that directory after its last reading.
+    fn settle_pass(
+        &mut self,
+        root: BorrowedFd<'_>,
+        root_meta: &Meta,
+        path: &Path,
+    ) -> Result<Settled> {
+        /// A directory read by this pass, shared by its subdirectories still
+        /// to do (so a wide directory costs one descriptor, not one each).
+        struct Read {
+            fd: OwnedFd,
+            meta: Meta,
+            path: PathBuf,
+        }
+        let mut out = Settled::default();
+        let oflags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rfs::openat(root, c".", oflags, Mode::empty())
+            .map_err(|e| sys("openat", format!("fd {}, \".\"", root.as_raw_fd()), e, path))?;
+        let m = fstatx(fd.as_fd(), path)?;
+        if !m.same_inode(root_meta) {
+            return Err(lost(path));
+        }
+        let mut next = Some((fd, m, path.to_path_buf()));
+        // Subdirectories still to do: (their parent, name, inode listed).
+        let mut stack: Vec<(Rc<Read>, CString, u64)> = Vec::new();
+        let dirty = |out: &mut Settled, dir: &Read| {
+            out.dirty += 1;
+            self.ctx.walk_again(dir.fd.as_fd(), &dir.meta, &dir.path);
+        };
+        loop {
+            let (fd, m, path) = match next.take() {
+                Some(d) => d,
+                None => {
+                    let Some((parent, name, ino)) = stack.pop() else {
+                        break;
+                    };
+                    let child = match open_dir(self.ctx, parent.fd.as_fd(), &name) {
+                        Ok(fd) => fd,
+                        // Another mount: a tree of its own.
+                        Err(Errno::XDEV) => continue,
+                        // No descriptor left (a deep and branching tree):
+                        // this pass cannot tell.
+                        Err(Errno::MFILE | Errno::NFILE) => {
+                            out.unsure = true;
+                            continue;
+                        }
+                        Err(_) => {
+                            dirty(&mut out, &parent);
+                            continue;
+                        }
+                    };
+                    let cm = fstatx(child.as_fd(), &parent.path)?;
+                    if cm.is_mount_below(&parent.meta) {
+                        continue;
+                    }
+                    if cm.ino != ino || !cm.is_dir() || !self.ctx.is_claimed(&cm) {
+                        // Moved, or a directory the walk never met: walking
+                        // its parent again gets it.
+                        dirty(&mut out, &parent);
+                        continue;
+                    }
+                    let cpath = parent.path.join(OsStr::from_bytes(name.to_bytes()));
+                    (child, cm, cpath)
+                }
+            };
+            if self.ctx.aborted() {
+                break;
+            }
+            let clock = coarse_now();
+            let before = lock(&self.ctx.listed[shard(m.key())]).remove(&m.key());
+            let settled = before
+                .as_ref()
+                .is_some_and(|l| l.distinct && l.ctime == m.ctime);
+            out.changed |= !before.as_ref().is_some_and(|l| l.ctime == m.ctime);
+            let mut unmet = false;
+            let subdirs = match before {
+                Some(Listed {
+                    subdirs: Some(list),
+                    ..
+                }) if settled => list,
+                _ => {
+                    out.unsure |= !settled;
+                    self.read_names(fd.as_fd(), &path)?;
+                    let mut list = Vec::new();
+                    for i in 0..self.starts.len() {
+                        let end = self.starts.get(i + 1).copied().unwrap_or(self.names.len());
+                        let Ok(name) = CStr::from_bytes_with_nul(&self.names[self.starts[i]..end])
+                        else {
+                            continue;
+                        };
+                        let ino = self.inos[i];
+                        let mut dt = self.types[i];
+                        if dt == DT_UNKNOWN
+                            || (!settled && dt != DT_DIR && !self.ctx.met((m.dev, ino)))
+                        {
+                            // Untyped, or never met: look (a file bind mount
+                            // hides the inode its name lists).
+                            match rfs::statx(
+                                fd.as_fd(),
+                                name,
+                                AtFlags::SYMLINK_NOFOLLOW,
+                                STATX_MASK,
+                            ) {
+                                Ok(st) => {
+                                    let e = Meta::new(&st);
+                                    if e.is_dir() {
+                                        dt = DT_DIR;
+                                    } else if !settled
+                                        && !e.is_mount_below(&m)
+                                        && !self.ctx.met(e.key())
+                                    {
+                                        unmet = true;
+                                    }
+                                }
+                                Err(_) => unmet = true,
+                            }
+                        }
+                        if dt == DT_DIR {
+                            list.push((name.to_owned(), ino));
+                        }
+                    }
+                    if !settled && fstatx(fd.as_fd(), &path)?.ctime != m.ctime {
+                        unmet = true;
+                    }
+                    list
+                }
+            };
+            let dir = Rc::new(Read { fd, meta: m, path });
+            if unmet {
+                dirty(&mut out, &dir);
+            } else if !self
+                .ctx
+                .note_listed(m.key(), m.ctime, clock, Some(subdirs.clone()))
+            {
+                out.wait_for = out.wait_for.max(Some(m.ctime));
+            }
+            stack.extend(
+                subdirs
+                    .into_iter()
+                    .map(|(name, ino)| (Rc::clone(&dir), name, ino)),
+            );
+        }
+        Ok(out)
     }
 
     /// Open a subdirectory found by a scan and check it is still that one.
@@ -1959,6 +2271,75 @@ fn pool(ctx: &Ctx<'_>, items: Vec<Work>) -> Counts {
     counts
 }
 
+/// Walk the directories handed back ([`Ctx::walk_again`]) again, round after
+/// round, until none is (an inode changed already is never changed twice).
+/// Returns false if some were still handed back after [`RESCANS`] rounds.
+fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts) -> bool {
+    for _ in 0..RESCANS {
+        if lock(&ctx.error).is_some() {
+            return true;
+        }
+        let again = std::mem::take(&mut *lock(&ctx.rescan));
+        lock(&ctx.rescan_keys).clear();
+        if again.is_empty() {
+            return true;
+        }
+        // Names seen again are not new entries.
+        let before = counts.visited;
+        let c = pool(ctx, again);
+        counts.add(&c);
+        counts.visited = before;
+    }
+    lock(&ctx.rescan).is_empty()
+}
+
+/// Settling passes ([`Worker::settle_pass`]), walking again what they hand
+/// back, until one finds the whole tree as the walk left it (the tree is
+/// then proven complete), or [`QUIET_PASSES`] in a row meet no inode the run
+/// had not met, or [`SETTLE_PASSES`] have run: the tree keeps changing, and
+/// the report says so ([`ShiftReport::tree_unsettled`]). True if proven.
+fn settle(
+    ctx: &Ctx<'_>,
+    root_fd: BorrowedFd<'_>,
+    root_meta: &Meta,
+    root: &Path,
+    counts: &mut Counts,
+) -> Result<bool> {
+    let mut w = Worker::new(ctx);
+    let mut met = ctx.met_count();
+    let mut quiet = 0;
+    for _ in 0..SETTLE_PASSES {
+        if let Some(e) = lock(&ctx.error).take() {
+            return Err(e);
+        }
+        let pass = w.settle_pass(root_fd, root_meta, root)?;
+        if pass.dirty == 0 && !pass.unsure {
+            return Ok(true);
+        }
+        if pass.changed || pass.dirty > 0 {
+            ctx.tree_changed.store(true, Ordering::Relaxed);
+        }
+        if pass.dirty > 0 {
+            walk_again_rounds(ctx, counts);
+        }
+        let now = ctx.met_count();
+        quiet = if now == met { quiet + 1 } else { 0 };
+        met = now;
+        if quiet >= QUIET_PASSES {
+            return Ok(false);
+        }
+        if let (0, Some(t)) = (pass.dirty, pass.wait_for) {
+            // Some directory changed in this clock tick: a later change in
+            // the same tick would leave its ctime as it is.
+            let since = Instant::now();
+            while !clock_moved_on(t, coarse_now()) && since.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    Ok(false)
+}
+
 impl Queue {
     fn queued_reset(&mut self, items: Vec<Work>) {
         self.items = items;
@@ -2031,6 +2412,9 @@ pub(super) fn run(
         uncovered: Mutex::new(Uncovered::default()),
         rescan: Mutex::new(Vec::new()),
         rescan_keys: Mutex::new(HashSet::new()),
+        listed: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        // Probed where the walk writes anyway, before any directory is read.
+        fine_ctime: !spec.scan && fine_ctimes(root_fd.as_fd()),
         tree_changed: AtomicBool::new(false),
         queue: Mutex::new(Queue {
             items: Vec::new(),
@@ -2065,29 +2449,8 @@ pub(super) fn run(
             part: None,
         }],
     );
-    // Directories whose names moved during the walk: walk them again (an
-    // inode changed already is never changed twice), until they hold still.
-    let mut leftover = false;
-    for round in 0..=RESCANS {
-        if lock(&ctx.error).is_some() {
-            break;
-        }
-        let again = std::mem::take(&mut *lock(&ctx.rescan));
-        lock(&ctx.rescan_keys).clear();
-        if again.is_empty() {
-            break;
-        }
-        if round == RESCANS {
-            leftover = true;
-            break;
-        }
-        // Names seen again are not new entries.
-        let before = counts.visited;
-        let c = pool(&ctx, again);
-        counts.add(&c);
-        counts.visited = before;
-    }
-    let _ = leftover;
+    walk_again_rounds(&ctx, &mut counts);
+    let settled = spec.scan || settle(&ctx, root_fd.as_fd(), &root_meta, root, &mut counts)?;
     if let Some(e) = lock(&ctx.error).take() {
         return Err(e);
     }
@@ -2169,6 +2532,7 @@ pub(super) fn run(
         outside_links: outside.into_iter().map(|o| o.0).collect(),
         recovered: counts.recovered,
         tree_changed: ctx.tree_changed.load(Ordering::Relaxed),
+        tree_unsettled: !settled,
         entry_access: if ctx.read_opens.load(Ordering::Relaxed) {
             view.access
         } else {
