@@ -472,6 +472,9 @@ fn random_tree_shift_matches_view_and_inverse_restores_bytes() {
 
     let rep = shift(&root, &map(MAP), &opts(0));
     assert_eq!(rep.visited as usize, before.len(), "{rep:?}");
+    // Nothing moved: the settling passes prove the tree complete without
+    // calling it changed (with coarse timestamps too, after a clock tick).
+    assert!(!rep.tree_changed && !rep.tree_unsettled, "{rep:?}");
     assert!(
         rep.hardlinks_deduplicated > 0 && rep.acls_rewritten > 0 && rep.capabilities_rewritten > 0,
         "{rep:?}"

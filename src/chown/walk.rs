@@ -2272,17 +2272,18 @@ fn pool(ctx: &Ctx<'_>, items: Vec<Work>) -> Counts {
 }
 
 /// Walk the directories handed back ([`Ctx::walk_again`]) again, round after
-/// round, until none is (an inode changed already is never changed twice).
-/// Returns false if some were still handed back after [`RESCANS`] rounds.
-fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts) -> bool {
+/// round, until none is (an inode changed already is never changed twice),
+/// [`RESCANS`] rounds at most: what is still handed back then is left to
+/// the settling passes.
+fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts) {
     for _ in 0..RESCANS {
         if lock(&ctx.error).is_some() {
-            return true;
+            return;
         }
         let again = std::mem::take(&mut *lock(&ctx.rescan));
         lock(&ctx.rescan_keys).clear();
         if again.is_empty() {
-            return true;
+            return;
         }
         // Names seen again are not new entries.
         let before = counts.visited;
@@ -2290,7 +2291,6 @@ fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts) -> bool {
         counts.add(&c);
         counts.visited = before;
     }
-    lock(&ctx.rescan).is_empty()
 }
 
 /// Settling passes ([`Worker::settle_pass`]), walking again what they hand
