@@ -2273,10 +2273,10 @@ fn pool(ctx: &Ctx<'_>, items: Vec<Work>) -> Counts {
 
 /// Walk the directories handed back ([`Ctx::walk_again`]) again, round after
 /// round, until none is (an inode changed already is never changed twice),
-/// [`RESCANS`] rounds at most: what is still handed back then is left to
-/// the settling passes.
-fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts) {
-    for _ in 0..RESCANS {
+/// `rounds` at most: what is still handed back then is left to the settling
+/// passes.
+fn walk_again_rounds(ctx: &Ctx<'_>, counts: &mut Counts, rounds: usize) {
+    for _ in 0..rounds {
         if lock(&ctx.error).is_some() {
             return;
         }
@@ -2320,7 +2320,10 @@ fn settle(
             ctx.tree_changed.store(true, Ordering::Relaxed);
         }
         if pass.dirty > 0 {
-            walk_again_rounds(ctx, counts);
+            // One round: the passes are the loop now (under an attacker who
+            // keeps exchanging names, more rounds only walk the same
+            // directories again).
+            walk_again_rounds(ctx, counts, 1);
         }
         let now = ctx.met_count();
         quiet = if now == met { quiet + 1 } else { 0 };
@@ -2449,7 +2452,7 @@ pub(super) fn run(
             part: None,
         }],
     );
-    walk_again_rounds(&ctx, &mut counts);
+    walk_again_rounds(&ctx, &mut counts, RESCANS);
     let settled = spec.scan || settle(&ctx, root_fd.as_fd(), &root_meta, root, &mut counts)?;
     if let Some(e) = lock(&ctx.error).take() {
         return Err(e);
