@@ -58,9 +58,9 @@
 //!   `statx` with a fine-grained time (multigrain timestamps, Linux 6.13:
 //!   probed on the tree's root), or where the coarse clock had passed it
 //!   when it was read; otherwise the next pass waits for the clock to tick.
-//!   On a tree that holds still this costs one `openat2` and one `statx`
-//!   per directory (on older kernels, one more reading of each directory's
-//!   names). While entries keep moving (an attacker still at work), the
+//!   On a tree that holds still this costs an `openat2`, a `statx` and a
+//!   `close` per directory (on older kernels, one more reading of each
+//!   directory's names). While entries keep moving (an attacker still at work), the
 //!   passes stop once 3 in a row meet no inode the run had not met (16 at
 //!   most): every entry found was shifted, but one moved across directories
 //!   at just the right moment, each time, could be missed. What moved is
